@@ -1,0 +1,154 @@
+"""The run directory: where every stage reads and writes.
+
+```
+runs/<name>/
+  config.yaml                  resolved Hydra config of the last command
+  stages/<stage>.json          completion record + fingerprint of each stage
+  activations/<hook>/          cache shards + meta.json
+  saes/<hook>/<arch>-k<k>/     cfg.json, sae.safetensors, metrics.json
+  selection.json
+  latents/<hook>/              per-latent stats and example segments
+  interpret/                   explanations, simulations, scores, tags, llm cache
+  neurons.sqlite               the neuron DB
+  export/                      Safe-SAIL-format files
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from safesail.errors import UserError
+
+
+def fingerprint(obj: Any) -> str:
+    """A short, stable hash of a JSON-able object (or an OmegaConf node)."""
+    if isinstance(obj, DictConfig) or OmegaConf.is_config(obj):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    data = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see either the old or the new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def hook_dirname(hook: str) -> str:
+    """Folder name for a hook point name (already filesystem safe: `layers.8.mlp_out`)."""
+    return hook.replace("/", "_")
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig, create: bool = True) -> "RunDir":
+        root = Path(cfg.run.dir)
+        if not root.is_absolute():
+            root = Path(cfg.run.get("base_dir") or os.getcwd()) / root
+        rd = cls(root)
+        if create:
+            rd.ensure_writable()
+        return rd
+
+    # ---- folders -------------------------------------------------------
+    def activations(self, hook: str) -> Path:
+        return self.root / "activations" / hook_dirname(hook)
+
+    def saes(self, hook: str | None = None) -> Path:
+        return self.root / "saes" if hook is None else self.root / "saes" / hook_dirname(hook)
+
+    def latents(self, hook: str) -> Path:
+        return self.root / "latents" / hook_dirname(hook)
+
+    @property
+    def interpret(self) -> Path:
+        return self.root / "interpret"
+
+    @property
+    def selection_file(self) -> Path:
+        return self.root / "selection.json"
+
+    @property
+    def neuron_db(self) -> Path:
+        return self.root / "neurons.sqlite"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def stages(self) -> Path:
+        return self.root / "stages"
+
+    # ---- checks ----------------------------------------------------------
+    def ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except PermissionError:
+            raise UserError(f"the run directory {self.root} is not writable; choose another with "
+                            "run.root=... or fix its permissions.") from None
+        except OSError as e:
+            raise UserError(f"cannot write to the run directory {self.root} ({e.strerror}); free disk "
+                            "space or choose another with run.root=....") from None
+
+    def save_config(self, cfg: DictConfig) -> None:
+        """Save the resolved config; refuse a run directory made by another experiment."""
+        path = self.root / "config.yaml"
+        if path.exists():
+            old = OmegaConf.load(path)
+            old_exp = OmegaConf.select(old, "experiment_name")
+            if old_exp is not None and old_exp != cfg.get("experiment_name") and not cfg.run.get("force", False):
+                raise UserError(f"{self.root} holds a run of experiment {old_exp!r}, not "
+                                f"{cfg.get('experiment_name')!r}; pick another run.name=... or pass "
+                                "run.force=true to reuse it.")
+        atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+
+    # ---- stage records ----------------------------------------------------
+    def stage_record(self, stage: str) -> dict | None:
+        path = self.stages / f"{stage}.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def stage_done(self, stage: str, fp: str) -> bool:
+        rec = self.stage_record(stage)
+        return bool(rec and rec.get("status") == "done" and rec.get("fingerprint") == fp)
+
+    def mark_stage(self, stage: str, fp: str, status: str = "done", **summary: Any) -> None:
+        atomic_write_json(self.stages / f"{stage}.json",
+                          {"stage": stage, "status": status, "fingerprint": fp,
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary})

@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from safesail.chat import encode_chat
+from safesail.errors import UserError
+from safesail.hooks import HookPoint, capture_activations, hook_points, special_token_mask
+
+
+def test_tiny_model_hooks_stop_early(tiny_model):
+    lm = tiny_model
+    ids = torch.tensor([encode_chat(lm.tokenizer, "How do I bake bread? 你好 नमस्ते", "sys")])
+    points = hook_points([0, 1], "mlp_out", lm.num_layers)
+    seen = []
+    handle = lm.model.model.layers[3].register_forward_hook(lambda *a: seen.append(1))
+    try:
+        acts = capture_activations(lm.model, ids, None, points)
+    finally:
+        handle.remove()
+    assert set(acts) == {"layers.0.mlp_out", "layers.1.mlp_out"}
+    assert acts["layers.0.mlp_out"].shape == (1, ids.shape[1], lm.hidden_size)
+    assert seen == []  # the forward pass stopped after layer 1
+    mask = special_token_mask(lm.tokenizer, ids)
+    assert mask[0, 0] and mask.sum() >= 4
+
+
+def test_mlp_out_equals_down_proj_output(tiny_model):
+    lm = tiny_model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    got = {}
+    h = lm.model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, i, o: got.setdefault("x", o))
+    try:
+        acts = capture_activations(lm.model, ids, None, [HookPoint(1)], stop_early=False)
+    finally:
+        h.remove()
+    assert torch.equal(acts["layers.1.mlp_out"], got["x"])
+
+
+def test_layer_out_of_range_is_one_sentence():
+    with pytest.raises(UserError, match="out of range"):
+        hook_points([0, 99], "mlp_out", 4)
+    with pytest.raises(UserError, match="hook site"):
+        hook_points([0], "attn", 4)
+    with pytest.raises(UserError):
+        HookPoint.parse("layer8")
