@@ -1,0 +1,123 @@
+"""`safesail run`: every stage in order, each skipped when already complete.
+
+cache -> train -> select -> collect -> explain -> score -> tag -> db build
+
+Each stage decides for itself whether it is complete (a fingerprint of its
+inputs and config in `runs/<name>/stages/<stage>.json`) and continues where it
+stopped when it was interrupted. This module only orders them, times them and
+prints a summary with the command that opens the diagnose page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from safesail.cli import resolve_stage
+from safesail.rundir import RunDir, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# (stage name in cli.STAGES, extra args)
+PIPELINE: list[tuple[str, list[str]]] = [
+    ("cache", []),
+    ("train", []),
+    ("select", []),
+    ("collect", []),
+    ("explain", []),
+    ("score", []),
+    ("tag", []),
+    ("db", ["build"]),
+]
+DOMAINS = ("politics", "pornography", "violence", "terror")
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux; the peak so far of this process.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
+    rd = RunDir.from_cfg(cfg)
+    rd.save_config(cfg)
+    only = None
+    if args:
+        only = set(args)
+        unknown = only - {name for name, _ in PIPELINE}
+        if unknown:
+            from safesail.errors import UserError
+
+            raise UserError(f"unknown stage(s) {sorted(unknown)} for `safesail run`; choose among "
+                            f"{', '.join(n for n, _ in PIPELINE)} or give none to run all.")
+    timings = []
+    for name, extra in PIPELINE:
+        if only and name not in only:
+            continue
+        log.info("=== stage %s ===", name)
+        t0 = time.perf_counter()
+        resolve_stage(name)(cfg, list(extra))
+        timings.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
+                        "peak_rss_mib_so_far": round(_peak_rss_mib(), 1)})
+    atomic_write_json(rd.root / "pipeline.json", {"stages": timings})
+    print(summary(rd, cfg, timings))
+
+
+def _read_jsonl_last(path: Path) -> dict:
+    """Last record per (hook, latent) of an append-only JSONL file."""
+    out: dict = {}
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            out[(rec.get("hook"), rec.get("latent"))] = rec
+    return out
+
+
+def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> str:
+    lines = ["", f"Safe-SAIL run `{cfg.run.name}` ({cfg.model.name}) in {rd.root}"]
+    for t in timings or []:
+        lines.append(f"  {t['stage']:<8} {t['seconds']:>8.1f} s   peak RSS {t['peak_rss_mib_so_far']:.0f} MiB")
+    cache = rd.stage_record("cache") or {}
+    tokens = (cache.get("summary") or {}).get("tokens")
+    if tokens is not None:
+        lines.append(f"tokens cached: {tokens:,} per hook point")
+    saes = sorted(rd.saes().glob("*/*/cfg.json")) if rd.saes().exists() else []
+    lines.append(f"SAEs trained: {len(saes)}")
+    if rd.selection_file.exists():
+        sel = json.loads(rd.selection_file.read_text())
+        for hook, info in (sel.get("hooks") or {}).items():
+            chosen = info.get("chosen")
+            figs = ((info.get("candidates") or {}).get(Path(str(chosen)).name) or {}) if chosen else {}
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in figs.items() if isinstance(v, (int, float)))[:160]
+            lines.append(f"  {hook}: chosen {chosen}" + (f" ({shown})" if shown else ""))
+    expl = _read_jsonl_last(rd.interpret / "explanations.jsonl")
+    scores = _read_jsonl_last(rd.interpret / "scores.jsonl")
+    tags = _read_jsonl_last(rd.interpret / "tags.jsonl")
+    ok_expl = sum(r.get("status") == "ok" for r in expl.values())
+    ok_scores = [r for r in scores.values() if r.get("status") == "ok" and r.get("score") is not None]
+    cut = float(cfg.get("db", {}).get("score_cut", 0.2) or 0.2)
+    passing = {k for k, r in scores.items() if r.get("status") == "ok" and (r.get("score") or 0) >= cut}
+    lines.append(f"latents explained: {ok_expl} ok of {len(expl)}; scored: {len(ok_scores)} ok of {len(scores)}; "
+                 f"pass the {cut} cut: {len(passing)}")
+    per_domain = {d: sum(1 for k, r in tags.items() if d in (r.get("tags") or []) and k in passing) for d in DOMAINS}
+    lines.append("  passing per domain: " + ", ".join(f"{d} {n}" for d, n in per_domain.items()))
+    if rd.neuron_db.exists():
+        lines.append(f"neuron DB: {rd.neuron_db}")
+    if rd.export.exists():
+        lines.append(f"exports: {rd.export}")
+    overrides = [a for a in sys.argv[1:] if "=" in a]
+    lines.append("open the diagnose page with:  safesail serve " + " ".join(overrides))
+    return "\n".join(lines)
