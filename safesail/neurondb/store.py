@@ -1,0 +1,357 @@
+"""`NeuronDB`: open, query and write the neuron database (one SQLite file).
+
+Readers (the diagnose stage, the query CLI) use `NeuronDB.open(path)`; the
+writers (`build`, `import_safesail`) use `NeuronDB.create_or_open(...)` and
+`with db.transaction(): ...`. The file is in WAL mode, and each build or import
+is one transaction: readers keep seeing the previous complete database until
+the writer commits, and a writer killed halfway leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from safesail.errors import UserError
+from safesail.neurondb import schema
+
+log = logging.getLogger(__name__)
+
+DOMAINS = ("politics", "pornography", "violence", "terror")
+SCORE_BANDS = ((None, 0.0, "<0"), (0.0, 0.2, "0-0.2"), (0.2, 0.4, "0.2-0.4"), (0.4, 0.6, "0.4-0.6"),
+               (0.6, 0.8, "0.6-0.8"), (0.8, None, ">=0.8"))
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+# ---- blobs: numpy arrays stored as little-endian bytes -------------------------
+def f32_blob(x) -> bytes | None:
+    if x is None:
+        return None
+    return np.ascontiguousarray(np.asarray(x, dtype="<f4")).tobytes()
+
+
+def i32_blob(x) -> bytes | None:
+    if x is None:
+        return None
+    return np.ascontiguousarray(np.asarray(x, dtype="<i4")).tobytes()
+
+
+def from_f32(b: bytes | None) -> list[float] | None:
+    return None if b is None else np.frombuffer(b, dtype="<f4").tolist()
+
+
+def from_i32(b: bytes | None) -> list[int] | None:
+    return None if b is None else np.frombuffer(b, dtype="<i4").tolist()
+
+
+def _loads(s: str | None):
+    return None if s is None else json.loads(s)
+
+
+class NeuronDB:
+    """A neuron database file. Thread-safe: one connection guarded by a lock."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool):
+        self.conn = conn
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+
+    # ---- opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, path, readonly: bool = True) -> "NeuronDB":
+        """Open an existing neuron DB; a missing, corrupt or foreign file raises UserError.
+
+        A file of an older schema version is migrated in place (one transaction).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"no neuron database at {path}; build one with `safesail db build` "
+                            "or import Safe-SAIL's release with `safesail db import`.")
+        _check_header(path)
+        try:
+            conn = _connect(path, readonly)
+            version = schema.user_version(conn)
+            app = schema.application_id(conn)
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{path} is not a readable neuron database ({e}); rebuild it with "
+                            "`safesail db build` or pick the right file.") from None
+        if app != schema.APPLICATION_ID or "meta" not in tables or "latents" not in tables:
+            conn.close()
+            raise UserError(f"{path} is an SQLite file but not a Safe-SAIL neuron database; "
+                            "point --db at a file made by `safesail db build` or `safesail db import`.")
+        if version > schema.SCHEMA_VERSION:
+            conn.close()
+            raise UserError(f"{path} has neuron-DB schema version {version}, newer than this Safe-SAIL "
+                            f"understands ({schema.SCHEMA_VERSION}); upgrade Safe-SAIL.")
+        if version < schema.SCHEMA_VERSION:
+            conn.close()
+            if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+                raise UserError(f"{path} has the old schema version {version} and is not writable, so it "
+                                "cannot be migrated; copy it somewhere writable and open it there.")
+            wconn = _connect(path, readonly=False)
+            old = schema.migrate(wconn)
+            wconn.close()
+            log.info("migrated %s from schema version %d to %d", path, old, schema.SCHEMA_VERSION)
+            conn = _connect(path, readonly)
+        return cls(conn, path, readonly)
+
+    @classmethod
+    def create_or_open(cls, path, model: str, run: str | None, source: str) -> "NeuronDB":
+        """Open `path` for writing, creating an empty DB for `model` if missing.
+
+        An existing DB of another model raises UserError (and is left untouched).
+        """
+        path = Path(path)
+        if path.exists() and path.stat().st_size > 0:
+            db = cls.open(path, readonly=False)
+            have = db.model_info().get("model")
+            if have != model:
+                db.close()
+                raise UserError(f"{path} holds the neuron DB of model {have!r}, not {model!r}; "
+                                "write to another file with --db or pick the matching model.")
+            return db
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(path, readonly=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        schema.create_version(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                         [("model", model), ("run", run), ("source", source)])
+        conn.execute("COMMIT")
+        return cls(conn, path, readonly=False)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction: everything inside commits together or not at all."""
+        if self.readonly:
+            raise RuntimeError("this NeuronDB was opened read-only")
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    # ---- small helpers -------------------------------------------------------
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise UserError(f"the neuron database {self.path} cannot be read ({e}); rebuild it with "
+                                "`safesail db build`.") from None
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                          "value = excluded.value", (key, None if value is None else str(value)))
+
+    def hook_for_layer(self, layer: int) -> str:
+        hooks = [r[0] for r in self._all("SELECT hook FROM saes WHERE layer = ? ORDER BY hook", (int(layer),))]
+        if not hooks:
+            raise UserError(f"the neuron database has no SAE on layer {layer}; `safesail db stats` lists "
+                            "the layers it holds.")
+        if len(hooks) > 1:
+            raise UserError(f"layer {layer} has several hook points ({', '.join(hooks)}); name one with --hook.")
+        return hooks[0]
+
+    # ---- the read API --------------------------------------------------------
+    def model_info(self) -> dict:
+        meta = {r[0]: r[1] for r in self._all("SELECT key, value FROM meta")}
+        return {"model": meta.get("model"), "run": meta.get("run"),
+                "schema_version": schema.user_version(self.conn), "source": meta.get("source"),
+                **{k: v for k, v in meta.items() if k not in {"model", "run", "source"}}}
+
+    def saes(self) -> list[dict]:
+        rows = self._all("SELECT hook, layer, arch, k, width, d_in, path, layout FROM saes ORDER BY layer, hook")
+        return [{"hook": r[0], "layer": r[1], "arch": r[2], "k": r[3], "width": r[4], "d_in": r[5],
+                 "path": r[6], "layout": r[7]} for r in rows]
+
+    def normalizers(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latent ids int64 [m], 0.999 quantiles float32 [m]) of the hook's latents that have one."""
+        rows = self._all("SELECT idx, quantile_999 FROM latents WHERE hook = ? AND quantile_999 IS NOT NULL "
+                         "ORDER BY idx", (hook,))
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.int64)
+        q = torch.tensor([r[1] for r in rows], dtype=torch.float32)
+        return ids, q
+
+    _LOOKUP = ("SELECT l.idx, l.layer, e.text, s.value, t.tag_list FROM latents l "
+               "LEFT JOIN explanations e ON e.latent_id = l.id "
+               "LEFT JOIN scores s ON s.latent_id = l.id "
+               "LEFT JOIN tag_records t ON t.latent_id = l.id "
+               "WHERE l.hook = ? AND l.idx IN (SELECT value FROM json_each(?))")
+
+    def lookup(self, hook: str, latent_ids: Sequence[int]) -> dict[int, dict]:
+        """Explanation, score and tags of the given latents of `hook` that the DB holds (one query)."""
+        ids = json.dumps([int(i) for i in latent_ids])
+        out: dict[int, dict] = {}
+        for idx, layer, text, value, tag_list in self._all(self._LOOKUP, (hook, ids)):
+            out[idx] = {"hook": hook, "layer": layer, "index": idx, "explanation": text, "score": value,
+                        "tags": json.loads(tag_list) if tag_list else []}
+        return out
+
+    def latent(self, hook: str, index: int, max_examples: int | None = None) -> dict | None:
+        """Everything the DB knows about one latent, or None."""
+        rows = self._all("SELECT id FROM latents WHERE hook = ? AND idx = ?", (hook, int(index)))
+        if not rows:
+            return None
+        return self._latent_record(rows[0][0], max_examples)
+
+    def iter_latents(self) -> Iterator[dict]:
+        """Every latent, in (layer, hook, index) order, as `latent()` returns it."""
+        ids = [r[0] for r in self._all("SELECT id FROM latents ORDER BY layer, hook, idx")]
+        for lid in ids:
+            yield self._latent_record(lid, None)
+
+    def _latent_record(self, lid: int, max_examples: int | None) -> dict:
+        (hook, layer, idx, density, q999, qsrc, max_act, ntok, hc, he, top, bot) = self._all(
+            "SELECT hook, layer, idx, density, quantile_999, quantile_source, max_act, num_tokens, "
+            "hist_counts, hist_edges, top_acts, bottom_acts FROM latents WHERE id = ?", (lid,))[0]
+        rec: dict[str, Any] = {"hook": hook, "layer": layer, "index": idx, "density": density,
+                               "quantile_999": q999, "quantile_source": qsrc, "max_act": max_act,
+                               "num_tokens": ntok,
+                               "histogram": None if hc is None else {"counts": from_f32(hc), "edges": from_f32(he)},
+                               "top_acts": from_f32(top), "bottom_acts": from_f32(bot)}
+        e = self._all("SELECT text, status, error, llm, prompt_version, time, raw, prompt_tokens "
+                      "FROM explanations WHERE latent_id = ?", (lid,))
+        rec["explanation"] = e[0][0] if e else None
+        rec["explanation_details"] = (dict(zip(("text", "status", "error", "llm", "prompt_version", "time",
+                                                "raw", "prompt_tokens"), e[0])) if e else None)
+        s = self._all("SELECT kind, value, status, failure, details, time FROM scores WHERE latent_id = ?", (lid,))
+        rec["score"] = s[0][1] if s else None
+        rec["score_details"] = ({"kind": s[0][0], "value": s[0][1], "status": s[0][2], "failure": s[0][3],
+                                 "details": _loads(s[0][4]), "time": s[0][5]} if s else None)
+        t = self._all("SELECT tag_list, evidence, thresholds, time FROM tag_records WHERE latent_id = ?", (lid,))
+        rec["tags"] = json.loads(t[0][0]) if t else []
+        rec["tag_details"] = ({"evidence": _loads(t[0][1]), "thresholds": _loads(t[0][2]), "time": t[0][3]}
+                              if t else None)
+        sql = ("SELECT rank, segment_id, split, kind, level, doc_id, start, token_ids, tokens, acts "
+               "FROM segments WHERE latent_id = ? ORDER BY rank")
+        params: tuple = (lid,)
+        if max_examples is not None:
+            sql += " LIMIT ?"
+            params = (lid, int(max_examples))
+        rec["examples"] = [{"rank": r[0], "segment_id": r[1], "split": r[2], "kind": r[3], "level": r[4],
+                            "doc_id": r[5], "start": r[6], "token_ids": from_i32(r[7]), "tokens": _loads(r[8]),
+                            "acts": from_f32(r[9])} for r in self._all(sql, params)]
+        return rec
+
+    @staticmethod
+    def _fts_query(text: str) -> str:
+        # Each word becomes a quoted FTS5 string, so user punctuation is never FTS syntax.
+        words = [w.replace('"', '""') for w in text.split() if w.strip()]
+        return " ".join(f'"{w}"' for w in words)
+
+    def search(self, text: str | None = None, domain: str | None = None, min_score: float | None = None,
+               max_score: float | None = None, layer: int | None = None, limit: int = 50) -> list[dict]:
+        """Latents whose explanation matches `text` (FTS5), filtered by domain, score range and layer."""
+        where, params = [], []
+        sql = ("SELECT l.hook, l.layer, l.idx, e.text, s.value, t.tag_list FROM latents l "
+               "LEFT JOIN explanations e ON e.latent_id = l.id "
+               "LEFT JOIN scores s ON s.latent_id = l.id "
+               "LEFT JOIN tag_records t ON t.latent_id = l.id ")
+        order = "s.value IS NULL, s.value DESC, l.layer, l.idx"
+        if text and text.strip():
+            q = self._fts_query(text)
+            sql = sql.replace("FROM latents l ", "FROM explanations_fts f JOIN latents l ON l.id = f.rowid ", 1)
+            where.append("explanations_fts MATCH ?")
+            params.append(q)
+            order = "f.rank, " + order
+        if domain:
+            if domain == "general":
+                where.append("NOT EXISTS (SELECT 1 FROM tags g WHERE g.latent_id = l.id)")
+                where.append("e.latent_id IS NOT NULL")
+            else:
+                where.append("EXISTS (SELECT 1 FROM tags g WHERE g.latent_id = l.id AND g.domain = ?)")
+                params.append(domain)
+        if min_score is not None:
+            where.append("s.value >= ?")
+            params.append(float(min_score))
+        if max_score is not None:
+            where.append("s.value <= ?")
+            params.append(float(max_score))
+        if layer is not None:
+            where.append("l.layer = ?")
+            params.append(int(layer))
+        if not where:
+            where.append("e.latent_id IS NOT NULL")
+        sql += "WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?"
+        params.append(int(limit))
+        return [{"hook": r[0], "layer": r[1], "index": r[2], "explanation": r[3], "score": r[4],
+                 "tags": json.loads(r[5]) if r[5] else []} for r in self._all(sql, params)]
+
+    def stats(self) -> dict:
+        """Counts per layer, per domain and per score band."""
+        per_layer = {}
+        for layer, n, n_expl, n_scored, n_tagged in self._all(
+                "SELECT l.layer, count(*), count(e.latent_id), count(s.value), "
+                "sum(EXISTS (SELECT 1 FROM tags g WHERE g.latent_id = l.id)) FROM latents l "
+                "LEFT JOIN explanations e ON e.latent_id = l.id LEFT JOIN scores s ON s.latent_id = l.id "
+                "GROUP BY l.layer ORDER BY l.layer"):
+            per_layer[layer] = {"latents": n, "explained": n_expl, "scored": n_scored, "tagged": int(n_tagged or 0)}
+        per_domain = {d: n for d, n in self._all("SELECT domain, count(*) FROM tags GROUP BY domain ORDER BY domain")}
+        per_domain["general"] = self._all(
+            "SELECT count(*) FROM explanations e WHERE NOT EXISTS "
+            "(SELECT 1 FROM tags g WHERE g.latent_id = e.latent_id)")[0][0]
+        bands = {}
+        for lo, hi, name in SCORE_BANDS:
+            cond, p = [], []
+            if lo is not None:
+                cond.append("value >= ?")
+                p.append(lo)
+            if hi is not None:
+                cond.append("value < ?")
+                p.append(hi)
+            bands[name] = self._all("SELECT count(*) FROM scores WHERE value IS NOT NULL AND "
+                                    + " AND ".join(cond), p)[0][0]
+        bands["unscored"] = self._all("SELECT count(*) FROM latents l LEFT JOIN scores s ON s.latent_id = l.id "
+                                      "WHERE s.value IS NULL")[0][0]
+        totals = {"latents": sum(v["latents"] for v in per_layer.values()),
+                  "explained": sum(v["explained"] for v in per_layer.values()),
+                  "tagged": sum(v["tagged"] for v in per_layer.values())}
+        return {**self.model_info(), "totals": totals, "per_layer": per_layer, "per_domain": per_domain,
+                "per_score_band": bands}
+
+
+def _check_header(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check the path and its permissions.") from None
+    if head != _SQLITE_MAGIC:
+        raise UserError(f"{path} is not an SQLite file (corrupt or of another kind); rebuild it with "
+                        "`safesail db build` or point --db at the right file.")
+
+
+def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
+                               check_same_thread=False, isolation_level=None)
+    else:
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=60)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA busy_timeout = 60000")
+    return conn
