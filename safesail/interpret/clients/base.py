@@ -77,6 +77,10 @@ class LLMClient(ABC):
         """Approximate prompt size of a chat request (content tokens + a few per message)."""
         return sum(self.count_tokens(str(m.get("content", ""))) + 4 for m in messages) + 2
 
+    async def ensure_ready(self) -> None:
+        """Anything to do before the first call (e.g. ask a server for its model name)."""
+        return None
+
     def cache_identity(self) -> dict[str, Any]:
         """What identifies this back end in the response cache key."""
         return {"backend": type(self).__name__, "model": self.model_name}
