@@ -1,0 +1,189 @@
+"""Writing one hook point's activation cache: shards, the progress log, meta.json.
+
+Crash safety (kill -9 at any moment loses nothing and duplicates nothing):
+a shard is written to a hidden temporary file and renamed into place, then a
+line naming it and its windows is appended to `progress-r<rank>.jsonl`. Only
+shards named in a progress log count; a shard renamed but not yet logged is an
+orphan, recomputed on re-run and deleted when the cache is finalised. A torn
+last progress line is dropped. Each process appends only to its own log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from safesail.errors import UserError
+from safesail.rundir import atomic_write_json, atomic_write_text
+from safesail.train.activation_store import FORMAT, VERSION, load_shard, split_of
+
+log = logging.getLogger(__name__)
+
+# Fields of meta.json that must match for a re-run to continue an existing cache.
+IDENTITY_KEYS = ("model", "model_id", "hook", "d", "ctx_len", "dtype", "eval_every", "data_fingerprint")
+_WHAT_TO_DO = "delete that folder or pick another run.name=..."
+
+
+def shard_name(first_window: int) -> str:
+    return f"w{first_window:09d}.safetensors"
+
+
+def progress_path(folder: Path, rank: int) -> Path:
+    return folder / f"progress-r{rank}.jsonl"
+
+
+def read_progress(folder: Path) -> list[dict]:
+    """All committed shard records of a hook folder (every rank's log; torn lines skipped)."""
+    out = []
+    for path in sorted(folder.glob("progress-r*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "file" in rec and "windows" in rec:
+                out.append(rec)
+    return out
+
+
+def repair_progress(folder: Path, rank: int) -> None:
+    """Drop a torn last line from this rank's log so that appends start on a fresh line."""
+    path = progress_path(folder, rank)
+    if not path.exists():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        good = [ln for ln in text.splitlines() if _parses(ln)]
+        atomic_write_text(path, "".join(ln + "\n" for ln in good))
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def check_existing(folder: Path, identity: dict) -> dict | None:
+    """The existing meta.json if it matches `identity`; a UserError if the folder holds another cache."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        stray = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+        if stray:
+            raise UserError(f"{folder} already holds files ({stray[0]}, ...) but no meta.json of a Safe-SAIL "
+                            f"cache; {_WHAT_TO_DO}")
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{meta_path} is not valid JSON; {_WHAT_TO_DO}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{folder} holds something other than a Safe-SAIL activation cache; {_WHAT_TO_DO}")
+    for key in IDENTITY_KEYS:
+        if meta.get(key) != identity.get(key):
+            raise UserError(f"the existing cache {folder} was made with {key}={meta.get(key)!r}, not "
+                            f"{identity.get(key)!r}; {_WHAT_TO_DO}")
+    return meta
+
+
+def start_meta(folder: Path, identity: dict, extra: dict) -> None:
+    """Record the cache's identity before any shard is written (status: incomplete)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "meta.json", {"format": FORMAT, "version": VERSION, "status": "incomplete",
+                                             **identity, **extra})
+
+
+def finalize(folder: Path, num_windows: int, extra: dict) -> dict:
+    """Check that every window is stored exactly once, delete orphans, write the complete meta.json."""
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    records = read_progress(folder)
+    seen: set[int] = set()
+    for rec in records:
+        dup = seen.intersection(rec["windows"])
+        if dup:
+            raise RuntimeError(f"window {min(dup)} is stored twice in {folder}")
+        seen.update(rec["windows"])
+    if seen != set(range(num_windows)):
+        missing = sorted(set(range(num_windows)) - seen)[:3]
+        raise RuntimeError(f"{folder} lacks windows {missing} after caching")
+    keep = {rec["file"] for rec in records}
+    for p in folder.iterdir():
+        if p.name.endswith(".safetensors") and p.name not in keep or p.name.endswith(".tmp"):
+            log.info("removing orphan %s (written by a killed run, recomputed since)", p.name)
+            p.unlink()
+    eval_every = int(meta["eval_every"])
+    splits = {s: {"windows": 0, "tokens": 0, "nonspecial": 0} for s in ("train", "eval")}
+    shards = []
+    for rec in sorted(records, key=lambda r: min(r["windows"])):
+        sh = load_shard(folder / rec["file"], ("windows", "special"))
+        ctx = int(meta["ctx_len"])
+        special = sh["special"].view(-1, ctx)
+        for j, w in enumerate(sh["windows"].tolist()):
+            s = splits["eval" if split_of(w, eval_every) else "train"]
+            s["windows"] += 1
+            s["tokens"] += ctx
+            s["nonspecial"] += ctx - int(special[j].sum())
+        shards.append({"file": rec["file"], "num_windows": len(rec["windows"]),
+                       "num_tokens": len(rec["windows"]) * ctx})
+    total = sum(s["tokens"] for s in splits.values())
+    meta.update(extra)
+    meta.update(status="complete", num_windows=num_windows, num_tokens=total,
+                num_special=total - sum(s["nonspecial"] for s in splits.values()), splits=splits, shards=shards)
+    atomic_write_json(folder / "meta.json", meta)
+    return meta
+
+
+class ShardWriter:
+    """Writes shards on a background thread so that the forward pass never waits on the disk."""
+
+    def __init__(self, rank: int, max_pending: int = 4):
+        self.rank = rank
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="safesail-shard-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, folder: Path, windows: list[int], tensors: dict[str, torch.Tensor], hook: str) -> None:
+        self._raise()
+        self.queue.put((folder, windows, tensors, hook))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._write(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+
+    def _write(self, folder: Path, windows: list[int], tensors: dict[str, torch.Tensor], hook: str) -> None:
+        name = shard_name(windows[0])
+        tmp = folder / f".{name}.r{self.rank}.tmp"
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": hook, "windows": json.dumps(windows)})
+        os.replace(tmp, folder / name)
+        line = json.dumps({"file": name, "windows": windows, "tokens": int(tensors["tokens"].numel())})
+        with open(progress_path(folder, self.rank), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
