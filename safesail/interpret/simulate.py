@@ -1,0 +1,266 @@
+"""The simulator: an LLM reads an explanation and predicts a latent's activation on each token.
+
+One interface (`Simulator.simulate(explanation, tokens) -> SimResult`), two modes:
+
+* ``logprobs`` (all at once): one forward pass over `prompts.simulate.logprob_prompt`;
+  at each token's slot (the TAB after it) read the log-probabilities of the answers
+  ``0 .. scale_max`` and take the expected value under their renormalised
+  distribution. Needs `client.supports_prompt_logprobs` (exact with the local
+  transformers back end; top-N only through an API that echoes prompt logprobs).
+  The scale is 0..10 when the back end's tokenizer writes "10" as one token and
+  0..9 otherwise (SmolLM2 and Qwen split numbers into digits), so every answer is a
+  single token and its probability is read exactly. Pearson correlation does not
+  depend on the scale.
+* ``json``: a chat request asking for ``{"activations": [{"token", "activation"}]}``
+  (with a JSON schema for back ends that honour one), parsed leniently around the
+  JSON (code fences, prose) and strictly inside it: count, token text, value range,
+  no extra keys. Scale 0..10.
+
+A simulation never raises for a model's mistake: it returns a `SimResult` whose
+`failure` is ``"<code>: <detail>"`` (codes in `FAILURE_CODES`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from safesail.errors import UserError
+from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
+from safesail.interpret.prompts import simulate as prompts
+
+MODES = ("auto", "logprobs", "json")
+FAILURE_CODES = {
+    "llm_error": "the LLM call failed (the back end's reason follows)",
+    "context_overflow": "the prompt does not fit the simulator's context window",
+    "prompt_alignment": "the prompt's token slots could not be located in the back end's tokens",
+    "logprobs_missing": "the back end returned no probability for any answer at a token",
+    "unparsable_reply": "the reply holds no JSON object of the asked form",
+    "extra_keys": "the reply's JSON has keys that were not asked for",
+    "count_mismatch": "the reply has a different number of entries than the segment has tokens",
+    "token_mismatch": "an entry's token text is not the segment's token",
+    "bad_value": "an activation is not a finite number",
+    "value_out_of_range": "an activation is outside the scale",
+}
+MAX_REPLY_CHARS = 200_000
+_FENCE = re.compile(r"^\s*```[a-zA-Z]*\s*\n?(.*?)\n?\s*```\s*$", re.S)
+
+
+class SimulationFailure(Exception):
+    def __init__(self, code: str, detail: str = ""):
+        assert code in FAILURE_CODES, code
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class SimResult:
+    pred: list[float] | None
+    failure: str | None = None
+    llm_calls: int = 0
+    cached_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    raw: str | None = None            # the reply text (json mode), kept short, for failed parses
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+# ---- logprobs mode ------------------------------------------------------------------------
+
+def expected_values(slot_logprobs: list[dict[str, float]], scale_max: int) -> list[float]:
+    """Expected answer at each slot from the log-probabilities of the answers "0".."scale_max".
+
+    Probabilities are renormalised over the answers present (an API may return only its
+    top-N); a slot with none of them raises `SimulationFailure("logprobs_missing")`.
+    """
+    out = []
+    for i, lps in enumerate(slot_logprobs):
+        vals = []
+        for v in range(scale_max + 1):
+            lp = lps.get(str(v))
+            if lp is not None and math.isfinite(lp):
+                vals.append((v, float(lp)))
+        if not vals:
+            raise SimulationFailure("logprobs_missing", f"no answer 0..{scale_max} among the log-probabilities "
+                                                        f"at token {i}")
+        top = max(lp for _, lp in vals)
+        weights = [(v, math.exp(lp - top)) for v, lp in vals]
+        total = sum(w for _, w in weights)
+        out.append(sum(v * w for v, w in weights) / total)
+    return out
+
+
+def find_slots(tokens: list[str], n_before: int, n_slots: int) -> list[int]:
+    """Indices of the prompt tokens after which the model writes each segment token's answer.
+
+    The prompt holds exactly `n_before + n_slots` TABs, each of which must end its own
+    token (`render_token` escapes TABs inside segment tokens); anything else is a
+    `prompt_alignment` failure. Tokens may come decoded ("\t") or as raw byte-level
+    BPE strings, where TAB is spelled "\u0109" (a literal U+0109 would be two other bytes).
+    """
+    mark = prompts.SEPARATOR if any(prompts.SEPARATOR in t for t in tokens) else "\u0109"
+    holding = [i for i, t in enumerate(tokens) if mark in t]
+    seps = [i for i in holding if tokens[i].endswith(mark)]
+    if len(seps) != len(holding) or len(seps) != n_before + n_slots:
+        raise SimulationFailure("prompt_alignment", f"expected {n_before + n_slots} tokens ending in a TAB, found "
+                                                    f"{len(seps)} ({len(holding)} hold one)")
+    return seps[n_before:]
+
+
+def single_token_scale(client: LLMClient, max_value: int = 10) -> int:
+    """The largest scale top <= max_value whose answers "0".."top" are each one token."""
+    one = client.count_tokens("1")
+    top = max_value
+    while top > 1 and client.count_tokens(str(top)) != one:
+        top -= 1
+    return top
+
+
+# ---- json mode --------------------------------------------------------------------------
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite constant {name}")
+
+
+def _load_json_object(text: str):
+    """The first JSON object in a reply: the whole text, a fenced block, or the first {...} in prose."""
+    body = text.strip()
+    m = _FENCE.match(body)
+    if m:
+        body = m.group(1).strip()
+    dec = json.JSONDecoder(parse_constant=_reject_constant)
+    try:
+        return dec.decode(body)
+    except (ValueError, RecursionError):
+        pass
+    start = body.find("{")
+    tries = 0
+    while start != -1 and tries < 20:  # a bounded search: a reply of many "{" must not cost quadratic time
+        tries += 1
+        try:
+            obj, _ = dec.raw_decode(body, start)
+            return obj
+        except (ValueError, RecursionError):
+            start = body.find("{", start + 1)
+    raise SimulationFailure("unparsable_reply", "no JSON object in the reply")
+
+
+def _same_token(got: str, want: str) -> bool:
+    return got == want or got.strip() == want.strip() or got == prompts.render_token(want)
+
+
+def parse_json_prediction(text: str, tokens: list[str], scale_max: int) -> list[float]:
+    """Validate a JSON-mode reply against the segment's tokens; return the predicted values."""
+    if not isinstance(text, str) or not text.strip():
+        raise SimulationFailure("unparsable_reply", "empty reply")
+    if len(text) > MAX_REPLY_CHARS:
+        raise SimulationFailure("unparsable_reply", f"reply of {len(text)} characters is too long")
+    obj = _load_json_object(text)
+    if not isinstance(obj, dict) or "activations" not in obj:
+        raise SimulationFailure("unparsable_reply", 'the JSON is not an object with key "activations"')
+    extra = sorted(set(obj) - {"activations"})
+    if extra:
+        raise SimulationFailure("extra_keys", f"unexpected keys {extra[:5]!r}")
+    entries = obj["activations"]
+    if not isinstance(entries, list):
+        raise SimulationFailure("unparsable_reply", '"activations" is not a list')
+    if len(entries) != len(tokens):
+        raise SimulationFailure("count_mismatch", f"{len(entries)} entries for {len(tokens)} tokens")
+    out = []
+    for i, (entry, want) in enumerate(zip(entries, tokens)):
+        if not isinstance(entry, dict):
+            raise SimulationFailure("unparsable_reply", f"entry {i} is not an object")
+        extra = sorted(set(entry) - {"token", "activation"})
+        if extra:
+            raise SimulationFailure("extra_keys", f"entry {i} has unexpected keys {extra[:5]!r}")
+        if "token" not in entry or "activation" not in entry:
+            raise SimulationFailure("unparsable_reply", f"entry {i} lacks token or activation")
+        got = entry["token"]
+        if not isinstance(got, str) or not _same_token(got, want):
+            raise SimulationFailure("token_mismatch", f"entry {i} is {str(got)[:40]!r}, the token is {want!r}")
+        v = entry["activation"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise SimulationFailure("bad_value", f"entry {i} has activation {str(v)[:40]!r}")
+        if not 0 <= v <= scale_max:
+            raise SimulationFailure("value_out_of_range", f"entry {i} has activation {v} outside 0..{scale_max}")
+        out.append(float(v))
+    return out
+
+
+# ---- the simulator -------------------------------------------------------------------------
+
+def choose_mode(client: LLMClient, requested: str = "auto") -> str:
+    if requested not in MODES:
+        raise UserError(f"unknown score.mode {requested!r}; use one of {', '.join(MODES)}.")
+    if requested == "auto":
+        return "logprobs" if client.supports_prompt_logprobs else "json"
+    if requested == "logprobs" and not client.supports_prompt_logprobs:
+        raise UserError(f"score.mode=logprobs needs prompt log-probabilities, which the {client.model_name!r} "
+                        "back end does not return; use score.mode=auto or json.")
+    return requested
+
+
+class Simulator:
+    """Predicts per-token activations (on 0..scale_max) from an explanation."""
+
+    def __init__(self, client: LLMClient, mode: str = "auto", max_value: int = 10,
+                 json_tokens_per_token: int = 24):
+        self.client = client
+        self.mode = choose_mode(client, mode)
+        self.scale_max = single_token_scale(client, max_value) if self.mode == "logprobs" else max_value
+        self.json_tokens_per_token = json_tokens_per_token
+
+    @property
+    def prompt_version(self) -> str:
+        return f"{prompts.PROMPT_VERSION}-{self.mode}-0..{self.scale_max}"
+
+    async def simulate(self, explanation: str, tokens: list[str]) -> SimResult:
+        if not tokens:
+            return SimResult(None, "count_mismatch: the segment has no tokens")
+        try:
+            if self.mode == "logprobs":
+                return await self._simulate_logprobs(explanation, tokens)
+            return await self._simulate_json(explanation, tokens)
+        except LLMError as e:
+            return SimResult(None, f"llm_error: {e.reason} {e.message}".strip(), llm_calls=1)
+
+    async def _simulate_logprobs(self, explanation: str, tokens: list[str]) -> SimResult:
+        prompt, n_before = prompts.logprob_prompt(explanation, tokens, self.scale_max)
+        n_prompt = self.client.count_tokens(prompt)
+        if n_prompt >= self.client.context_window:
+            return SimResult(None, f"context_overflow: {n_prompt} prompt tokens, window "
+                                   f"{self.client.context_window}")
+        candidates = [str(v) for v in range(self.scale_max + 1)]
+        res = await self.client.prompt_logprobs(prompt, candidates)
+        sim = SimResult(None, llm_calls=1, cached_calls=int(bool(res.cached)), prompt_tokens=res.prompt_tokens)
+        try:
+            slots = find_slots(res.tokens, n_before, len(tokens))
+            sim.pred = expected_values([res.next_logprobs[i] for i in slots], self.scale_max)
+        except SimulationFailure as f:
+            sim.failure = str(f)
+        return sim
+
+    async def _simulate_json(self, explanation: str, tokens: list[str]) -> SimResult:
+        messages = prompts.json_messages(explanation, tokens, self.scale_max)
+        max_tokens = self.json_tokens_per_token * len(tokens) + 32
+        n_prompt = self.client.count_message_tokens(messages)
+        if n_prompt + max_tokens > self.client.context_window:
+            return SimResult(None, f"context_overflow: {n_prompt} prompt + {max_tokens} reply tokens, window "
+                                   f"{self.client.context_window}")
+        req = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                          json_schema=prompts.json_schema(len(tokens), self.scale_max))
+        comp = await self.client.chat(req)
+        sim = SimResult(None, llm_calls=1, cached_calls=int(bool(comp.cached)), prompt_tokens=comp.prompt_tokens,
+                        completion_tokens=comp.completion_tokens)
+        try:
+            sim.pred = parse_json_prediction(comp.text, tokens, self.scale_max)
+        except SimulationFailure as f:
+            sim.failure = str(f)
+            sim.raw = (comp.text or "")[:2000]
+        return sim
