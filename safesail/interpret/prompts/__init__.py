@@ -1,0 +1,1 @@
+"""Prompt texts of the interpret stages (explain, simulate, tag), one file each."""
