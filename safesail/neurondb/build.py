@@ -1,0 +1,288 @@
+"""`safesail db build`: make or update `runs/<name>/neurons.sqlite` from the run's outputs.
+
+The whole build is one SQLite transaction on a WAL-mode file:
+- readers see the previous complete DB until the build commits; a build killed
+  halfway rolls back and leaves the previous DB as it was;
+- a hook whose chosen SAE changed has its old rows deleted and the new ones
+  written inside that same transaction, so the old SAE's rows stay visible
+  until the new ones are complete;
+- only what changed is rewritten: latent stats and segments of a hook are
+  reloaded only when their file hashes changed (recorded in the `inputs`
+  table), and explanation / score / tag rows only where the last JSONL record
+  for that latent differs from the one stored (`record_hash`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from safesail.errors import UserError
+from safesail.hooks import HookPoint
+from safesail.neurondb import inputs
+from safesail.neurondb.store import NeuronDB, f32_blob, i32_blob
+from safesail.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HookInputs:
+    hook: str
+    layer: int
+    sae_folder: Path
+    sae_cfg: dict
+    latent_dir: Path
+    hashes: dict[str, str | None] = field(default_factory=dict)
+
+
+def plan(cfg, rd: RunDir) -> tuple[list[HookInputs], dict[str, str | None]]:
+    """The hooks to build and the hashes of every file the build reads."""
+    chosen = inputs.chosen_sae_folders(cfg, rd)
+    collected = {p.parent.name: p.parent for p in sorted((rd.root / "latents").glob("*/stats.safetensors"))}
+    if not collected:
+        raise UserError(f"{rd.root} has no collected latents (latents/<hook>/stats.safetensors); run "
+                        "`safesail collect` (and explain, score, tag) before `safesail db build`.")
+    model = cfg.model.name
+    hooks = []
+    for dirname, latent_dir in collected.items():
+        meta_path = latent_dir / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        hook = str(meta.get("hook") or dirname)
+        if meta.get("model") and meta["model"] != model:
+            raise UserError(f"{latent_dir} was collected on model {meta['model']!r}, but this run's model is "
+                            f"{model!r}; re-run `safesail collect` or pick the matching model=... .")
+        folder = chosen.get(hook)
+        if folder is None and meta.get("sae"):
+            folder = Path(meta["sae"]) if Path(meta["sae"]).is_absolute() else rd.root / meta["sae"]
+        if folder is None:
+            raise UserError(f"no SAE is chosen for hook {hook}; run `safesail select` first.")
+        sae_cfg = inputs.read_sae_cfg(folder)
+        hi = HookInputs(hook=hook, layer=HookPoint.parse(hook).layer, sae_folder=folder, sae_cfg=sae_cfg,
+                        latent_dir=latent_dir)
+        hi.hashes = {"sae_cfg": inputs.sha256_file(folder / "cfg.json"),
+                     "sae_weights": inputs.sha256_file(folder / "sae.safetensors"),
+                     "stats": inputs.sha256_file(latent_dir / "stats.safetensors"),
+                     "meta": inputs.sha256_file(meta_path),
+                     "segments": inputs.sha256_file(latent_dir / "segments.jsonl")}
+        hooks.append(hi)
+    interp = {name: inputs.sha256_file(rd.interpret / f"{name}.jsonl") for name in inputs.INTERPRET_FILES}
+    return hooks, interp
+
+
+def fingerprint_of(hooks: list[HookInputs], interp: dict, db_cfg) -> dict:
+    return {"hooks": {h.hook: {"folder": str(h.sae_folder), **h.hashes} for h in hooks}, "interpret": interp,
+            "examples_per_latent": db_cfg.get("examples_per_latent") if db_cfg is not None else None}
+
+
+def build_db(cfg, rd: RunDir, db_path: Path | None = None,
+             on_hook_done: Callable[[str], None] | None = None) -> dict:
+    """Build or update the neuron DB; returns a summary of what changed."""
+    db_path = Path(db_path or rd.neuron_db)
+    hooks, interp = plan(cfg, rd)
+    max_examples = cfg.get("db", {}).get("examples_per_latent")
+    db = NeuronDB.create_or_open(db_path, cfg.model.name, cfg.run.name, "safesail-run")
+    summary = {"hooks_replaced": [], "hooks_stats_reloaded": [], "latents": 0, "segments": 0,
+               "explanations": 0, "scores": 0, "tags": 0}
+    try:
+        with db.transaction() as c:
+            for hi in tqdm(hooks, desc="db build", unit="hook"):
+                _build_hook(c, hi, max_examples, summary)
+                if on_hook_done:
+                    on_hook_done(hi.hook)
+            built = {hi.hook for hi in hooks}
+            stored = {r[0]: r[1] for r in c.execute("SELECT name, sha256 FROM inputs WHERE hook = ''")}
+            replaced = bool(summary["hooks_replaced"])
+            for name in inputs.INTERPRET_FILES:
+                if interp[name] is not None and (replaced or stored.get(name) != interp[name]):
+                    recs = inputs.read_jsonl_last(rd.interpret / f"{name}.jsonl")
+                    summary[name] = _upsert_records(c, name, recs, built)
+                    c.execute("INSERT OR REPLACE INTO inputs(hook, name, sha256) VALUES ('', ?, ?)",
+                              (name, interp[name]))
+            db.set_meta("run", cfg.run.name)
+            db.set_meta("source", "safesail-run")
+    finally:
+        db.close()
+    log.info("neuron DB %s: %s", db_path, summary)
+    return summary
+
+
+def _build_hook(c, hi: HookInputs, max_examples, summary: dict) -> None:
+    scfg = hi.sae_cfg
+    old = c.execute("SELECT id, path FROM saes WHERE hook = ?", (hi.hook,)).fetchone()
+    stored = {r[0]: r[1] for r in c.execute("SELECT name, sha256 FROM inputs WHERE hook = ?", (hi.hook,))}
+    new_sae = old is None or old[1] != str(hi.sae_folder) or stored.get("sae_weights") != hi.hashes["sae_weights"]
+    if old is not None and new_sae:
+        log.info("hook %s: new SAE %s replaces %s", hi.hook, hi.sae_folder, old[1])
+        c.execute("DELETE FROM saes WHERE id = ?", (old[0],))  # cascades to its latents and their rows
+        c.execute("DELETE FROM inputs WHERE hook = ?", (hi.hook,))
+        c.execute("DELETE FROM release_indices WHERE hook = ?", (hi.hook,))
+        summary["hooks_replaced"].append(hi.hook)
+        stored = {}
+    row = (hi.hook, hi.layer, scfg.get("arch"), scfg.get("k"), scfg.get("n_latents"), scfg.get("d_in"),
+           str(hi.sae_folder), "safesail", json.dumps(scfg, sort_keys=True))
+    c.execute("INSERT INTO saes(hook, layer, arch, k, width, d_in, path, layout, cfg) VALUES (?,?,?,?,?,?,?,?,?) "
+              "ON CONFLICT(hook) DO UPDATE SET layer=excluded.layer, arch=excluded.arch, k=excluded.k, "
+              "width=excluded.width, d_in=excluded.d_in, path=excluded.path, layout=excluded.layout, "
+              "cfg=excluded.cfg", row)
+    sae_id = c.execute("SELECT id FROM saes WHERE hook = ?", (hi.hook,)).fetchone()[0]
+    if stored.get("stats") != hi.hashes["stats"] or stored.get("meta") != hi.hashes["meta"]:
+        summary["latents"] += _load_stats(c, sae_id, hi)
+        summary["hooks_stats_reloaded"].append(hi.hook)
+    if stored.get("segments") != hi.hashes["segments"]:
+        summary["segments"] += _load_segments(c, sae_id, hi, max_examples)
+    c.executemany("INSERT OR REPLACE INTO inputs(hook, name, sha256) VALUES (?, ?, ?)",
+                  [(hi.hook, k, v or "") for k, v in hi.hashes.items()])
+
+
+def _load_stats(c, sae_id: int, hi: HookInputs) -> int:
+    st = inputs.read_stats(hi.latent_dir / "stats.safetensors")
+    meta_path = hi.latent_dir / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    ntok = meta.get("num_tokens")
+    ids = st["latent_ids"]
+    m = len(ids)
+    for k in ("density", "top_acts", "bottom_acts", "quantile_999", "max_act"):
+        if st[k].shape[0] != m:
+            raise UserError(f"{hi.latent_dir}/stats.safetensors: {k} has {st[k].shape[0]} rows for {m} latent ids; "
+                            "re-run `safesail collect`.")
+    hc, he = st.get("hist_counts"), st.get("hist_edges")
+
+    def rows():
+        for i in range(m):
+            yield (sae_id, hi.hook, hi.layer, int(ids[i]), float(st["density"][i]), float(st["quantile_999"][i]),
+                   "stats", float(st["max_act"][i]), ntok,
+                   f32_blob(hc[i]) if hc is not None else None, f32_blob(he[i]) if he is not None else None,
+                   f32_blob(st["top_acts"][i]), f32_blob(st["bottom_acts"][i]))
+
+    c.executemany(
+        "INSERT INTO latents(sae_id, hook, layer, idx, density, quantile_999, quantile_source, max_act, num_tokens, "
+        "hist_counts, hist_edges, top_acts, bottom_acts) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        "ON CONFLICT(hook, idx) DO UPDATE SET sae_id=excluded.sae_id, layer=excluded.layer, "
+        "density=excluded.density, quantile_999=excluded.quantile_999, quantile_source=excluded.quantile_source, "
+        "max_act=excluded.max_act, num_tokens=excluded.num_tokens, hist_counts=excluded.hist_counts, "
+        "hist_edges=excluded.hist_edges, top_acts=excluded.top_acts, bottom_acts=excluded.bottom_acts", rows())
+    return m
+
+
+def _latent_ids(c, hook: str) -> dict[int, int]:
+    return {idx: lid for lid, idx in c.execute("SELECT id, idx FROM latents WHERE hook = ?", (hook,))}
+
+
+def _ensure_latent(c, hook: str, idx: int, ids: dict[int, int]) -> int:
+    """Row id of (hook, idx), adding a bare latent row when the stats did not list it."""
+    if idx not in ids:
+        sae = c.execute("SELECT id, layer FROM saes WHERE hook = ?", (hook,)).fetchone()
+        cur = c.execute("INSERT INTO latents(sae_id, hook, layer, idx) VALUES (?, ?, ?, ?)", (sae[0], hook, sae[1], idx))
+        ids[idx] = cur.lastrowid
+    return ids[idx]
+
+
+def _load_segments(c, sae_id: int, hi: HookInputs, max_examples) -> int:
+    c.execute("DELETE FROM segments WHERE latent_id IN (SELECT id FROM latents WHERE hook = ?)", (hi.hook,))
+    ids = _latent_ids(c, hi.hook)
+    ranks: dict[int, int] = {}
+
+    def rows():
+        for s in inputs.iter_segments(hi.latent_dir / "segments.jsonl"):
+            idx = int(s["latent"])
+            r = ranks.get(idx, 0)
+            if max_examples is not None and r >= max_examples:
+                continue
+            ranks[idx] = r + 1
+            yield (_ensure_latent(c, hi.hook, idx, ids), r, _str(s.get("segment_id")), s.get("split"), s.get("kind"),
+                   s.get("level"), _str(s.get("doc_id")), s.get("start"), i32_blob(s.get("token_ids")),
+                   json.dumps(s.get("tokens"), ensure_ascii=False), f32_blob(s.get("acts")))
+
+    sql = ("INSERT INTO segments(latent_id, rank, segment_id, split, kind, level, doc_id, start, token_ids, "
+           "tokens, acts) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+    batch: list[tuple] = []
+    for row in rows():  # batches: bare latent rows may be added between them
+        batch.append(row)
+        if len(batch) >= 10000:
+            c.executemany(sql, batch)
+            batch.clear()
+    c.executemany(sql, batch)
+    return sum(ranks.values())
+
+
+def _str(x):
+    return None if x is None else str(x)
+
+
+def _upsert_records(c, name: str, recs: dict, built: set[str]) -> int:
+    """Write the interpret records whose content changed; returns how many rows were written."""
+    table = {"explanations": "explanations", "scores": "scores", "tags": "tag_records"}[name]
+    changed = 0
+    by_hook: dict[str, list[dict]] = {}
+    for (hook, _), rec in recs.items():
+        by_hook.setdefault(hook, []).append(rec)
+    for hook in sorted(set(by_hook) - built):
+        log.warning("%s.jsonl has records for hook %s, which has no collected latents; skipped", name, hook)
+    for hook in sorted(set(by_hook) & built):
+        ids = _latent_ids(c, hook)
+        have = {lid: h for lid, h in c.execute(
+            f"SELECT t.latent_id, t.record_hash FROM {table} t JOIN latents l ON l.id = t.latent_id "
+            "WHERE l.hook = ?", (hook,))}
+        for rec in by_hook[hook]:
+            lid = _ensure_latent(c, hook, int(rec["latent"]), ids)
+            h = inputs.record_hash(rec)
+            if have.get(lid) == h:
+                continue
+            changed += 1
+            if name == "explanations":
+                _write_explanation(c, lid, rec, h)
+            elif name == "scores":
+                _write_score(c, lid, rec, h)
+            else:
+                _write_tags(c, lid, rec, h)
+    return changed
+
+
+_SCORE_COLS = {"hook", "layer", "latent", "status", "score", "failure", "kind", "time"}
+
+
+def _write_explanation(c, lid: int, rec: dict, h: str) -> None:
+    text = rec.get("explanation")
+    c.execute("INSERT INTO explanations(latent_id, text, status, error, llm, prompt_version, time, raw, prompt_tokens, "
+              "record_hash) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(latent_id) DO UPDATE SET text=excluded.text, "
+              "status=excluded.status, error=excluded.error, llm=excluded.llm, prompt_version=excluded.prompt_version, "
+              "time=excluded.time, raw=excluded.raw, prompt_tokens=excluded.prompt_tokens, "
+              "record_hash=excluded.record_hash",
+              (lid, text, rec.get("status"), _str(rec.get("error")), rec.get("model"), _str(rec.get("prompt_version")),
+               _str(rec.get("time")), _str(rec.get("raw")), rec.get("prompt_tokens"), h))
+
+
+def _write_score(c, lid: int, rec: dict, h: str) -> None:
+    details = {k: v for k, v in rec.items() if k not in _SCORE_COLS}
+    value = rec.get("score")
+    c.execute("INSERT INTO scores(latent_id, kind, value, status, failure, details, time, record_hash) "
+              "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(latent_id) DO UPDATE SET kind=excluded.kind, value=excluded.value, "
+              "status=excluded.status, failure=excluded.failure, details=excluded.details, time=excluded.time, "
+              "record_hash=excluded.record_hash",
+              (lid, rec.get("kind") or "correlation", None if value is None else float(value), rec.get("status"),
+               _str(rec.get("failure")), json.dumps(details, ensure_ascii=False), _str(rec.get("time")), h))
+
+
+def write_tag_list(c, lid: int, tags: list[str], evidence=None, thresholds=None, time=None, h: str | None = None):
+    """Replace a latent's tags (order kept) and its tag record."""
+    c.execute("DELETE FROM tags WHERE latent_id = ?", (lid,))
+    per_domain = evidence if isinstance(evidence, dict) else {}
+    c.executemany("INSERT OR IGNORE INTO tags(latent_id, position, domain, evidence) VALUES (?,?,?,?)",
+                  [(lid, i, d, json.dumps(per_domain.get(d), ensure_ascii=False) if d in per_domain else None)
+                   for i, d in enumerate(tags)])
+    c.execute("INSERT OR REPLACE INTO tag_records(latent_id, tag_list, evidence, thresholds, time, record_hash) "
+              "VALUES (?,?,?,?,?,?)",
+              (lid, json.dumps(list(tags), ensure_ascii=False),
+               None if evidence is None else json.dumps(evidence, ensure_ascii=False),
+               None if thresholds is None else json.dumps(thresholds, ensure_ascii=False), time, h))
+
+
+def _write_tags(c, lid: int, rec: dict, h: str) -> None:
+    write_tag_list(c, lid, [str(t) for t in rec.get("tags") or []], rec.get("evidence"), rec.get("thresholds"),
+                   _str(rec.get("time")), h)

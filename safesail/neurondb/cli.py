@@ -1,0 +1,213 @@
+"""`safesail db <command>`: build, export, import and query the neuron database.
+
+    safesail db build [--force]
+    safesail db export [--out DIR] [--score-cut 0.2] [--indices explained|exported|all] [--no-jsonl]
+    safesail db import --from RELEASE_DIR | --en-db FILE | --cn-db FILE [--indices F...] [--quantiles F...]
+                       [--ckpt F...] [--model NAME] [--num-tokens N]
+    safesail db stats [--json]
+    safesail db search [TEXT] [--domain D] [--min-score X] [--max-score Y] [--layer L] [--limit N] [--json]
+    safesail db show LAYER INDEX [--hook HOOK] [--examples N] [--json]
+Every command takes --db FILE (default: db.path, else runs/<name>/neurons.sqlite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from safesail.errors import UserError
+from safesail.rundir import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see `safesail db --help`).")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="safesail db", description="build, export, import and query the neuron database")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--db", type=Path, help="the neuron DB file")
+        return sp
+
+    b = add("build", "build or update the DB from this run's outputs")
+    b.add_argument("--force", action="store_true", help="re-check every input even if the stage is marked done")
+    e = add("export", "write Safe-SAIL's release layout + a JSONL dump")
+    e.add_argument("--out", type=Path)
+    e.add_argument("--score-cut", type=float)
+    e.add_argument("--indices", choices=("explained", "exported", "all"))
+    e.add_argument("--no-jsonl", action="store_true")
+    i = add("import", "import Safe-SAIL's released files")
+    i.add_argument("--from", dest="release_dir", type=Path, help="folder holding the release files (any depth)")
+    i.add_argument("--en-db", type=Path)
+    i.add_argument("--cn-db", type=Path)
+    i.add_argument("--indices", type=Path, nargs="+", default=[])
+    i.add_argument("--quantiles", type=Path, nargs="+", default=[])
+    i.add_argument("--ckpt", type=Path, nargs="+", default=[])
+    i.add_argument("--model")
+    i.add_argument("--num-tokens", type=int)
+    s = add("stats", "counts per layer, domain and score band")
+    s.add_argument("--json", action="store_true")
+    q = add("search", "search explanations by text, domain, score, layer")
+    q.add_argument("text", nargs="*")
+    q.add_argument("--domain")
+    q.add_argument("--min-score", type=float)
+    q.add_argument("--max-score", type=float)
+    q.add_argument("--layer", type=int)
+    q.add_argument("--limit", type=int, default=20)
+    q.add_argument("--json", action="store_true")
+    w = add("show", "one latent with its examples")
+    w.add_argument("layer", type=int)
+    w.add_argument("index", type=int)
+    w.add_argument("--hook")
+    w.add_argument("--examples", type=int, default=5)
+    w.add_argument("--json", action="store_true")
+    return p
+
+
+def _db_cfg(cfg: DictConfig):
+    return cfg.get("db") or {}
+
+
+def db_path(cfg: DictConfig, given: Path | None) -> Path:
+    if given:
+        return Path(given)
+    if _db_cfg(cfg).get("path"):
+        return Path(_db_cfg(cfg)["path"])
+    return RunDir.from_cfg(cfg, create=False).neuron_db
+
+
+def run_db_command(cfg: DictConfig, args: list[str]) -> None:
+    if not args:
+        raise UserError("say what to do: safesail db build | export | import | stats | search | show.")
+    ns = _parser().parse_args(args)
+    {"build": _build, "export": _export, "import": _import, "stats": _stats, "search": _search,
+     "show": _show}[ns.command](cfg, ns)
+
+
+def _build(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb.build import build_db, fingerprint_of, plan
+    from safesail.neurondb.store import NeuronDB
+
+    rd = RunDir.from_cfg(cfg)
+    path = db_path(cfg, ns.db)
+    hooks, interp = plan(cfg, rd)
+    fp = fingerprint({**fingerprint_of(hooks, interp, _db_cfg(cfg)), "db": str(path)})
+    if not ns.force and rd.stage_done("db", fp) and path.is_file():
+        NeuronDB.open(path).close()  # still a readable DB?
+        log.info("neuron DB %s is up to date", path)
+        return
+    summary = build_db(cfg, rd, path)
+    rd.mark_stage("db", fp, db=str(path), **{k: v for k, v in summary.items()})
+    print(f"neuron DB {path}: {summary['latents']} latent rows loaded, {summary['explanations']} explanations, "
+          f"{summary['scores']} scores, {summary['tags']} tag records updated")
+
+
+def _export(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb.export_safesail import export_release
+    from safesail.neurondb.store import NeuronDB
+
+    ecfg = _db_cfg(cfg).get("export") or {}
+    out = ns.out or (Path(ecfg["dir"]) if ecfg.get("dir") else RunDir.from_cfg(cfg, create=False).export)
+    with NeuronDB.open(db_path(cfg, ns.db)) as db:
+        s = export_release(db, out, score_cut=ns.score_cut if ns.score_cut is not None else ecfg.get("score_cut", 0.2),
+                           indices_mode=ns.indices or ecfg.get("indices", "explained"),
+                           jsonl=not ns.no_jsonl and ecfg.get("jsonl", True))
+    print(f"exported {s['entries']} entries ({s['tagged']} tagged) and {len(s['layers'])} layers of "
+          f"indices/quantiles to {out}")
+
+
+def _import(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb import import_safesail as imp
+
+    icfg = _db_cfg(cfg).get("import") or {}
+    db_json = ns.en_db or ns.cn_db
+    if ns.en_db and ns.cn_db:
+        raise UserError("pass one of --en-db and --cn-db; a DB holds one explanation per latent.")
+    indices = {imp.layer_of(p, "indices"): p for p in ns.indices}
+    quantiles = {imp.layer_of(p, "quantile"): p for p in ns.quantiles}
+    ckpts = {imp.layer_of(p, "ckpt"): p for p in ns.ckpt}
+    if ns.release_dir:
+        found = imp.find_release_files(ns.release_dir)
+        db_json = db_json or found["en_db"] or found["cn_db"]
+        indices = {**found["indices"], **indices}
+        quantiles = {**found["quantile"], **quantiles}
+        ckpts = {**found["ckpt"], **ckpts}
+    rel = imp.read_release(db_json, indices, quantiles, ckpts)
+    path = db_path(cfg, ns.db)
+    s = imp.import_release(path, rel, ns.model or icfg.get("model", "qwen2.5-3b-instruct"), cfg.run.get("name"),
+                           num_tokens=ns.num_tokens or icfg.get("num_tokens", 200_000),
+                           q=icfg.get("quantile", 0.999), sae_k=icfg.get("sae_k", 200),
+                           sae_arch=icfg.get("sae_arch", "topk"), hook_site=icfg.get("hook_site", "mlp_out"))
+    print(f"imported {s['entries']} entries on layers {s['layers']} "
+          f"({s['latents_with_quantiles']} latents with quantiles) into {path}")
+
+
+def _stats(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb.store import NeuronDB
+
+    with NeuronDB.open(db_path(cfg, ns.db)) as db:
+        st = db.stats()
+    if ns.json:
+        print(json.dumps(st, indent=2))
+        return
+    print(f"model {st['model']}  run {st['run']}  source {st['source']}  schema v{st['schema_version']}")
+    t = st["totals"]
+    print(f"{t['latents']} latents, {t['explained']} explained, {t['tagged']} tagged")
+    print("layer  latents  explained  scored  tagged")
+    for layer, v in st["per_layer"].items():
+        print(f"{layer:>5}  {v['latents']:>7}  {v['explained']:>9}  {v['scored']:>6}  {v['tagged']:>6}")
+    print("domains: " + ", ".join(f"{d} {n}" for d, n in st["per_domain"].items()))
+    print("scores:  " + ", ".join(f"{b} {n}" for b, n in st["per_score_band"].items()))
+
+
+def _fmt_score(x) -> str:
+    return "  -  " if x is None else f"{x:5.3f}"
+
+
+def _search(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb.store import NeuronDB
+
+    with NeuronDB.open(db_path(cfg, ns.db)) as db:
+        rows = db.search(" ".join(ns.text) or None, domain=ns.domain, min_score=ns.min_score,
+                         max_score=ns.max_score, layer=ns.layer, limit=ns.limit)
+    if ns.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        print("no latent matches")
+    for r in rows:
+        expl = (r["explanation"] or "(no explanation)").replace("\n", " ")
+        print(f"{r['layer']}_{r['index']:<6} {_fmt_score(r['score'])}  [{','.join(r['tags'])}]  {expl[:100]}")
+
+
+def _show(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb.store import NeuronDB
+
+    with NeuronDB.open(db_path(cfg, ns.db)) as db:
+        hook = ns.hook or db.hook_for_layer(ns.layer)
+        rec = db.latent(hook, ns.index, max_examples=ns.examples)
+    if rec is None:
+        raise UserError(f"latent {ns.index} of {hook} is not in the neuron database; find one with `safesail db search`.")
+    if ns.json:
+        print(json.dumps(rec, indent=2, ensure_ascii=False))
+        return
+    print(f"{hook} latent {rec['index']}  (neuron {rec['layer']}_{rec['index']})")
+    print(f"explanation: {rec['explanation']}")
+    print(f"score: {_fmt_score(rec['score'])}  tags: {', '.join(rec['tags']) or 'general'}")
+    print(f"density: {rec['density']}  0.999 quantile: {rec['quantile_999']} ({rec['quantile_source']})  "
+          f"max: {rec['max_act']}")
+    for ex in rec["examples"]:
+        toks = ex["tokens"] or []
+        acts = ex["acts"] or []
+        text = "".join(f"[{t}]" if a and a > 0 else t for t, a in zip(toks, acts))
+        print(f"  #{ex['rank']} {ex.get('kind') or ''} {ex.get('split') or ''}: {text[:160]}")
