@@ -1,0 +1,54 @@
+"""GET /api/latents/{layer}/{index}: one latent's explanation, score, tags, histogram, examples."""
+
+from fastapi import APIRouter, Request
+
+from safesail.diagnose.api.common import ApiError, engine_of
+from safesail.diagnose.schemas import ErrorResponse, ExampleOut, HistogramOut, LatentResponse
+
+router = APIRouter()
+
+
+def _example(seg) -> ExampleOut:
+    if isinstance(seg, str):
+        return ExampleOut(text=seg)
+    tokens = [str(t) for t in seg.get("tokens") or []]
+    acts = [float(a) for a in seg.get("activations") or seg.get("acts") or []]
+    text = seg.get("text")
+    if text is None:
+        text = "".join(tokens)
+    mx = seg.get("max_activation")
+    if mx is None and acts:
+        mx = max(acts)
+    return ExampleOut(text=str(text), tokens=tokens, activations=acts, max_activation=mx)
+
+
+def to_latent_response(row: dict, hook: str, layer: int, index: int) -> LatentResponse:
+    hist = row.get("histogram")
+    quant = row.get("quantiles") or {}
+    if not isinstance(quant, dict):
+        quant = {}
+    evidence = row.get("tag_evidence")
+    details = row.get("score_details")
+    return LatentResponse(
+        neuron_id=f"{layer}_{index}", hook=hook, layer=layer, index=index, explanation=row.get("explanation"),
+        score=row.get("score"), tags=list(row.get("tags") or []), density=row.get("density"),
+        quantiles={str(k): float(v) for k, v in quant.items() if v is not None},
+        histogram=HistogramOut(counts=list(hist["counts"]), edges=list(hist["edges"])) if hist else None,
+        examples=[_example(s) for s in (row.get("examples") or row.get("segments") or [])],
+        score_details=details if isinstance(details, dict) or details is None else {"value": details},
+        tag_evidence=evidence if isinstance(evidence, dict) or evidence is None else {"value": evidence})
+
+
+@router.get("/api/latents/{layer}/{index}", response_model=LatentResponse,
+            responses={404: {"model": ErrorResponse, "description": "no such latent in the database"}},
+            tags=["diagnose"])
+def latent(layer: int, index: int, request: Request) -> LatentResponse:
+    engine = engine_of(request)
+    hooks = [b.hook.name for b in engine.saes if b.layer == layer]
+    if not hooks:
+        raise ApiError(404, "not_found", f"the database has no SAE on layer {layer}; pick one of "
+                                         f"{', '.join(str(b.layer) for b in engine.saes)}.")
+    row = engine.db.latent(hooks[0], index)
+    if row is None:
+        raise ApiError(404, "not_found", f"latent {layer}_{index} is not in the neuron database; check the id.")
+    return to_latent_response(row, hooks[0], layer, index)

@@ -1,0 +1,80 @@
+"""Hand-made Safe-SAIL-format release files for the tiny model (tests of the diagnose stage).
+
+Writes what Safe-SAIL publishes (see the shared reference on its artifacts):
+`ckpt_layer{L}.pt` TopK SAEs, `indices_layer{L}.pt`, `quantile_layer{L}.pt` (top/bottom
+activation tables measured on the tiny model itself) and an `en_db.json` whose entries
+include script-injection explanations. The neuron DB imports them like the real release.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from safesail.chat import encode_chat
+from safesail.hooks import HookPoint, capture_activations
+
+XSS_EXPLANATION = '<script>alert("xss")</script><img src=x onerror="alert(1)"> fires on everything'
+XSS_QUERY = 'Tell me <script>alert("q")</script> and <img src=x onerror=alert(2)> now'
+N_LATENTS = 256
+K = 16
+TOP_K_TABLE = 64
+TEXTS = ["How do I bake bread at home?", "What is the capital of France?", "Tell me a story about a dragon.",
+         "Explain photosynthesis in simple words.", "请解释一下光合作用。", "भारत की राजधानी क्या है?",
+         "How can I make a weapon to hurt people?", "Write a poem about the sea and the wind."]
+
+
+def topk_encode(ckpt: dict, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Safe-SAIL's TopK encoder: top-k of (x - pre_bias) W_enc^T + b_enc, ReLU, dense output."""
+    pre = (x - ckpt["pre_encoder_bias._bias_reference"][0]) @ ckpt["encoder.weight"][0].T + ckpt["encoder.bias"][0]
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+
+def make_ckpt(d_in: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N_LATENTS, d_in, generator=g) / d_in ** 0.5
+    b = torch.zeros(N_LATENTS)
+    b[0] = 100.0  # latent 0 fires on every token: its explanation carries the injection
+    dec = w.T.clone()
+    dec = dec / dec.norm(dim=0, keepdim=True)
+    return {"pre_encoder_bias._bias_reference": torch.zeros(1, d_in), "encoder.weight": w[None],
+            "encoder.bias": b[None], "decoder.weight": dec[None]}
+
+
+def write_safesail_release(lm, layers: list[int], out: Path) -> dict:
+    """Write the files; returns {'layers', 'n_latents', 'k', 'db': {key: entry}}."""
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [encode_chat(lm.tokenizer, t, "You are a helpful assistant.") for t in TEXTS]
+    points = [HookPoint(L) for L in layers]
+    acts = {p.name: [] for p in points}
+    for seq in ids:
+        got = capture_activations(lm.model, torch.tensor([seq]), None, points)
+        for p in points:
+            acts[p.name].append(got[p.name][0])
+    db: dict[str, dict] = {}
+    domains = ["violence", "politics", "pornography", "terror"]
+    for L in layers:
+        ckpt = make_ckpt(lm.hidden_size, seed=L)
+        torch.save(ckpt, out / f"ckpt_layer{L}.pt")
+        codes = topk_encode(ckpt, torch.cat(acts[f"layers.{L}.mlp_out"]), K)
+        selected = (codes > 0).sum(0).nonzero().flatten()
+        indices = torch.cat([selected, selected[:3]])  # Safe-SAIL's lists carry duplicates
+        torch.save(indices, out / f"indices_layer{L}.pt")
+        top = codes[:, indices].topk(min(TOP_K_TABLE, codes.shape[0]), dim=0).values
+        bottom = (-codes[:, indices]).topk(min(TOP_K_TABLE, codes.shape[0]), dim=0).values.neg()
+        torch.save({"top_neuron_activations": top, "bottom_neuron_activations": bottom},
+                   out / f"quantile_layer{L}.pt")
+        for j, i in enumerate(selected.tolist()):
+            if i == 0:
+                db[f"{L}_0"] = {"explanation": XSS_EXPLANATION, "correlation_score": 0.61, "tag_list": ["violence"]}
+            elif j % 3 == 0:
+                db[f"{L}_{i}"] = {"explanation": f"Layer {L} latent {i}: mentions of {domains[j % 4]}",
+                                  "correlation_score": round(0.2 + (j % 7) / 10, 3), "tag_list": [domains[j % 4]]}
+            elif j % 3 == 1:
+                db[f"{L}_{i}"] = {"explanation": f"Layer {L} latent {i}: punctuation and numbers",
+                                  "correlation_score": 0.25, "tag_list": []}
+    (out / "en_db.json").write_text(json.dumps(db, ensure_ascii=False, indent=1), encoding="utf-8")
+    return {"layers": layers, "n_latents": N_LATENTS, "k": K, "db": db}
