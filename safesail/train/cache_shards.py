@@ -27,7 +27,10 @@ from safesail.train.activation_store import FORMAT, VERSION, load_shard, split_o
 log = logging.getLogger(__name__)
 
 # Fields of meta.json that must match for a re-run to continue an existing cache.
-IDENTITY_KEYS = ("model", "model_id", "hook", "d", "ctx_len", "dtype", "eval_every", "data_fingerprint")
+IDENTITY_KEYS = ("model", "hook", "d", "model_id", "ctx_len", "dtype", "eval_every", "data_fingerprint")
+_LABELS = {"model": "model", "hook": "hook", "d": "width d", "model_id": "model weights",
+           "ctx_len": "data.ctx_len", "dtype": "cache.dtype", "eval_every": "cache.eval_every",
+           "data_fingerprint": "another corpus or data config (fingerprint)"}
 _WHAT_TO_DO = "delete that folder or pick another run.name=..."
 
 
@@ -89,7 +92,7 @@ def check_existing(folder: Path, identity: dict) -> dict | None:
         raise UserError(f"{folder} holds something other than a Safe-SAIL activation cache; {_WHAT_TO_DO}")
     for key in IDENTITY_KEYS:
         if meta.get(key) != identity.get(key):
-            raise UserError(f"the existing cache {folder} was made with {key}={meta.get(key)!r}, not "
+            raise UserError(f"the existing cache {folder} was made with {_LABELS[key]} {meta.get(key)!r}, not "
                             f"{identity.get(key)!r}; {_WHAT_TO_DO}")
     return meta
 
