@@ -1,0 +1,171 @@
+"""The interface every SAE architecture shares (one subclass per file: topk.py, batchtopk.py, ...).
+
+Weights: `W_enc [n, d]`, `b_enc [n]`, `W_dec [n, d]` (rows are the latent directions), `b_dec [d]`
+(the tied pre-encoder / post-decoder bias: encoding reads `x - b_dec`).
+
+- `encode(x) -> [rows, n]`: dense, non-negative codes (inference).
+- `decode(z) -> [rows, d]`; `forward(x)`: the reconstruction `decode(encode(x))`.
+- `forward_with_loss(x, dead_mask=...)`: the training pass, an `SAEOutput` with the loss
+  (FVU + sparsity penalty + AuxK), FVU, L0 and which latents fired.
+
+During training the trainer feeds activations multiplied by a scale `s` (unit mean squared
+norm); `fold_input_scale(s)` rewrites the weights so the saved SAE takes raw activations and
+returns codes in the raw scale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safesail.train.saes.config import SAEConfig
+from safesail.train.saes.sparse_ops import choose_decoder, gather_preacts, sparse_decode
+
+
+class TrainCodes(NamedTuple):
+    """Codes of a training batch: sparse (`vals`, `idx` [b, k]) or dense (`z` [b, n])."""
+    pre: torch.Tensor                   # [b, n] pre-activations, detached (AuxK, statistics)
+    vals: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    penalty: torch.Tensor | None = None  # sparsity penalty summed over the batch
+
+
+class SAEOutput(NamedTuple):
+    recon: torch.Tensor
+    loss: torch.Tensor
+    fvu: torch.Tensor
+    aux_loss: torch.Tensor
+    sparsity_loss: torch.Tensor
+    l0: torch.Tensor          # mean active latents per token
+    fired: torch.Tensor       # [n] bool: latents active at least once in the batch
+
+
+class SAE(nn.Module):
+    arch = ""
+    unit_norm_decoder = True
+
+    def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = cfg.validate()
+        n, d = cfg.n_latents, cfg.d_in
+        gen = torch.Generator().manual_seed(int(cfg.seed))
+        w = torch.randn(n, d, generator=gen, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(w.clone().to(device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(w.to(device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        self.decoder_impl = "auto"   # topk: auto | sparse | dense (see sparse_ops.choose_decoder)
+
+    # ---- inference -----------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.W_enc.dtype) - self.b_dec, self.W_enc, self.b_enc)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # ---- training ------------------------------------------------------------
+    def train_codes(self, x_c: torch.Tensor) -> TrainCodes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_with_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
+                          total_var: torch.Tensor | None = None, n_tokens: int | None = None) -> SAEOutput:
+        """The training pass on `x` (already normalised).
+
+        `total_var` (sum of squared deviations from the batch mean) and `n_tokens` default to
+        this batch's; data-parallel training passes the global ones so that summing gradients
+        over ranks gives exactly the single-process gradient.
+        """
+        b = x.shape[0]
+        x_c = x - self.b_dec
+        codes = self.train_codes(x_c)
+        if codes.idx is not None:
+            decode = choose_decoder(self.decoder_impl, codes.idx.shape[1], x.device)
+            recon = decode(codes.vals, codes.idx, self.W_dec) + self.b_dec
+            active = codes.vals > 0
+            fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
+            fired[codes.idx[active]] = True
+        else:
+            recon = codes.z.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+            active = codes.z > 0
+            fired = active.any(0)
+        if total_var is None:
+            total_var = (x - x.mean(0)).float().pow(2).sum()
+        n_tokens = n_tokens or b
+        e = x.float() - recon.float()
+        fvu = e.pow(2).sum() / total_var
+        sparsity = codes.penalty / n_tokens if codes.penalty is not None else fvu.new_zeros(())
+        aux = self._auxk(codes.pre, e, dead_mask, total_var, x_c)
+        loss = fvu + sparsity + self.cfg.auxk_alpha * aux
+        return SAEOutput(recon, loss, fvu, aux, sparsity, active.sum() / b, fired)
+
+    def _auxk(self, pre, e, dead_mask, total_var, x_c) -> torch.Tensor:
+        """AuxK (Gao et al.): the top dead latents must predict the residual of the live ones."""
+        if dead_mask is None or self.cfg.auxk_alpha <= 0:
+            return e.new_zeros(())
+        num_dead = int(dead_mask.sum())
+        if num_dead == 0:
+            return e.new_zeros(())
+        k_aux = self.cfg.k_aux or self.cfg.d_in // 2
+        scale = min(num_dead / k_aux, 1.0)
+        k_aux = min(k_aux, num_dead)
+        masked = pre.masked_fill(~dead_mask[None], -math.inf)
+        top, idx = masked.topk(k_aux, dim=1, sorted=False)
+        vals = gather_preacts(x_c, self.W_enc, self.b_enc, idx, top.clone()).relu()
+        e_hat = sparse_decode(vals, idx, self.W_dec)
+        return scale * (e_hat.float() - e.detach()).pow(2).sum() / total_var
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component along each (unit-norm) decoder row."""
+        if self.unit_norm_decoder and self.W_dec.grad is not None:
+            g = self.W_dec.grad
+            g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+
+    @torch.no_grad()
+    def fold_input_scale(self, s: float) -> None:
+        """Make an SAE trained on `x * s` take raw `x` (codes and reconstruction in raw units)."""
+        self.b_dec /= s
+        self.b_enc /= s
+        self.cfg.input_scale = float(self.cfg.input_scale) * float(s)
+
+    @torch.no_grad()
+    def init_b_dec(self, x: torch.Tensor) -> None:
+        """Pre-encoder bias at the geometric median (Weiszfeld), the mean, or zero, of a first batch."""
+        how = self.cfg.b_dec_init
+        if how == "zeros":
+            self.b_dec.zero_()
+            return
+        x = x.float()
+        m = x.mean(0)
+        if how == "geometric_median":
+            m = geometric_median(x, m)
+        self.b_dec.copy_(m.to(self.b_dec.dtype))
+
+
+def geometric_median(x: torch.Tensor, start: torch.Tensor | None = None, iters: int = 30) -> torch.Tensor:
+    """Weiszfeld's iteration for the point minimising the sum of Euclidean distances to the rows of x."""
+    m = x.mean(0) if start is None else start.clone()
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= 1e-6 * (m.norm() + 1e-12):
+            return new
+        m = new
+    return m
