@@ -138,6 +138,7 @@ def _score_cfg(cfg: DictConfig) -> dict:
     return {"mode": sc.get("mode", "auto"), "granularity": sc.get("granularity", "segment"),
             "max_value": int(sc.get("max_value", 10)), "min_ok_fraction": float(sc.get("min_ok_fraction", 1.0)),
             "concurrency": int(sc.get("concurrency") or cfg.llm.get("concurrency", 4)),
+            "query_max_tokens": int(sc.get("query_max_tokens", 512)),
             "hooks": sc.get("hooks"), "max_latents": sc.get("max_latents")}
 
 
@@ -190,7 +191,8 @@ async def _score_todo(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict
     if sc["granularity"] == "query":
         from safesail.interpret.windows import window_lookup
 
-        windows = {h: window_lookup(rd, cfg, h) for h in segs_by_hook}
+        windows = {h: window_lookup(rd, cfg, h, [s for k in keys if k[0] == h for s in segs_by_hook[h].get(k[1], [])],
+                                    sc["query_max_tokens"]) for h in segs_by_hook}
     todo = [k for k in keys if not (k in stored and _is_current(stored[k], expls[k], sim, sc["granularity"]))]
     log.info("score: %d explained latents, %d already scored, %d to do", len(keys), len(keys) - len(todo), len(todo))
     sem = asyncio.Semaphore(max(1, sc["concurrency"]))
