@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class PairActivations:
     acts: dict[str, torch.Tensor]   # hook -> [T, d] float32 on CPU (kept tokens of all queries)
     query_index: torch.Tensor       # [T] int64: the query each kept token belongs to
+    token_ids: torch.Tensor         # [T] int64: the kept tokens' ids
     n_queries: int                  # 2 * number of pairs
     n_tokens: int
 
@@ -70,6 +71,7 @@ def capture_pair_activations(lm, pairs: list[Pair], points: list[HookPoint], sys
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     per_hook: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in points}
     qidx: list[torch.Tensor] = []
+    tids: list[torch.Tensor] = []
     batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="pairs through the model", unit="batch", leave=False):
         width = max(len(ids[i]) for i in batch)
@@ -85,6 +87,7 @@ def capture_pair_activations(lm, pairs: list[Pair], points: list[HookPoint], sys
             per_hook[name].append(a.float().cpu()[keep])
         rows = torch.tensor(batch, dtype=torch.long).unsqueeze(1).expand(-1, width)
         qidx.append(rows[keep])
+        tids.append(input_ids[keep])
     query_index = torch.cat(qidx)
     present = torch.bincount(query_index, minlength=len(queries))
     if bool((present == 0).any()):
@@ -93,7 +96,7 @@ def capture_pair_activations(lm, pairs: list[Pair], points: list[HookPoint], sys
     out = {name: torch.cat(chunks) for name, chunks in per_hook.items()}
     log.info("pairs: %d queries, %d kept tokens (shared prefix of %d tokens left out)",
              len(queries), int(query_index.numel()), prefix)
-    return PairActivations(acts=out, query_index=query_index, n_queries=len(queries),
+    return PairActivations(acts=out, query_index=query_index, token_ids=torch.cat(tids), n_queries=len(queries),
                            n_tokens=int(query_index.numel()))
 
 
