@@ -95,7 +95,7 @@ def build_db(cfg, rd: RunDir, db_path: Path | None = None,
                 _build_hook(c, hi, max_examples, summary)
                 if on_hook_done:
                     on_hook_done(hi.hook)
-            built = {hi.hook for hi in hooks}
+            built = {hi.hook: hi for hi in hooks}
             stored = {r[0]: r[1] for r in c.execute("SELECT name, sha256 FROM inputs WHERE hook = ''")}
             replaced = bool(summary["hooks_replaced"])
             for name in inputs.INTERPRET_FILES:
@@ -174,40 +174,38 @@ def _latent_ids(c, hook: str) -> dict[int, int]:
     return {idx: lid for lid, idx in c.execute("SELECT id, idx FROM latents WHERE hook = ?", (hook,))}
 
 
-def _ensure_latent(c, hook: str, idx: int, ids: dict[int, int]) -> int:
-    """Row id of (hook, idx), adding a bare latent row when the stats did not list it."""
-    if idx not in ids:
-        sae = c.execute("SELECT id, layer FROM saes WHERE hook = ?", (hook,)).fetchone()
-        cur = c.execute("INSERT INTO latents(sae_id, hook, layer, idx) VALUES (?, ?, ?, ?)", (sae[0], hook, sae[1], idx))
-        ids[idx] = cur.lastrowid
-    return ids[idx]
-
-
 def _load_segments(c, sae_id: int, hi: HookInputs, max_examples) -> int:
     c.execute("DELETE FROM segments WHERE latent_id IN (SELECT id FROM latents WHERE hook = ?)", (hi.hook,))
     ids = _latent_ids(c, hi.hook)
     ranks: dict[int, int] = {}
+    unknown: set[int] = set()
 
     def rows():
         for s in inputs.iter_segments(hi.latent_dir / "segments.jsonl"):
             idx = int(s["latent"])
+            if idx not in ids:
+                unknown.add(idx)
+                continue
             r = ranks.get(idx, 0)
             if max_examples is not None and r >= max_examples:
                 continue
             ranks[idx] = r + 1
-            yield (_ensure_latent(c, hi.hook, idx, ids), r, _str(s.get("segment_id")), s.get("split"), s.get("kind"),
+            yield (ids[idx], r, _str(s.get("segment_id")), s.get("split"), s.get("kind"),
                    s.get("level"), _str(s.get("doc_id")), s.get("start"), i32_blob(s.get("token_ids")),
                    json.dumps(s.get("tokens"), ensure_ascii=False), f32_blob(s.get("acts")))
 
     sql = ("INSERT INTO segments(latent_id, rank, segment_id, split, kind, level, doc_id, start, token_ids, "
            "tokens, acts) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
     batch: list[tuple] = []
-    for row in rows():  # batches: bare latent rows may be added between them
+    for row in rows():
         batch.append(row)
         if len(batch) >= 10000:
             c.executemany(sql, batch)
             batch.clear()
     c.executemany(sql, batch)
+    if unknown:
+        log.warning("%s/segments.jsonl has segments of %d latents missing from stats.safetensors; skipped",
+                    hi.latent_dir, len(unknown))
     return sum(ranks.values())
 
 
@@ -215,22 +213,36 @@ def _str(x):
     return None if x is None else str(x)
 
 
-def _upsert_records(c, name: str, recs: dict, built: set[str]) -> int:
-    """Write the interpret records whose content changed; returns how many rows were written."""
+def _same_sae(rec: dict, folder: Path) -> bool:
+    """False when a record names the SAE it was made for and that is not the chosen one."""
+    sae = rec.get("sae")
+    return not sae or Path(str(sae)).name == folder.name or str(folder).endswith(str(sae))
+
+
+def _upsert_records(c, name: str, recs: dict, built: dict[str, HookInputs]) -> int:
+    """Write the interpret records whose content changed; returns how many rows were written.
+
+    Records of latents the hook's collected stats do not list (e.g. left over from a previous
+    SAE) and records naming another SAE are skipped.
+    """
     table = {"explanations": "explanations", "scores": "scores", "tags": "tag_records"}[name]
     changed = 0
     by_hook: dict[str, list[dict]] = {}
     for (hook, _), rec in recs.items():
         by_hook.setdefault(hook, []).append(rec)
-    for hook in sorted(set(by_hook) - built):
+    for hook in sorted(set(by_hook) - set(built)):
         log.warning("%s.jsonl has records for hook %s, which has no collected latents; skipped", name, hook)
-    for hook in sorted(set(by_hook) & built):
+    for hook in sorted(set(by_hook) & set(built)):
         ids = _latent_ids(c, hook)
+        skipped = 0
         have = {lid: h for lid, h in c.execute(
             f"SELECT t.latent_id, t.record_hash FROM {table} t JOIN latents l ON l.id = t.latent_id "
             "WHERE l.hook = ?", (hook,))}
         for rec in by_hook[hook]:
-            lid = _ensure_latent(c, hook, int(rec["latent"]), ids)
+            lid = ids.get(int(rec["latent"]))
+            if lid is None or not _same_sae(rec, built[hook].sae_folder):
+                skipped += 1
+                continue
             h = inputs.record_hash(rec)
             if have.get(lid) == h:
                 continue
@@ -241,6 +253,9 @@ def _upsert_records(c, name: str, recs: dict, built: set[str]) -> int:
                 _write_score(c, lid, rec, h)
             else:
                 _write_tags(c, lid, rec, h)
+        if skipped:
+            log.warning("%s.jsonl: %d records of %s are for latents the chosen SAE's collected stats do not "
+                        "list; skipped", name, skipped, hook)
     return changed
 
 
