@@ -128,8 +128,10 @@ def _reject_constant(name: str):
     raise ValueError(f"non-finite constant {name}")
 
 
-def _load_json_object(text: str):
-    """The first JSON object in a reply: the whole text, a fenced block, or the first {...} in prose."""
+def extract_json_object(text: str):
+    """The first JSON value in a reply: the whole text, a fenced block, or the first {...} in prose.
+
+    NaN/Infinity are rejected; raises `SimulationFailure("unparsable_reply")` when there is none."""
     body = text.strip()
     m = _FENCE.match(body)
     if m:
@@ -161,7 +163,7 @@ def parse_json_prediction(text: str, tokens: list[str], scale_max: int) -> list[
         raise SimulationFailure("unparsable_reply", "empty reply")
     if len(text) > MAX_REPLY_CHARS:
         raise SimulationFailure("unparsable_reply", f"reply of {len(text)} characters is too long")
-    obj = _load_json_object(text)
+    obj = extract_json_object(text)
     if not isinstance(obj, dict) or "activations" not in obj:
         raise SimulationFailure("unparsable_reply", 'the JSON is not an object with key "activations"')
     extra = sorted(set(obj) - {"activations"})
