@@ -1,0 +1,403 @@
+"""Train one or many SAEs in a single pass over activation batches.
+
+```python
+from safesail.train.trainer import train_saes, TrainOptions
+trained = train_saes(batches, [{"arch": "topk", "k": 32, "n_latents": 4096},
+                               {"arch": "batchtopk", "k": 32, "n_latents": 4096}],
+                     TrainOptions(lr_warmup_steps=100, total_steps=1000))
+trained[0].sae.encode(x)     # an SAE in raw activation units; trained[0].metrics: training figures
+```
+
+`batches` is any iterable of `[batch, d]` tensors (every config then trains on them), or of
+`{hook: tensor}` dicts (a config trains on the entry named by its `hook`), or a function
+`start_batch -> iterable` (lets a resumed run skip data without reading it). Each batch is
+read once and fed to every SAE; each SAE has its own Adam optimiser and learning-rate
+schedule (linear warmup, then constant, then linear decay over the last `lr_decay_fraction`
+of `total_steps`), default learning rate 2e-4 / sqrt(n_latents / 2^14).
+
+Per SAE and step: activations scaled to unit mean squared norm (the scale is estimated on the
+first batch and folded into the weights at the end), b_dec initialised at the first batch's
+geometric median, the loss (FVU + sparsity + AuxK on dead latents), gradient parallel to
+decoder rows removed, Adam step, decoder rows renormalised, dead-latent counters updated.
+
+Resume: with `checkpoint_path`, the full state (weights, Adam moments, step, dead counters,
+scales, RNG, data position) is written atomically every `checkpoint_every` batches and at
+the end; a new call with the same fingerprint continues from it exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from safesail.errors import UserError
+from safesail.rundir import fingerprint as make_fingerprint
+from safesail.train.distributed import DistContext
+from safesail.train.saes import SAE, SAEConfig, build_sae
+
+log = logging.getLogger(__name__)
+
+Batch = torch.Tensor | dict[str, torch.Tensor]
+BatchSource = Iterable[Batch] | Callable[[int], Iterable[Batch]]
+
+
+@dataclass
+class TrainOptions:
+    total_steps: int | None = None        # for the decay schedule (None: len(batches) if known, else no decay)
+    max_steps: int | None = None          # stop after this many batches
+    lr_warmup_steps: int = 100
+    lr_decay_fraction: float = 0.2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    dead_tokens: int = 1_000_000          # a latent not firing for this many tokens counts as dead (AuxK)
+    autocast: str | bool = "auto"         # auto: bf16 on CUDA when supported; true / false
+    decoder_impl: str = "auto"            # TopK decoder: auto | sparse | dense
+    device: str = "cpu"
+    checkpoint_path: str | Path | None = None
+    checkpoint_every: int = 0             # batches between checkpoints (0: only at the end)
+    fingerprint: str | None = None        # identity of this training job (default: from configs + options)
+    log_every: int = 20
+    progress: bool = True
+    wandb: dict[str, Any] | None = None   # {"mode": offline|online|disabled, "project": ..., "entity": ..., "name": ...}
+    distributed: str = "ddp"              # ddp | sae_parallel (see safesail/train/distributed.py)
+
+
+@dataclass
+class TrainedSAE:
+    sae: SAE                              # folded to raw units, eval mode, on CPU
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> SAEConfig:
+        return self.sae.cfg
+
+    @property
+    def name(self) -> str:
+        return self.sae.cfg.name
+
+
+class SAETrainState:
+    """One SAE with its optimiser, schedule and dead-latent counters."""
+
+    def __init__(self, cfg: SAEConfig, opts: TrainOptions, device: torch.device):
+        self.cfg = cfg
+        self.opts = opts
+        self.sae = build_sae(cfg, device=device)
+        self.sae.decoder_impl = opts.decoder_impl
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=tuple(opts.adam_betas),
+                                    eps=opts.adam_eps)
+        self.step = 0
+        self.tokens = 0
+        self.stale = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
+        self.recent: dict[str, float] = {}
+
+    def lr_at(self, step: int) -> float:
+        base = self.cfg.learning_rate
+        factor = min(1.0, (step + 1) / max(1, self.opts.lr_warmup_steps))
+        total = self.opts.total_steps
+        if total and self.opts.lr_decay_fraction > 0:
+            decay_start = total * (1 - self.opts.lr_decay_fraction)
+            if step >= decay_start:
+                factor *= max(0.0, (total - step) / (total - decay_start))
+        return base * factor
+
+    def train_step(self, x: torch.Tensor, stats: tuple[torch.Tensor, int], ctx: DistContext,
+                   autocast_ctx: Callable[[], Any]) -> dict[str, float]:
+        total_var, n_global = stats
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        dead = self.stale >= self.opts.dead_tokens
+        self.opt.zero_grad(set_to_none=True)
+        with autocast_ctx():
+            out = self.sae.forward_with_loss(x, dead_mask=dead, total_var=total_var, n_tokens=n_global)
+        out.loss.backward()
+        ctx.sum_grads_(list(self.sae.parameters()))
+        self.sae.remove_parallel_grad()
+        self.opt.step()
+        self.sae.normalize_decoder()
+        fired = out.fired.to(torch.int32)
+        figures = torch.stack([out.loss.detach().float(), out.fvu.detach().float(), out.aux_loss.detach().float(),
+                               out.l0.detach().float() * x.shape[0]])
+        if ctx.data_parallel:
+            ctx.all_reduce_(fired, torch.distributed.ReduceOp.MAX)
+            ctx.all_reduce_(figures)
+        self.stale += n_global
+        self.stale[fired.bool()] = 0
+        self.step += 1
+        self.tokens += n_global
+        loss, fvu, aux, l0sum = figures.tolist()
+        return {"loss": loss, "fvu": fvu, "auxk": aux, "l0": l0sum / n_global, "lr": self.lr_at(self.step - 1),
+                "dead_fraction": float((self.stale >= self.opts.dead_tokens).float().mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cfg": self.cfg.to_dict(), "model": self.sae.state_dict(), "optim": self.opt.state_dict(),
+                "step": self.step, "tokens": self.tokens, "stale": self.stale.cpu(), "recent": self.recent}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.sae.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optim"])
+        self.step, self.tokens = int(st["step"]), int(st["tokens"])
+        self.stale.copy_(st["stale"].to(self.stale.device))
+        self.recent = dict(st.get("recent", {}))
+
+    def export(self, scale: float) -> TrainedSAE:
+        sae = copy.deepcopy(self.sae).to("cpu").float()
+        sae.fold_input_scale(scale)
+        sae.eval()
+        metrics = {f"train_{k}": v for k, v in self.recent.items()}
+        metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.cfg.learning_rate)
+        return TrainedSAE(sae=sae, metrics=metrics)
+
+
+def _autocast_factory(opts: TrainOptions, device: torch.device) -> Callable[[], Any]:
+    want = opts.autocast
+    if isinstance(want, str):
+        want = want.lower()
+    if device.type == "cuda" and want in ("auto", True, "true") and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and want in (True, "true"):
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _check_finite(x: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
+        raise UserError(f"activations hold NaN/inf ({where}, row {bad[0]}, column {bad[1]}); re-create the "
+                        "activation cache (e.g. with cache.dtype=float32) or drop the broken shard.")
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_position(path: str | Path | None) -> int:
+    """Batches already consumed according to the checkpoint at `path` (0 if none)."""
+    if path is None:
+        return 0
+    ck = read_checkpoint(path)
+    return int(ck["batches_done"]) if ck else 0
+
+
+def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[int, str] = (1, "ddp")) -> str:
+    keep = {k: v for k, v in vars(opts).items() if k in ("total_steps", "max_steps", "lr_warmup_steps",
+                                                         "lr_decay_fraction", "adam_betas", "adam_eps",
+                                                         "dead_tokens", "autocast", "decoder_impl")}
+    return make_fingerprint({"saes": [c.to_dict() for c in configs], "opts": keep, "world": list(world)})
+
+
+def _normalise_configs(configs: list[SAEConfig | dict], d_in: int | None) -> list[SAEConfig]:
+    out = []
+    for c in configs:
+        c = SAEConfig.from_dict(dict(c)) if isinstance(c, dict) else copy.deepcopy(c)
+        if not c.d_in and d_in:
+            c.d_in = d_in
+        out.append(c.validate())
+    names = [(c.hook, c.name) for c in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        hook, name = sorted(dup, key=str)[0]
+        raise UserError(f"the sweep lists SAE {name} twice{f' for {hook}' if hook else ''}; remove the duplicate.")
+    return out
+
+
+def _pick(batch: Batch, hook: str | None, index: int) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if hook not in batch:
+        raise UserError(f"batch {index} has no activations for hook {hook!r} (it has {sorted(batch)}); "
+                        "give each SAE config the hook of a batch entry.")
+    return batch[hook]
+
+
+def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: TrainOptions | None = None,
+               *, d_in: int | None = None, ctx: DistContext | None = None,
+               on_step: Callable[[int], None] | None = None) -> list[TrainedSAE]:
+    """Train every SAE in `configs` in one pass over `batches`; return them (raw units) with training metrics.
+
+    In `sae_parallel` distributed mode only this rank's SAEs (i % world_size == rank) are returned.
+    Raises UserError for bad configs, a width mismatch, NaN/inf in the data, empty data, or a
+    checkpoint of a different job at `checkpoint_path`.
+    """
+    opts = options or TrainOptions()
+    ctx = ctx or DistContext(device=torch.device(opts.device))
+    device = ctx.device if ctx.world_size > 1 else torch.device(opts.device)
+    all_cfgs = _normalise_configs(configs, d_in)
+    mine = [c for i, c in enumerate(all_cfgs) if ctx.mode != "sae_parallel" or i % ctx.world_size == ctx.rank]
+    if not callable(batches) and opts.total_steps is None and hasattr(batches, "__len__"):
+        opts = copy.copy(opts)
+        opts.total_steps = len(batches)  # type: ignore[arg-type]
+    if opts.max_steps and (opts.total_steps is None or opts.total_steps > opts.max_steps):
+        opts = copy.copy(opts)
+        opts.total_steps = opts.max_steps
+    fp = opts.fingerprint or job_fingerprint(all_cfgs, opts, (ctx.world_size, ctx.mode))
+    ck_path = Path(opts.checkpoint_path) if opts.checkpoint_path else None
+    if ck_path is not None and ctx.mode == "sae_parallel" and ctx.world_size > 1:
+        ck_path = ck_path.with_name(f"{ck_path.stem}.rank{ctx.rank}{ck_path.suffix}")
+
+    states = [SAETrainState(c, opts, device) for c in mine]
+    scales: dict[str | None, float] = {}
+    batches_done = 0
+    ck = read_checkpoint(ck_path) if ck_path else None
+    if ck is not None:
+        if ck.get("fingerprint") != fp:
+            raise UserError(f"{ck_path} is a half-finished training with another config; re-run with the "
+                            "original settings to resume it, or pass train.restart=true to discard it.")
+        for st in states:
+            st.load_state_dict(ck["saes"][f"{st.cfg.hook}/{st.cfg.name}"])
+        scales = dict(ck["scales"])
+        batches_done = int(ck["batches_done"])
+        torch.set_rng_state(ck["rng"])
+        log.info("resuming %d SAE(s) from %s at batch %d", len(states), ck_path, batches_done)
+
+    def save_checkpoint() -> None:
+        if ck_path is None or not (ctx.is_main or ctx.mode == "sae_parallel"):
+            return
+        _atomic_torch_save({"fingerprint": fp, "batches_done": batches_done, "scales": scales,
+                            "rng": torch.get_rng_state(),
+                            "saes": {f"{st.cfg.hook}/{st.cfg.name}": st.state_dict() for st in states}}, ck_path)
+
+    if callable(batches):
+        source: Iterable[Batch] = batches(batches_done)
+        skip = 0
+    else:
+        source, skip = batches, batches_done
+    autocast_ctx = _autocast_factory(opts, device)
+    run = _start_wandb(opts, all_cfgs, ctx)
+    hooks = sorted({c.hook for c in all_cfgs}, key=str)
+    total = opts.total_steps
+    bar = tqdm(total=total, initial=batches_done, desc="train SAEs", unit="batch",
+               disable=not (opts.progress and ctx.is_main))
+    finished = opts.max_steps is not None and batches_done >= opts.max_steps
+    it: Iterator[Batch] = iter(source)
+    index = -1
+    try:
+        while not finished:
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            index += 1
+            if index < skip:
+                continue
+            step_idx = batches_done
+            for hook in hooks:
+                x = _pick(batch, hook, step_idx)
+                where = f"batch {step_idx}" + (f" of hook {hook}" if hook else "")
+                if x.dim() != 2:
+                    raise UserError(f"activation {where} has shape {tuple(x.shape)}; give [batch, d] tensors.")
+                hook_cfgs = [c for c in all_cfgs if c.hook == hook]
+                if x.shape[1] != hook_cfgs[0].d_in:
+                    raise UserError(f"activations ({where}) are {x.shape[1]} wide but the SAE config says "
+                                    f"d_in={hook_cfgs[0].d_in}; use a cache of the same model and hook.")
+                _check_finite(x, where)
+                x = x.to(device=device, dtype=torch.float32, non_blocking=True)
+                s1 = torch.cat([x.double().sum(0), x.double().pow(2).sum().reshape(1),
+                                torch.tensor([x.shape[0]], dtype=torch.float64, device=device)])
+                if ctx.data_parallel:
+                    ctx.all_reduce_(s1)
+                n_global = int(s1[-1].item())
+                sumsq = float(s1[-2])
+                if hook not in scales:
+                    scales[hook] = _first_batch_init(x, sumsq, n_global, hook, states, ctx)
+                s = scales[hook]
+                xs = x * s
+                mean = s1[:-2] * s / n_global
+                total_var = (sumsq * s * s - n_global * mean.pow(2).sum()).float()
+                for st in states:
+                    if st.cfg.hook != hook:
+                        continue
+                    figures = st.train_step(xs, (total_var, n_global), ctx, autocast_ctx)
+                    _remember(st, figures)
+                    if run is not None and st.step % max(1, opts.log_every) == 0:
+                        run.log({f"{st.cfg.hook or 'sae'}/{st.cfg.name}/{k}": v for k, v in figures.items()},
+                                step=batches_done + 1)
+            batches_done += 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(batches_done)
+            if states and batches_done % max(1, opts.log_every) == 0:
+                st = states[0]
+                log.info("batch %d: %s fvu %.4f l0 %.1f dead %.3f", batches_done, st.cfg.name,
+                         st.recent.get("fvu", float("nan")), st.recent.get("l0", float("nan")),
+                         st.recent.get("dead_fraction", float("nan")))
+            if opts.checkpoint_every and batches_done % opts.checkpoint_every == 0:
+                save_checkpoint()
+            if opts.max_steps is not None and batches_done >= opts.max_steps:
+                break
+    finally:
+        bar.close()
+        if run is not None:
+            run.finish()
+    if batches_done == 0:
+        raise UserError("there were no activation batches to train on; fill the activation cache first "
+                        "(safesail cache) or pass a non-empty iterable.")
+    save_checkpoint()
+    return [st.export(scales[st.cfg.hook]) for st in states]
+
+
+def _remember(st: SAETrainState, figures: dict[str, float], decay: float = 0.9) -> None:
+    """Exponential moving averages of the training figures (reported in metrics.json as train_*)."""
+    for k, v in figures.items():
+        old = st.recent.get(k)
+        st.recent[k] = v if old is None or k in ("lr", "dead_fraction") else decay * old + (1 - decay) * v
+
+
+@torch.no_grad()
+def _first_batch_init(x: torch.Tensor, sumsq: float, n_global: int, hook: str | None,
+                      states: list[SAETrainState], ctx: DistContext) -> float:
+    """Scale to unit mean squared norm (when asked) and b_dec from the first (global) batch."""
+    if sumsq <= 0:
+        raise UserError(f"the first activation batch{f' of hook {hook}' if hook else ''} is all zeros; "
+                        "check the activation cache.")
+    s = 1.0 / math.sqrt(sumsq / n_global)
+    normalize = [st.cfg.normalize for st in states if st.cfg.hook == hook]
+    if normalize and not all(normalize) and any(normalize):
+        raise UserError(f"SAEs on hook {hook} disagree on `normalize`; use one setting per hook.")
+    if normalize and not normalize[0]:
+        s = 1.0
+    full = ctx.all_gather_cat(x) if ctx.data_parallel else x
+    for st in states:
+        if st.cfg.hook == hook:
+            st.sae.init_b_dec(full * s)
+    return s
+
+
+def _start_wandb(opts: TrainOptions, cfgs: list[SAEConfig], ctx: DistContext):
+    w = opts.wandb or {}
+    mode = str(w.get("mode", "disabled"))
+    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled" or not ctx.is_main:
+        return None
+    try:
+        import wandb
+    except ImportError:  # pragma: no cover
+        log.warning("wandb is not installed; training curves are not logged")
+        return None
+    return wandb.init(project=w.get("project", "safesail"), entity=w.get("entity"), name=w.get("name"),
+                      mode=mode, dir=w.get("dir"), config={"saes": [c.to_dict() for c in cfgs]},
+                      reinit="finish_previous" if hasattr(wandb, "init") else True)
