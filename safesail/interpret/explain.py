@@ -1,0 +1,288 @@
+"""The `explain` stage: an LLM describes what each latent detects.
+
+For every latent collect wrote, the explain-split activating segments are shown
+to the LLM (`prompts/explain.py`), the reply is parsed to one short line and a
+record is appended to `interpret/explanations.jsonl` (format:
+docs/latents-format.md). Failures (server down, timeout, 429, 5xx, empty or
+malformed reply, wrong language, prompt too long even after trimming) are
+recorded per latent with their reason; the run goes on and the summary counts
+them. A re-run skips latents already explained with the same model and prompt
+version, and the response cache means a killed run repeats no LLM call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from safesail.errors import UserError
+from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
+from safesail.interpret.prompts.explain import (PROMPT_VERSION, ExplanationError, build_explain_messages,
+                                                parse_explanation)
+from safesail.rundir import RunDir, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LatentTask:
+    hook: str
+    layer: int
+    latent: int
+    max_act: float
+    segments: list[dict]          # explain-split activating segments, highest peak first
+    too_few: str | None = None    # collect's reason, when it listed the latent as too_few
+
+
+# ---- reading collect's output ----------------------------------------------------------------------
+
+def collected_hooks(rd: RunDir) -> list[str]:
+    root = rd.root / "latents"
+    hooks = []
+    for meta_path in sorted(root.glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            continue
+        if meta.get("complete"):
+            hooks.append(meta["hook"])
+    return hooks
+
+
+def load_tasks(rd: RunDir, hook: str, latents: list[int] | None = None) -> list[LatentTask]:
+    from safetensors.torch import load_file
+
+    folder = rd.latents(hook)
+    meta = json.loads((folder / "meta.json").read_text())
+    stats = load_file(str(folder / "stats.safetensors"))
+    ids = stats["latent_ids"].tolist()
+    max_act = dict(zip(ids, stats["max_act"].tolist()))
+    segs: dict[int, list[dict]] = {}
+    with open(folder / "segments.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["split"] == "explain" and r["kind"] == "activating":
+                segs.setdefault(r["latent"], []).append(r)
+    too_few = {t["latent"]: t["reason"] for t in meta.get("too_few", [])}
+    wanted = ids if latents is None else [j for j in ids if j in set(latents)]
+    if latents is not None and len(wanted) < len(set(latents)):
+        missing = sorted(set(latents) - set(ids))
+        raise UserError(f"latent {missing[0]} was not collected at {hook}; run `safesail collect` with it in "
+                        "collect.latents or fix explain.latents.")
+    tasks = []
+    for j in wanted:
+        ss = sorted(segs.get(j, []), key=lambda r: -max(r["acts"] or [0]))
+        tasks.append(LatentTask(hook, int(meta["layer"]), int(j), float(max_act[j]), ss, too_few.get(j)))
+    return tasks
+
+
+# ---- the explanations file -----------------------------------------------------------------------
+
+def explanations_path(rd: RunDir) -> Path:
+    return rd.interpret / "explanations.jsonl"
+
+
+def read_explanations(path: Path) -> dict[tuple[str, int], dict]:
+    """The last record per (hook, latent); a torn last line (killed writer) is skipped."""
+    out: dict[tuple[str, int], dict] = {}
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            out[(r["hook"], int(r["latent"]))] = r
+    return out
+
+
+class JsonlAppender:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(path, "a", encoding="utf-8")
+        # A killed writer may have left a line without its newline: start on a fresh line.
+        if self._f.tell() > 0:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":
+                    self._f.write("\n")
+
+    def write(self, rec: dict) -> None:
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---- one latent ----------------------------------------------------------------------------------------
+
+def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tokens: int) -> tuple[list[dict], int]:
+    """Messages that fit the context window: fewer segments first, then shorter ones around their peak."""
+    budget = client.context_window - reply_tokens
+    segs = task.segments[:max_segments]
+    n = len(segs)
+    while n > 1 and client.count_message_tokens(build_explain_messages(segs[:n], task.max_act)) > budget:
+        n -= 1
+    segs = segs[:n]
+    msgs = build_explain_messages(segs, task.max_act)
+    width = max((len(s["tokens"]) for s in segs), default=0)
+    while client.count_message_tokens(msgs) > budget and width > 1:
+        width //= 2
+        segs = [_around_peak(s, width) for s in segs]
+        msgs = build_explain_messages(segs, task.max_act)
+    if client.count_message_tokens(msgs) > budget:
+        raise LLMError("context_overflow", f"even one segment does not fit the context window of "
+                                           f"{client.context_window} tokens")
+    return msgs, n
+
+
+def _around_peak(seg: dict, width: int) -> dict:
+    acts = seg["acts"]
+    peak = max(range(len(acts)), key=lambda i: acts[i]) if acts else 0
+    a = max(0, min(peak - width // 2, len(acts) - width))
+    return {**seg, "tokens": seg["tokens"][a:a + width], "acts": acts[a:a + width]}
+
+
+async def explain_latent(client: LLMClient, task: LatentTask, ecfg: DictConfig) -> dict:
+    t0 = time.monotonic()
+    rec = {"hook": task.hook, "layer": task.layer, "latent": task.latent, "status": "failed", "explanation": None,
+           "error": None, "reason": None, "model": client.model_name, "prompt_version": PROMPT_VERSION,
+           "raw": None, "prompt_tokens": 0, "segments": 0, "cached": False}
+    try:
+        if not task.segments:
+            raise ExplanationError("too_few_examples", task.too_few or "no activating segment in the explain split")
+        msgs, n = fit_prompt(client, task, int(ecfg.get("max_segments", 10)), int(ecfg.get("max_tokens", 48)))
+        rec["segments"] = n
+        comp = await client.chat(ChatRequest(messages=msgs, max_tokens=int(ecfg.get("max_tokens", 48)),
+                                             temperature=float(ecfg.get("temperature", 0.0))))
+        rec.update(raw=comp.text, prompt_tokens=comp.prompt_tokens, cached=comp.cached,
+                   model=client.model_name or comp.model)
+        rec["explanation"] = parse_explanation(comp.text, int(ecfg.get("max_chars", 200)), ecfg.get("language"))
+        rec["status"] = "ok"
+    except (LLMError, ExplanationError) as e:
+        rec["reason"], rec["error"] = e.reason, str(e)[:500]
+    except Exception as e:  # noqa: BLE001 - one latent's bug must not stop the run
+        log.exception("explaining latent %d at %s failed", task.latent, task.hook)
+        rec["reason"], rec["error"] = "other", f"{type(e).__name__}: {e}"[:500]
+    rec["elapsed_s"] = round(time.monotonic() - t0, 3)
+    rec["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return rec
+
+
+async def explain_all(client: LLMClient, tasks: list[LatentTask], ecfg: DictConfig, out: JsonlAppender) -> Counter:
+    """Explain every task with at most explain.concurrency in flight; returns counts by outcome."""
+    sem = asyncio.Semaphore(max(1, int(ecfg.get("concurrency", 4))))
+    counts: Counter = Counter()
+    limit = int(ecfg.get("max_unreachable", 3))
+    down = {"streak": 0}
+
+    async def one(task: LatentTask) -> dict:
+        async with sem:
+            if limit and down["streak"] >= limit:
+                # The server failed this many latents in a row even after retries: record, do not wait.
+                rec = await explain_latent(client, LatentTask(task.hook, task.layer, task.latent, task.max_act, []),
+                                           ecfg)
+                rec["reason"] = "connection"
+                rec["error"] = f"connection: not tried, the LLM server was unreachable for {limit} latents in a row"
+                return rec
+            rec = await explain_latent(client, task, ecfg)
+            down["streak"] = down["streak"] + 1 if rec["reason"] in ("connection", "timeout") else 0
+            return rec
+
+    futures = [asyncio.ensure_future(one(t)) for t in tasks]
+    try:
+        for fut in tqdm(asyncio.as_completed(futures), total=len(futures), desc="explain", unit="latent"):
+            rec = await fut
+            out.write(rec)
+            counts["ok" if rec["status"] == "ok" else f"failed:{rec['reason']}"] += 1
+    finally:
+        for f in futures:
+            f.cancel()
+    return counts
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+def run_explain_stage(cfg: DictConfig, args: list[str]) -> None:
+    from safesail.interpret.clients import make_client
+
+    if args:
+        raise UserError(f"`safesail explain` takes no arguments (got {' '.join(args)}); pass settings as "
+                        "explain.key=value.")
+    rd = RunDir.from_cfg(cfg)
+    ecfg = cfg.explain
+    hooks = collected_hooks(rd)
+    if not hooks:
+        raise UserError(f"{rd.root / 'latents'} holds no collected latents; run `safesail collect` first.")
+    if ecfg.get("hooks"):
+        unknown = [h for h in ecfg.hooks if h not in hooks]
+        if unknown:
+            raise UserError(f"collect has no latents for the hook {unknown[0]}; choose among {', '.join(hooks)} "
+                            "in explain.hooks.")
+        hooks = [str(h) for h in ecfg.hooks]
+    spec = ecfg.get("latents", "all")
+    latents = None if spec in (None, "all") else [int(x) for x in spec]
+    collect_fps = {h: json.loads((rd.latents(h) / "meta.json").read_text()).get("fingerprint") for h in hooks}
+    fp = fingerprint({"prompt": PROMPT_VERSION, "llm": OmegaConf.to_container(cfg.llm, resolve=True),
+                      "explain": OmegaConf.to_container(ecfg, resolve=True), "collect": collect_fps})
+    if rd.stage_done("explain", fp):
+        log.info("explain: already done for these settings (%s); nothing to do", explanations_path(rd))
+        return
+    tasks = [t for h in hooks for t in load_tasks(rd, h, latents)]
+    client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
+                         device=cfg.get("device", "auto"))
+    summary = asyncio.run(_explain_run(client, tasks, ecfg, explanations_path(rd)))
+    failed = {k: v for k, v in summary.items() if k.startswith("failed:") and k != "failed:too_few_examples"}
+    status = "done" if not failed else "partial"
+    rd.mark_stage("explain", fp, status=status, **summary)
+    msg = ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) or "nothing to do"
+    log.info("explain: %s (%s)", msg, explanations_path(rd))
+    if failed:
+        log.warning("explain: %d latents failed (%s); run `safesail explain` again to retry them",
+                    sum(failed.values()), ", ".join(f"{k[7:]} {v}" for k, v in failed.items()))
+
+
+async def _explain_run(client: LLMClient, tasks: list[LatentTask], ecfg: DictConfig, path: Path) -> dict:
+    try:
+        try:
+            await client.ensure_ready()
+        except LLMError as e:
+            log.warning("the LLM is not reachable (%s); every latent will be recorded as failed", e)
+        existing = read_explanations(path)
+        todo = [t for t in tasks if not _already(existing.get((t.hook, t.latent)), t, client.model_name)]
+        skipped = len(tasks) - len(todo)
+        if skipped:
+            log.info("explain: %d latents already explained with %s / %s; %d to go", skipped, client.model_name,
+                     PROMPT_VERSION, len(todo))
+        out = JsonlAppender(path)
+        try:
+            counts = await explain_all(client, todo, ecfg, out)
+        finally:
+            out.close()
+        counts["skipped"] = skipped
+        return dict(counts)
+    finally:
+        await client.aclose()
+
+
+def _already(rec: dict | None, task: LatentTask, model: str) -> bool:
+    """Explained with this model and prompt, or recorded as lacking examples (and still lacking them)."""
+    if not rec or rec.get("prompt_version") != PROMPT_VERSION:
+        return False
+    if rec.get("status") == "ok":
+        return rec.get("model") == model
+    return rec.get("reason") == "too_few_examples" and not task.segments
