@@ -1,6 +1,11 @@
 """Helpers for the select tests: synthetic pairs on words the tiny model's tokenizer keeps whole,
 and synthetic SAEs (same `.cfg` / `.encode` interface as safesail.train.saes) with latents
-wired to those words."""
+wired to those words.
+
+The tiny model's tokenizer is trained on the bundled corpus, so its vocabulary changes with
+the corpus: `choose_words` picks, from the current vocabulary, whole-word tokens whose layer-0
+activation a single linear latent can pick out, and uses them as the "concept" words.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,56 @@ from safesail.train.pairs import Pair
 TEMPLATES = ["Why did the report mention the {}?", "Tell me about the {} in the story.",
              "Is the {} common in this town?", "What does the word {} mean?",
              "My friend asked about the {} yesterday.", "Where did you read about the {}?"]
-# domain -> (concept word, neutral word); each concept word is one token of the tiny tokenizer.
-WORDS = {"politics": ("French", "plain"), "pornography": ("bread", "paper"),
-         "violence": ("dog", "cup"), "terror": ("fox", "cat")}
+DOMAIN_ORDER = ("politics", "pornography", "violence", "terror")
+_CHOSEN: dict[int, dict[str, tuple[str, str]]] = {}
 
 
-def synthetic_pairs() -> list[Pair]:
+def _whole_word_tokens(tok) -> list[str]:
+    template_ids = set()
+    for t in TEMPLATES:
+        template_ids |= set(tok(t.format(""), add_special_tokens=False)["input_ids"])
     out = []
-    for d, (c, n) in WORDS.items():
+    for t in sorted(tok.get_vocab()):
+        w = t[1:]
+        if t.startswith("\u0120") and w.isascii() and w.isalpha() and w.islower() and len(w) >= 3 \
+                and tok.tokenize(" " + w) == [t] and tok.convert_tokens_to_ids(t) not in template_ids:
+            out.append(w)
+    return out
+
+
+def choose_words(lm) -> dict[str, tuple[str, str]]:
+    """domain -> (concept word, neutral word), picked once per tokenizer from its vocabulary."""
+    key = id(lm)
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    from safesail.hooks import HookPoint
+    from safesail.train.pair_activations import capture_pair_activations
+
+    tok = lm.tokenizer
+    cands = _whole_word_tokens(tok)[:24]
+    assert len(cands) >= 8, f"the tiny tokenizer has too few whole-word tokens: {cands}"
+    probe = [Pair(f"w{i}-{j}", "politics", w, "en", t.format(w), t.format(cands[(i + 1) % len(cands)]))
+             for i, w in enumerate(cands) for j, t in enumerate(TEMPLATES)]
+    pa = capture_pair_activations(lm, probe, [HookPoint(0)], "You are a helpful assistant.")
+    acts = pa.acts["layers.0.mlp_out"]
+    center = acts.mean(0)
+    margins = {}
+    for w in cands:
+        at = pa.token_ids == tok.convert_tokens_to_ids("\u0120" + w)
+        u = acts[at].mean(0) - center
+        p = (acts - center) @ (u / u.norm())
+        margins[w] = float(p[at].min() - p[~at].max())
+    ranked = sorted(cands, key=lambda w: -margins[w])
+    concepts, rest = ranked[:4], ranked[4:]
+    assert margins[concepts[-1]] > 0, f"no 4 separable whole-word tokens: {margins}"
+    neutrals = rest[-4:]
+    _CHOSEN[key] = {d: (c, n) for d, c, n in zip(DOMAIN_ORDER, concepts, neutrals)}
+    return _CHOSEN[key]
+
+
+def synthetic_pairs(words: dict[str, tuple[str, str]]) -> list[Pair]:
+    out = []
+    for d, (c, n) in words.items():
         for i, t in enumerate(TEMPLATES):
             out.append(Pair(f"{d}-{i}", d, c, "en", t.format(c), t.format(n)))
     return out
@@ -87,3 +134,19 @@ def wired_sae(acts: torch.Tensor, token_ids: torch.Tensor, wires: dict[int, int]
         W[j] = u
         b[j] = -(lo + hi) / 2
     return sae
+
+
+def save_as_sae_folder(synth: SyntheticSAE, folder: Path, metrics: dict | None = None, l1_coef: float = 0.05) -> Path:
+    """Write a synthetic SAE as a real ReLU SAE folder (cfg.json + sae.safetensors + metrics.json)."""
+    from safesail.train.saes import SAEConfig, build_sae, save_sae
+
+    cfg = SAEConfig(arch="relu", d_in=synth.cfg.d_in, n_latents=synth.cfg.n_latents, l1_coef=l1_coef,
+                    hook=synth.cfg.hook, model=synth.cfg.model)
+    sae = build_sae(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(synth.W)
+        sae.b_enc.copy_(synth.b)
+        sae.b_dec.copy_(synth.center)
+        sae.W_dec.copy_(synth.W)
+    return save_sae(sae, folder, metrics if metrics is not None else
+                    {"fvu": 0.2, "l0": 10.0, "dead_fraction": 0.0, "ce_loss_recovered": 0.9})

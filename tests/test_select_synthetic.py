@@ -8,7 +8,7 @@ from safesail.hooks import HookPoint
 from safesail.train import contrastive as C
 from safesail.train.pair_activations import capture_pair_activations
 from safesail.train.select_stage import SelectSettings, choose, evaluate_sae
-from tests.select_helpers import WORDS, random_sae, synthetic_pairs, wired_sae
+from tests.select_helpers import choose_words, random_sae, synthetic_pairs, wired_sae
 
 HOOK = "layers.0.mlp_out"
 WIRED = {"politics": 11, "pornography": 22, "violence": 33, "terror": 44}   # latent index per domain
@@ -16,7 +16,7 @@ WIRED = {"politics": 11, "pornography": 22, "violence": 33, "terror": 44}   # la
 
 @pytest.fixture(scope="module")
 def pair_acts(tiny_model):
-    pairs = synthetic_pairs()
+    pairs = synthetic_pairs(choose_words(tiny_model))
     pa = capture_pair_activations(tiny_model, pairs, [HookPoint(0)], "You are a helpful assistant.", batch_size=8)
     return pairs, pa
 
@@ -31,7 +31,7 @@ def test_kept_tokens_leave_out_specials_and_the_shared_prefix(tiny_model, pair_a
     assert pa.n_queries == 2 * len(pairs)
     assert not set(pa.token_ids.tolist()) & set(tok.all_special_ids)
     # every query keeps its own words: the concept token occurs in the concept queries only
-    for d, (c, _) in WORDS.items():
+    for d, (c, _) in choose_words(tiny_model).items():
         rows = pa.query_index[pa.token_ids == _tid(tok, c)]
         assert rows.numel() == 6 and bool((rows % 2 == 0).all())
     # the system prompt's tokens are shared by all queries and are not kept
@@ -48,7 +48,7 @@ def test_wired_latent_ranks_first_and_wired_sae_wins(tiny_model, pair_acts):
     pairs, pa = pair_acts
     tok = tiny_model.tokenizer
     acts = pa.acts[HOOK]
-    wires = {WIRED[d]: _tid(tok, c) for d, (c, _) in WORDS.items()}
+    wires = {WIRED[d]: _tid(tok, c) for d, (c, _) in choose_words(tiny_model).items()}
     good = wired_sae(acts, pa.token_ids, wires, 256, HOOK, "tiny", seed=1)
     rand = random_sae(acts.shape[1], 256, HOOK, "tiny", seed=2, center=acts.mean(0))
     settings = SelectSettings()
