@@ -45,7 +45,7 @@ def make_ckpt(d_in: int, seed: int) -> dict:
 
 
 def write_safesail_release(lm, layers: list[int], out: Path) -> dict:
-    """Write the files; returns {'layers', 'n_latents', 'k', 'db': {key: entry}}."""
+    """Write the files; returns {'layers', 'n_latents', 'k', 'num_tokens', 'db': {key: entry}}."""
     out.mkdir(parents=True, exist_ok=True)
     ids = [encode_chat(lm.tokenizer, t, "You are a helpful assistant.") for t in TEXTS]
     points = [HookPoint(L) for L in layers]
@@ -77,4 +77,60 @@ def write_safesail_release(lm, layers: list[int], out: Path) -> dict:
                 db[f"{L}_{i}"] = {"explanation": f"Layer {L} latent {i}: punctuation and numbers",
                                   "correlation_score": 0.25, "tag_list": []}
     (out / "en_db.json").write_text(json.dumps(db, ensure_ascii=False, indent=1), encoding="utf-8")
-    return {"layers": layers, "n_latents": N_LATENTS, "k": K, "db": db}
+    num_tokens = sum(len(seq) for seq in ids)
+    return {"layers": layers, "n_latents": N_LATENTS, "k": K, "num_tokens": num_tokens, "db": db}
+
+
+def build_tiny_db(lm, layers: list[int], folder: Path) -> Path:
+    """Release files for the tiny model imported into a real neuron DB (`folder/neurons.sqlite`)."""
+    from safesail.neurondb import import_safesail as imp
+
+    rel_dir = folder / "release"
+    info = write_safesail_release(lm, layers, rel_dir)
+    found = imp.find_release_files(rel_dir)
+    rel = imp.read_release(found["en_db"], found["indices"], found["quantile"], found["ckpt"])
+    path = folder / "neurons.sqlite"
+    imp.import_release(path, rel, model=lm.name, num_tokens=info["num_tokens"], sae_k=info["k"])
+    return path
+
+
+def make_engine(lm, db_path: Path, **settings):
+    """A DiagnoseEngine on an already loaded model and a neuron DB file."""
+    from safesail.diagnose.bindings import bind_saes
+    from safesail.diagnose.engine import DiagnoseEngine, EngineSettings
+    from safesail.neurondb import NeuronDB
+
+    db = NeuronDB.open(db_path, readonly=True)
+    saes = bind_saes(db, db_path, lm.device, lm.hidden_size, lm.num_layers)
+    return DiagnoseEngine(lm, db, saes, EngineSettings(**{"max_new_tokens": 8, **settings}), db_path=str(db_path))
+
+
+class LiveServer:
+    """uvicorn serving an app on a free 127.0.0.1 port in a background thread."""
+
+    def __init__(self, app):
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("uvicorn did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -71,4 +71,5 @@ def compare_annotated(per_lang: dict[str, Annotated], scope: str, filters: Filte
         out.append(CompareGroup(domain=d, layer=layer, shared=sorted(g["shared"], key=strength),
                                 unique={lang: sorted(g["unique"].get(lang, []), key=strength) for lang in langs},
                                 partial=sorted(g["partial"], key=strength)))
+    summary = {d: summary[d] for d in sorted(summary, key=lambda d: order[d])}
     return out, summary

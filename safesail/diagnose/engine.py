@@ -75,6 +75,11 @@ def _keep(info: dict, filters: Filters) -> bool:
     return True
 
 
+def _interpreted(row: dict) -> bool:
+    """A database row that says something (Safe-SAIL's indices also list latents its DB has no entry for)."""
+    return row.get("explanation") is not None or row.get("score") is not None or bool(row.get("tags"))
+
+
 def _safety_domain(tags) -> str | None:
     for t in tags or ():
         if t in DOMAINS:
@@ -219,7 +224,7 @@ class DiagnoseEngine:
             rows = self.db.lookup(b.hook.name, idx)
             for c, i in zip(cols.tolist(), idx):
                 row = rows.get(i)
-                if row is not None:
+                if row is not None and _interpreted(row):
                     info[c] = row
         timings.lookup_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - t_start

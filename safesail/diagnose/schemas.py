@@ -174,6 +174,7 @@ class LatentResponse(_Model):
     density: Optional[float] = None
     quantiles: dict[str, float] = Field(default_factory=dict)
     histogram: Optional[HistogramOut] = None
+    histogram_source: Optional[str] = Field(default=None, description="'all tokens' or 'top activations' (imported release)")
     examples: list[ExampleOut] = Field(default_factory=list)
     score_details: Optional[dict] = None
     tag_evidence: Optional[dict] = None

@@ -24,16 +24,28 @@ def _example(seg) -> ExampleOut:
 
 def to_latent_response(row: dict, hook: str, layer: int, index: int) -> LatentResponse:
     hist = row.get("histogram")
-    quant = row.get("quantiles") or {}
-    if not isinstance(quant, dict):
-        quant = {}
+    hist_source = "all tokens" if hist else None
+    if not hist and row.get("top_acts"):
+        import numpy as np
+
+        counts, edges = np.histogram(np.asarray(row["top_acts"], dtype=np.float64), bins=20)
+        hist = {"counts": counts.tolist(), "edges": edges.tolist()}
+        hist_source = "top activations"
+    quant = dict(row.get("quantiles") or {}) if isinstance(row.get("quantiles"), dict) else {}
+    if row.get("quantile_999") is not None:
+        quant["0.999"] = row["quantile_999"]
+    if row.get("max_act") is not None:
+        quant["max"] = row["max_act"]
     evidence = row.get("tag_evidence")
+    if evidence is None and isinstance(row.get("tag_details"), dict):
+        evidence = row["tag_details"]
     details = row.get("score_details")
     return LatentResponse(
         neuron_id=f"{layer}_{index}", hook=hook, layer=layer, index=index, explanation=row.get("explanation"),
         score=row.get("score"), tags=list(row.get("tags") or []), density=row.get("density"),
         quantiles={str(k): float(v) for k, v in quant.items() if v is not None},
         histogram=HistogramOut(counts=list(hist["counts"]), edges=list(hist["edges"])) if hist else None,
+        histogram_source=hist_source,
         examples=[_example(s) for s in (row.get("examples") or row.get("segments") or [])],
         score_details=details if isinstance(details, dict) or details is None else {"value": details},
         tag_evidence=evidence if isinstance(evidence, dict) or evidence is None else {"value": evidence})

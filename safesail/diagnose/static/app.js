@@ -1,5 +1,5 @@
 // Safe-SAIL diagnose page. Every piece of data is put on the page with textContent
-// (never innerHTML), so queries, tokens, explanations and examples render as text.
+// (never as HTML markup), so queries, tokens, explanations and examples render as text.
 "use strict";
 
 const DOMAINS = ["politics", "pornography", "violence", "terror"];
@@ -290,7 +290,10 @@ async function showLatent(layer, index) {
     dl.appendChild(el("dt", { text: "tags" }));
     dl.appendChild(el("dd", {}, ...(l.tags.length ? l.tags.map((t) => el("span", { class: "tag d-" + t, text: t }))
                                                   : [el("span", { class: "muted", text: "general" })])));
-    if (l.histogram) $("latent-hist").appendChild(histogram(l.histogram));
+    if (l.histogram) {
+      $("latent-hist").appendChild(histogram(l.histogram));
+      $("latent-hist").appendChild(el("p", { class: "muted small", text: `over ${l.histogram_source || "all tokens"}, log-scaled counts` }));
+    }
     else $("latent-hist").appendChild(el("p", { class: "muted", text: "No histogram in the database." }));
     if (l.examples.length) l.examples.forEach((ex) => $("latent-examples").appendChild(example(ex)));
     else $("latent-examples").appendChild(el("p", { class: "muted", text: "No example segments in the database." }));
