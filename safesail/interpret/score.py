@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from safesail.errors import UserError
 from safesail.interpret.score_inputs import (WindowLookup, append_jsonl, explanation_key, last_per_latent,
-                                             load_explanations, load_score_segments)
+                                             load_explanations, load_score_segments, open_append)
 from safesail.interpret.scoring import SegmentSim, score_segments
 from safesail.interpret.simulate import Simulator
 from safesail.rundir import RunDir, fingerprint
@@ -197,7 +197,7 @@ async def _score_todo(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict
     log.info("score: %d explained latents, %d already scored, %d to do", len(keys), len(keys) - len(todo), len(todo))
     sem = asyncio.Semaphore(max(1, sc["concurrency"]))
     rd.interpret.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="score", unit="latent") as bar:
+    with open_append(out_path) as f, tqdm(total=len(todo), desc="score", unit="latent") as bar:
         async def one(key):
             hook, latent = key
             expl = expls[key]

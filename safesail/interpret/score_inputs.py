@@ -48,6 +48,20 @@ def last_per_latent(path: Path) -> dict[tuple[str, int], dict]:
     return out
 
 
+def open_append(path: Path):
+    """Open an append-only JSONL file, first ending a torn last line (a run killed mid-write)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, 2)
+            torn = f.read(1) != b"\n"
+        if torn:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n")
+    return open(path, "a", encoding="utf-8")
+
+
 def append_jsonl(f, rec: dict) -> None:
     """Append one record to an open file and flush it (a crash loses at most this line)."""
     f.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret.prompts import tag as prompts
-from safesail.interpret.score_inputs import append_jsonl, explanation_key, last_per_latent, load_explanations
+from safesail.interpret.score_inputs import (append_jsonl, explanation_key, last_per_latent, load_explanations,
+                                             open_append)
 from safesail.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, ke
     sem = asyncio.Semaphore(max(1, s["concurrency"]))
     rd.interpret.mkdir(parents=True, exist_ok=True)
     try:
-        with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="tag", unit="latent") as bar:
+        with open_append(out_path) as f, tqdm(total=len(todo), desc="tag", unit="latent") as bar:
             async def one(key):
                 hook, latent = key
                 expl = expls[key]

@@ -1,0 +1,142 @@
+"""`safesail score` and `safesail tag` end to end on a hand-made run directory, with the real
+local transformers back end on the tiny model (logprobs mode and JSON mode)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from omegaconf import OmegaConf
+
+from safesail.errors import UserError
+from safesail.interpret.score import run_score_stage
+from safesail.interpret.simulate import FAILURE_CODES
+from safesail.interpret.tag import run_tag_stage
+from safesail.rundir import RunDir
+
+HOOK = "layers.1.mlp_out"
+
+
+def _cfg(smoke_cfg, *overrides):
+    cfg = smoke_cfg(*overrides)
+    cfg.llm = OmegaConf.merge(cfg.llm, {"name": "tiny", "context_window": 512, "batch_size": 4})
+    cfg.llm.model = cfg.model  # the tiny random model is the simulator
+    return cfg
+
+
+def _write_run(cfg, tokenizer):
+    rd = RunDir.from_cfg(cfg)
+    seg_dir = rd.latents(HOOK)
+    seg_dir.mkdir(parents=True)
+    texts = ["The cat sat on the mat.", "Bombs and guns were found.", "A quiet morning in May."]
+    lines = []
+    for lat in (3, 4):
+        for i, t in enumerate(texts):
+            ids = tokenizer(t, add_special_tokens=False)["input_ids"][:6]
+            toks = [tokenizer.decode([x]) for x in ids]
+            acts = [0.0] * len(ids) if i == 2 else [float((j * (lat + i)) % 3) for j in range(len(ids))]
+            for split in ("explain", "score"):
+                lines.append({"hook": HOOK, "latent": lat, "segment_id": len(lines), "split": split,
+                              "kind": "random" if i == 2 else "activating", "level": None, "doc_id": i,
+                              "start": 0, "token_ids": ids, "tokens": toks, "acts": acts})
+    (seg_dir / "segments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    expls = [{"hook": HOOK, "layer": 1, "latent": 3, "status": "ok", "explanation": "weapons", "error": None},
+             {"hook": HOOK, "layer": 1, "latent": 4, "status": "ok", "explanation": "cats", "error": None},
+             {"hook": HOOK, "layer": 1, "latent": 8, "status": "failed", "explanation": None,
+              "error": "unparsable: empty reply"}]
+    rd.interpret.mkdir(parents=True)
+    (rd.interpret / "explanations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in expls))
+    return rd
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_score_and_tag_stages_on_the_tiny_model(smoke_cfg, tiny_model):
+    cfg = _cfg(smoke_cfg)
+    rd = _write_run(cfg, tiny_model.tokenizer)
+    run_score_stage(cfg, [])
+    recs = {r["latent"]: r for r in _records(rd.interpret / "scores.jsonl")}
+    assert set(recs) == {3, 4, 8}
+    assert recs[8]["status"] == "failed" and recs[8]["failure"].startswith("no_explanation")
+    for lat in (3, 4):
+        r = recs[lat]
+        assert r["mode"] == "logprobs" and r["granularity"] == "segment" and r["simulator"] == "tiny"
+        assert r["llm_calls"] == 3 and r["prompt_tokens"] > 0 and r["n_tokens"] > 0
+        assert len(r["segments"]) == 3
+        # a real number or a named failure, never a disguised 0/NaN
+        if r["status"] == "ok":
+            assert -1.0 <= r["score"] <= 1.0 and r["failure"] is None
+            assert all(0 <= p <= r["scale_max"] for s in r["segments"] for p in s["pred"])
+        else:
+            assert r["score"] is None and r["failure"].split(":")[0] in {"constant_prediction", "segments_failed"}
+    summary = RunDir(rd.root).stage_record("score")["summary"]
+    assert summary["latents"] == 3 and summary["failures"].get("no_explanation") == 1
+
+    # Re-running a finished stage does nothing; after a "kill" (stage record and last line lost)
+    # it redoes only the lost latent, from the response cache: no new rows in the cache.
+    n_lines = len(_records(rd.interpret / "scores.jsonl"))
+    run_score_stage(cfg, [])
+    assert len(_records(rd.interpret / "scores.jsonl")) == n_lines
+    db = sqlite3.connect(rd.interpret / "llm_cache.sqlite")
+    n_cached = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+    (rd.stages / "score.json").unlink()
+    lines = (rd.interpret / "scores.jsonl").read_text().splitlines()
+    lost = json.loads(lines[-1])
+    (rd.interpret / "scores.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # torn line
+    run_score_stage(cfg, [])
+    redo = _records_tolerant(rd.interpret / "scores.jsonl")[-1]
+    assert redo["latent"] == lost["latent"] and redo["score"] == lost["score"]
+    if redo["llm_calls"]:
+        assert redo["cached_calls"] == redo["llm_calls"]
+    assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == n_cached
+
+    # Tags: no select stage here, so LLM evidence only, recorded as such.
+    run_tag_stage(cfg, [])
+    tags = {r["latent"]: r for r in _records(rd.interpret / "tags.jsonl")}
+    assert set(tags) == {3, 4, 8}
+    assert all(t["evidence"]["pairs"] is None for t in tags.values())
+    assert tags[8]["evidence"]["llm"]["status"] == "no_explanation"
+    for lat in (3, 4):
+        llm = tags[lat]["evidence"]["llm"]
+        assert llm["status"] in {"ok", "unparsable", "llm_error"}
+        assert set(tags[lat]["tags"]) <= {"politics", "pornography", "violence", "terror"}
+        assert "no pair statistics" in tags[lat]["basis"]
+
+
+def _records_tolerant(path):
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def test_json_mode_records_each_failure(smoke_cfg, tiny_model):
+    cfg = _cfg(smoke_cfg, "score.mode=json", "score.max_latents=1")
+    cfg.llm.context_window = 2048  # the JSON prompt is long in the tiny model's small vocabulary
+    rd = _write_run(cfg, tiny_model.tokenizer)
+    run_score_stage(cfg, [])
+    (r,) = _records(rd.interpret / "scores.jsonl")
+    assert r["mode"] == "json" and r["scale_max"] == 10 and r["llm_calls"] == 3
+    # a random-weight model cannot write the JSON: every segment says why, the latent fails honestly
+    if r["status"] == "failed":
+        assert r["score"] is None and r["failure"].startswith("segments_failed")
+        failed = [s for s in r["segments"] if s["pred"] is None]
+        assert failed and all(s["failure"].split(":")[0] in FAILURE_CODES for s in failed)
+
+
+def test_bad_settings_are_user_errors(smoke_cfg, tiny_model):
+    cfg = _cfg(smoke_cfg, "score.granularity=document")
+    _write_run(cfg, tiny_model.tokenizer)
+    with pytest.raises(UserError):
+        run_score_stage(cfg, [])
+    with pytest.raises(UserError):
+        run_score_stage(_cfg(smoke_cfg), ["--fast"])
+    empty = _cfg(smoke_cfg, "run.name=empty")
+    with pytest.raises(UserError, match="safesail explain"):
+        run_score_stage(empty, [])
