@@ -65,6 +65,9 @@ class NeuronDB:
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.RLock()
+        # lookup cache: hook -> {idx: row}, valid while PRAGMA data_version is unchanged
+        self._cache: dict[str, dict[int, tuple]] = {}
+        self._cache_version: int | None = None
 
     # ---- opening -------------------------------------------------------------
     @classmethod
@@ -154,6 +157,7 @@ class NeuronDB:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
+            self._cache.clear()
 
     # ---- small helpers -------------------------------------------------------
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -197,14 +201,44 @@ class NeuronDB:
         q = torch.tensor([r[1] for r in rows], dtype=torch.float32)
         return ids, q
 
-    _LOOKUP = ("SELECT l.idx, l.layer, e.text, s.value, t.tag_list FROM latents l "
-               "LEFT JOIN explanations e ON e.latent_id = l.id "
-               "LEFT JOIN scores s ON s.latent_id = l.id "
-               "LEFT JOIN tag_records t ON t.latent_id = l.id "
-               "WHERE l.hook = ? AND l.idx IN (SELECT value FROM json_each(?))")
+    _LOOKUP_HOOK = ("SELECT l.idx, l.layer, e.text, s.value, t.tag_list FROM latents l "
+                    "LEFT JOIN explanations e ON e.latent_id = l.id "
+                    "LEFT JOIN scores s ON s.latent_id = l.id "
+                    "LEFT JOIN tag_records t ON t.latent_id = l.id WHERE l.hook = ?")
+
+    def _hook_rows(self, hook: str) -> dict[int, tuple]:
+        """All lookup rows of a hook, cached until another connection commits (PRAGMA data_version)."""
+        version = self._all("PRAGMA data_version")[0][0]
+        if version != self._cache_version:
+            self._cache.clear()
+            self._cache_version = version
+        rows = self._cache.get(hook)
+        if rows is None:
+            rows = {r[0]: (r[1], r[2], r[3], tuple(json.loads(r[4])) if r[4] else ())
+                    for r in self._all(self._LOOKUP_HOOK, (hook,))}
+            self._cache[hook] = rows
+        return rows
 
     def lookup(self, hook: str, latent_ids: Sequence[int]) -> dict[int, dict]:
-        """Explanation, score and tags of the given latents of `hook` that the DB holds (one query)."""
+        """Explanation, score and tags of the given latents of `hook` that the DB holds.
+
+        The hot path of diagnose: the hook's rows are read once into memory and served from
+        there until the file changes (a rebuild committed by another process).
+        """
+        with self._lock:
+            rows = self._hook_rows(hook)
+        out: dict[int, dict] = {}
+        for i in latent_ids:
+            r = rows.get(int(i))
+            if r is not None:
+                out[int(i)] = {"hook": hook, "layer": r[0], "index": int(i), "explanation": r[1], "score": r[2],
+                               "tags": list(r[3])}
+        return out
+
+    _LOOKUP = _LOOKUP_HOOK + " AND l.idx IN (SELECT value FROM json_each(?))"
+
+    def lookup_uncached(self, hook: str, latent_ids: Sequence[int]) -> dict[int, dict]:
+        """`lookup` with one SQL query per call and no cache (benchmark baseline, one-off callers)."""
         ids = json.dumps([int(i) for i in latent_ids])
         out: dict[int, dict] = {}
         for idx, layer, text, value, tag_list in self._all(self._LOOKUP, (hook, ids)):
