@@ -15,7 +15,7 @@ from safesail.train.saes.base import SAE, TrainCodes
 
 class BatchTopKSAE(SAE):
     arch = "batchtopk"
-    threshold_momentum = 0.99
+    threshold_momentum = 0.9   # EMA of the smallest kept activation (about the last 10 batches)
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device, dtype)

@@ -1,0 +1,122 @@
+"""Evaluate SAEs on held-out data: reconstruction figures and the language-model cost of splicing.
+
+- `evaluate_reconstruction(saes, batches)`: FVU (sum of squared errors over the total
+  variance of the held-out activations), L0 (mean active latents per token) and the dead
+  fraction (latents that never fire on the held-out tokens).
+- `evaluate_ce(model, hook, saes, windows)`: next-token cross-entropy of the model clean, with
+  the hook's output replaced by each SAE's reconstruction (spliced), and zero-ablated;
+  `ce_loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)` and the mean KL
+  divergence KL(clean || spliced) per token. Special (chat-template) tokens keep their
+  original activation, since the SAEs never saw them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from safesail.hooks import HookPoint, special_token_mask, splice
+from safesail.train.saes import SAE
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(saes: Sequence[SAE], batches: Iterable[torch.Tensor],
+                            device: str | torch.device = "cpu", max_tokens: int | None = None) -> list[dict]:
+    """FVU, L0 and dead fraction of each SAE on the same held-out activation batches (raw units)."""
+    device = torch.device(device)
+    sse = [0.0] * len(saes)
+    l0 = [0.0] * len(saes)
+    fired = [torch.zeros(s.cfg.n_latents, dtype=torch.bool, device=device) for s in saes]
+    n, sum_x, sumsq = 0, None, 0.0
+    for x in batches:
+        if max_tokens is not None and n >= max_tokens:
+            break
+        x = x.to(device=device, dtype=torch.float32)
+        if max_tokens is not None:
+            x = x[: max_tokens - n]
+        n += x.shape[0]
+        xd = x.double()
+        sum_x = xd.sum(0) if sum_x is None else sum_x + xd.sum(0)
+        sumsq += float(xd.pow(2).sum())
+        for i, sae in enumerate(saes):
+            z = sae.encode(x)
+            r = sae.decode(z)
+            sse[i] += float((x - r).double().pow(2).sum())
+            active = z > 0
+            l0[i] += float(active.sum())
+            fired[i] |= active.any(0)
+    if n == 0:
+        return [{"fvu": math.nan, "l0": math.nan, "dead_fraction": math.nan, "eval_tokens": 0} for _ in saes]
+    total_var = sumsq - float(sum_x.pow(2).sum()) / n
+    return [{"fvu": sse[i] / total_var if total_var > 0 else math.nan, "l0": l0[i] / n,
+             "dead_fraction": float((~fired[i]).float().mean()), "eval_tokens": n} for i in range(len(saes))]
+
+
+def _ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    lp = logits[:, :-1].float()
+    tgt = ids[:, 1:]
+    return float(F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), reduction="sum")), tgt.numel()
+
+
+@torch.no_grad()
+def evaluate_ce(model, tokenizer, hook: str, saes: Sequence[SAE], windows: Iterable[torch.Tensor],
+                batch_size: int = 4, max_tokens: int | None = None, progress: bool = True) -> list[dict]:
+    """CE loss clean / spliced / zero-ablated, CE recovered and KL to clean, for each SAE at `hook`."""
+    hp = HookPoint.parse(hook)
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    used = 0
+    for w in windows:
+        if max_tokens is not None and used >= max_tokens:
+            break
+        rows.append(w)
+        used += w.numel()
+    if not rows:
+        return [{} for _ in saes]
+    clean = zero = 0.0
+    count = 0
+    spliced = [0.0] * len(saes)
+    kl = [0.0] * len(saes)
+    bar = tqdm(total=len(rows), desc=f"CE eval {hook}", unit="window", disable=not progress)
+    for i in range(0, len(rows), batch_size):
+        ids = torch.stack(rows[i:i + batch_size]).to(device)
+        keep = ~special_token_mask(tokenizer, ids)  # positions where the SAE replaces the activation
+
+        def replace(fn):
+            def inner(act):
+                new = fn(act.reshape(-1, act.shape[-1]).float()).reshape(act.shape).to(act.dtype)
+                return torch.where(keep[..., None], new, act)
+            return inner
+
+        logits = model(input_ids=ids, use_cache=False).logits
+        c, n = _ce_sum(logits, ids)
+        clean += c
+        count += n
+        logp_clean = logits[:, :-1].float().log_softmax(-1)
+        with splice(model, hp, replace(torch.zeros_like)):
+            zero += _ce_sum(model(input_ids=ids, use_cache=False).logits, ids)[0]
+        for j, sae in enumerate(saes):
+            sae_dev = sae.to(device)
+            with splice(model, hp, replace(sae_dev)):
+                lg = model(input_ids=ids, use_cache=False).logits
+            spliced[j] += _ce_sum(lg, ids)[0]
+            lp = lg[:, :-1].float().log_softmax(-1)
+            kl[j] += float((logp_clean.exp() * (logp_clean - lp)).sum())
+        bar.update(ids.shape[0])
+    bar.close()
+    ce_clean, ce_zero = clean / count, zero / count
+    out = []
+    for j in range(len(saes)):
+        ce = spliced[j] / count
+        denom = ce_zero - ce_clean
+        out.append({"ce_loss_clean": ce_clean, "ce_loss_spliced": ce, "ce_loss_zero_ablation": ce_zero,
+                    "ce_loss_recovered": (ce_zero - ce) / denom if abs(denom) > 1e-9 else math.nan,
+                    "kl_to_clean": kl[j] / count, "ce_tokens": count})
+    return out
