@@ -99,15 +99,26 @@ function latentTable(token, f) {
   return el("table", { class: "latents" }, el("thead", {}, head), el("tbody", {}, ...body));
 }
 
-function pickToken(t, pin) {
-  if (!pin && state.pinned !== null) return;
-  if (pin) state.pinned = state.pinned === t.position ? null : t.position;
+function showToken(t) {
+  $("token-title").textContent = `Token #${t.position} “${t.text}” — ${t.n_active} database latents`;
+  clear($("latent-table")).appendChild(latentTable(t, filters()));
+}
+
+function markPinned() {
   document.querySelectorAll(".tok.pinned").forEach((n) => n.classList.remove("pinned"));
   if (state.pinned !== null) {
     document.querySelectorAll(`#view-diagnose .tok[data-pos="${state.pinned}"]`).forEach((n) => n.classList.add("pinned"));
   }
-  $("token-title").textContent = `Token #${t.position} “${t.text}” — ${t.n_active} database latents`;
-  clear($("latent-table")).appendChild(latentTable(t, filters()));
+}
+
+function pickToken(t, pin) {
+  if (pin) {
+    state.pinned = state.pinned === t.position ? null : t.position;
+    markPinned();
+  } else if (state.pinned !== null) {
+    return;  // a pinned table stays until another click
+  }
+  showToken(t);
 }
 
 function renderResult() {
@@ -121,7 +132,7 @@ function renderResult() {
   renderTokens($("query-tokens"), r.tokens.filter((t) => t.role === "query"), pickToken, f);
   renderTokens($("answer-tokens"), r.tokens.filter((t) => t.role === "answer" && !t.special), pickToken, f);
   const cur = state.pinned !== null ? r.tokens[state.pinned] : null;
-  if (cur) pickToken(cur, false);
+  if (cur) { markPinned(); showToken(cur); }
 }
 
 async function submitQuery(ev) {
