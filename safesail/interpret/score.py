@@ -139,6 +139,7 @@ def _score_cfg(cfg: DictConfig) -> dict:
             "max_value": int(sc.get("max_value", 10)), "min_ok_fraction": float(sc.get("min_ok_fraction", 1.0)),
             "concurrency": int(sc.get("concurrency") or cfg.llm.get("concurrency", 4)),
             "query_max_tokens": int(sc.get("query_max_tokens", 512)),
+            "json_tokens_per_token": int(sc.get("json_tokens_per_token", 24)),
             "hooks": sc.get("hooks"), "max_latents": sc.get("max_latents")}
 
 
@@ -181,7 +182,7 @@ async def _score_all(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict,
 
 
 async def _score_todo(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict, keys: list) -> None:
-    sim = Simulator(client, sc["mode"], sc["max_value"])
+    sim = Simulator(client, sc["mode"], sc["max_value"], sc["json_tokens_per_token"])
     log.info("score: simulator %s, mode %s (scale 0..%d), %s-level", client.model_name, sim.mode, sim.scale_max,
              sc["granularity"])
     out_path = rd.interpret / "scores.jsonl"
