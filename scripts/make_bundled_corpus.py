@@ -191,7 +191,7 @@ def _clean_answer(text: str) -> str:
     return text
 
 
-def generate(batch_size: int = 16, max_new_tokens: int = 200, threads: int = 1) -> None:
+def generate(batch_size: int = 8, max_new_tokens: int = 180, threads: int = 1) -> None:
     """Answer every prompt in generate_prompts.txt with the default model (greedy), resumably."""
     import torch
     from tqdm import tqdm
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--generate", action="store_true", help="answer data/src/generate_prompts.txt with the default model")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--count", action="store_true", help="only print token counts")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
