@@ -217,7 +217,8 @@ async def explain_all(client: LLMClient, tasks: list[LatentTask], ecfg: DictConf
 
 # ---- the stage -----------------------------------------------------------------------------------------
 
-def run_explain_stage(cfg: DictConfig, args: list[str]) -> None:
+def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None = None) -> None:
+    """`safesail explain`; `client` replaces the one built from cfg.llm (tests, notebooks)."""
     from safesail.interpret.clients import make_client
 
     if args:
@@ -243,8 +244,9 @@ def run_explain_stage(cfg: DictConfig, args: list[str]) -> None:
         log.info("explain: already done for these settings (%s); nothing to do", explanations_path(rd))
         return
     tasks = [t for h in hooks for t in load_tasks(rd, h, latents)]
-    client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
-                         device=cfg.get("device", "auto"))
+    if client is None:
+        client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
+                             device=cfg.get("device", "auto"))
     summary = asyncio.run(_explain_run(client, tasks, ecfg, explanations_path(rd)))
     failed = {k: v for k, v in summary.items() if k.startswith("failed:") and k != "failed:too_few_examples"}
     status = "done" if not failed else "partial"

@@ -49,7 +49,7 @@ def scale_acts(acts: list[float], max_act: float) -> list[int]:
     """Activations scaled to integers 0..10 by the latent's maximum."""
     if max_act <= 0:
         return [0] * len(acts)
-    return [max(0, min(10, int(round(10 * a / max_act)))) for a in acts]
+    return [max(0, min(10, int(10 * a / max_act + 0.5))) for a in acts]
 
 
 def _clean(tok: str) -> str:

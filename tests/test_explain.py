@@ -1,0 +1,200 @@
+"""The explain stage: prompt, parsing, fault recording, trimming, resume after a kill, the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from safesail.interpret.clients.base import ChatRequest, Completion, LLMClient, LLMError
+from safesail.interpret.clients.cache import CachedClient
+from safesail.interpret.explain import run_explain_stage
+from safesail.interpret.prompts.explain import (ExplanationError, build_explain_messages, parse_explanation,
+                                                scale_acts)
+from safesail.rundir import RunDir
+
+HOOK = "layers.1.mlp_out"
+
+
+def make_collected_run(cfg, tiny_model, n_latents: int = 8) -> RunDir:
+    """A run directory whose latents/<hook>/ was written by collect (tiny model + stand-in SAE)."""
+    from test_collect import StandInSAE, _windows
+
+    from safesail.interpret.collect import CollectSettings, HookInputs, collect_latents
+
+    rd = RunDir.from_cfg(cfg)
+    windows = _windows(tiny_model, rd.root)
+    sae = StandInSAE(tiny_model.hidden_size, n_latents)
+    s = CollectSettings(k_top=32, n_bins=8, n_levels=4, segment_len=12, explain_per_level=2, score_per_level=1,
+                        random_pool=32, min_examples=2, batch_size=8)
+    hooks = [HookInputs(HOOK, sae, list(range(n_latents)), rd.latents(HOOK), {"which_latents": "list"})]
+    collect_latents(tiny_model, hooks, iter(windows), rd.root / "latents", s, "fp", {"model": "tiny"})
+    return rd
+
+
+class ScriptedLLM(LLMClient):
+    """A test double of a back end: answers calls in order from a list (text or LLMError)."""
+
+    def __init__(self, replies, context_window=4096, kill_at: int | None = None):
+        self.replies = list(replies)
+        self.model_name = "scripted"
+        self.context_window = context_window
+        self.kill_at = kill_at
+        self.calls: list[ChatRequest] = []
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // 4 + 1
+
+    async def chat(self, req: ChatRequest) -> Completion:
+        self.calls.append(req)
+        if self.kill_at is not None and len(self.calls) == self.kill_at:
+            raise Killed()
+        r = self.replies[(len(self.calls) - 1) % len(self.replies)]
+        await asyncio.sleep(0)
+        if isinstance(r, Exception):
+            raise r
+        return Completion(text=r, model="scripted", prompt_tokens=self.count_message_tokens(req.messages),
+                          completion_tokens=3)
+
+
+class Killed(BaseException):
+    """Stands for the process being killed in the middle of a call."""
+
+
+def _records(rd):
+    path = rd.interpret / "explanations.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_prompt_shows_scaled_activations_and_parsing_cleans_replies():
+    seg = {"tokens": ["The", " river", " flows", "\n"], "acts": [0.0, 4.0, 1.0, 0.0]}
+    msgs = build_explain_messages([seg], max_act=4.0)
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+    assert 'Excerpt 1: The river flows⏎' in msgs[-1]["content"]
+    assert '" river" (10), " flows" (3)' in msgs[-1]["content"]
+    assert scale_acts([0, 0.04, 2, 8, 9], 8) == [0, 0, 3, 10, 10]
+    assert parse_explanation('Explanation: The latent detects "words about rivers".\nMore text') == \
+        "words about rivers"
+    assert parse_explanation("  \n- This neuron fires on numbers and dates.") == "numbers and dates"
+    assert len(parse_explanation("word " * 100, max_chars=40)) <= 40
+    for bad, reason in [("", "empty_reply"), ("   \n ", "empty_reply"), ("12 34 !!", "malformed_reply"),
+                        ("这个潜在单元检测河流", "wrong_language")]:
+        with pytest.raises(ExplanationError) as e:
+            parse_explanation(bad)
+        assert e.value.reason == reason
+
+
+def test_faults_are_recorded_per_latent_and_counted(smoke_cfg, tiny_model):
+    cfg = smoke_cfg("explain.concurrency=1")
+    rd = make_collected_run(cfg, tiny_model)
+    replies = ["Explanation: words about rivers.", LLMError("rate_limited", "429 after retries"),
+               LLMError("server_error", "HTTP 500"), "", "这个潜在单元检测河流", LLMError("timeout", "60 s"),
+               "numbers"]
+    llm = ScriptedLLM(replies)
+    run_explain_stage(cfg, [], client=llm)
+    recs = {r["latent"]: r for r in _records(rd)}
+    assert sorted(recs) == list(range(8))
+    assert recs[0]["status"] == "failed" and recs[0]["reason"] == "too_few_examples"  # the dead latent
+    got = [(recs[j]["status"], recs[j]["reason"]) for j in range(1, 8)]
+    assert got == [("ok", None), ("failed", "rate_limited"), ("failed", "server_error"), ("failed", "empty_reply"),
+                   ("failed", "wrong_language"), ("failed", "timeout"), ("ok", None)]
+    assert recs[1]["explanation"] == "words about rivers" and recs[1]["raw"] == replies[0]
+    assert recs[1]["model"] == "scripted" and recs[1]["prompt_version"] == "explain-v1" and recs[1]["layer"] == 1
+    assert recs[1]["prompt_tokens"] > 0 and recs[1]["segments"] > 0
+    stage = rd.stage_record("explain")
+    assert stage["status"] == "partial"
+    assert stage["summary"]["ok"] == 2 and stage["summary"]["failed:rate_limited"] == 1
+    assert stage["summary"]["failed:too_few_examples"] == 1
+    # A re-run retries only the failures (the too-few latent stays recorded once).
+    llm2 = ScriptedLLM(["a better answer"])
+    run_explain_stage(cfg, [], client=llm2)
+    assert len(llm2.calls) == 5
+    assert rd.stage_record("explain")["status"] == "done"
+    recs = _records(rd)
+    assert sum(r["latent"] == 0 for r in recs) == 1
+
+
+def test_long_prompts_are_trimmed_to_the_context_window(smoke_cfg, tiny_model):
+    cfg = smoke_cfg("explain.latents=[2]", "explain.max_segments=8", "explain.max_tokens=20")
+    rd = make_collected_run(cfg, tiny_model)
+    roomy = ScriptedLLM(["rivers"], context_window=100000)
+    run_explain_stage(cfg, [], client=roomy)
+    full = _records(rd)[-1]["segments"]
+    assert full >= 3
+    need = roomy.count_message_tokens(roomy.calls[0].messages)
+    (rd.stages / "explain.json").unlink()
+    (rd.interpret / "explanations.jsonl").unlink()
+    tight = ScriptedLLM(["rivers"], context_window=need - 40 + 20)
+    run_explain_stage(cfg, [], client=tight)
+    rec = _records(rd)[-1]
+    assert rec["status"] == "ok" and 1 <= rec["segments"] < full
+    assert tight.count_message_tokens(tight.calls[0].messages) + 20 <= tight.context_window
+    (rd.stages / "explain.json").unlink()
+    (rd.interpret / "explanations.jsonl").unlink()
+    tiny = ScriptedLLM(["rivers"], context_window=60)  # the instructions alone do not fit
+    run_explain_stage(cfg, [], client=tiny)
+    rec = _records(rd)[-1]
+    assert rec["status"] == "failed" and rec["reason"] == "context_overflow" and tiny.calls == []
+
+
+def test_resume_after_kill_repeats_no_llm_call(smoke_cfg, tiny_model):
+    cfg = smoke_cfg("explain.concurrency=1")
+    rd = make_collected_run(cfg, tiny_model)
+    cache = rd.interpret / "llm_cache.sqlite"
+    first = ScriptedLLM([f"answer {i}" for i in range(10)], kill_at=4)
+    with pytest.raises(Killed):
+        run_explain_stage(cfg, [], client=CachedClient(first, cache))
+    done = {r["latent"] for r in _records(rd) if r["status"] == "ok"}
+    assert len(done) == 3 and rd.stage_record("explain") is None
+    second = ScriptedLLM(["later answer"])
+    run_explain_stage(cfg, [], client=CachedClient(second, cache))
+    assert len(second.calls) == 7 - 3  # only the latents not yet explained (latent 0 has no examples)
+    assert rd.stage_record("explain")["status"] == "done"
+    third = ScriptedLLM(["never used"])
+    run_explain_stage(cfg, [], client=CachedClient(third, cache))
+    assert third.calls == []  # finished stage: nothing to do
+    # Explanations lost, cache kept: every answer comes from the cache.
+    (rd.interpret / "explanations.jsonl").unlink()
+    (rd.stages / "explain.json").unlink()
+    fourth = ScriptedLLM(["never used"])
+    client = CachedClient(fourth, cache)
+    run_explain_stage(cfg, [], client=client)
+    assert fourth.calls == [] and client.stats.hit_rate == 1.0 and client.stats.calls == 7
+    assert all(r["cached"] for r in _records(rd) if r["status"] == "ok")
+
+
+def test_server_down_is_recorded_and_the_run_finishes(smoke_cfg, tiny_model):
+    cfg = smoke_cfg("llm=transformers-serve", "llm.base_url=http://127.0.0.1:9/v1", "llm.model=x",
+                    "llm.max_retries=1", "llm.backoff_base_s=0.01")
+    rd = make_collected_run(cfg, tiny_model)
+    run_explain_stage(cfg, [])
+    recs = _records(rd)
+    assert len(recs) == 8
+    assert {r["reason"] for r in recs if r["latent"] != 0} == {"connection"}
+    assert rd.stage_record("explain")["summary"]["failed:connection"] == 7
+
+
+def test_bad_input_is_a_user_error(smoke_cfg, tiny_model):
+    from safesail.errors import UserError
+
+    cfg = smoke_cfg()
+    with pytest.raises(UserError, match="run `safesail collect` first"):
+        run_explain_stage(cfg, [], client=ScriptedLLM(["x"]))
+    make_collected_run(cfg, tiny_model)
+    with pytest.raises(UserError, match="not collected"):
+        run_explain_stage(smoke_cfg("explain.latents=[99]"), [], client=ScriptedLLM(["x"]))
+
+
+@pytest.mark.slow
+def test_explain_with_the_local_default_model(smoke_cfg, tiny_model, cache_dir):
+    """The default llm=local (embedded SmolLM2-135M-Instruct), two latents, short replies."""
+    cfg = smoke_cfg("llm=local", "explain.latents=[3,5]", "explain.max_segments=2", "explain.max_tokens=12")
+    rd = make_collected_run(cfg, tiny_model)
+    run_explain_stage(cfg, [])
+    recs = _records(rd)
+    assert sorted(r["latent"] for r in recs) == [3, 5]
+    assert all(r["model"] == "smollm2-135m-instruct" and r["raw"] for r in recs)
+    assert any(r["status"] == "ok" and r["explanation"] for r in recs)
+    assert (Path(cfg.run.dir) / "interpret" / "llm_cache.sqlite").exists()
