@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from safesail.diagnose.bindings import BoundSAE, bind_saes
@@ -85,6 +86,22 @@ def _safety_domain(tags) -> str | None:
         if t in DOMAINS:
             return t
     return None
+
+
+def _ranked(shown: torch.Tensor, top: int) -> dict[int, list[tuple[int, float]]]:
+    """Per token, the `top` positive columns by value (descending), ties broken by column (layer, index)."""
+    t_idx, c_idx = shown.nonzero(as_tuple=True)
+    if len(t_idx) == 0:
+        return {}
+    t_np, c_np = t_idx.numpy(), c_idx.numpy()
+    v_np = shown[t_idx, c_idx].numpy()
+    order = np.lexsort((c_np, -v_np, t_np))
+    out: dict[int, list[tuple[int, float]]] = {}
+    for t, c, v in zip(t_np[order].tolist(), c_np[order].tolist(), v_np[order].tolist()):
+        lst = out.setdefault(t, [])
+        if len(lst) < top:
+            lst.append((c, v))
+    return out
 
 
 class DiagnoseEngine:
@@ -251,21 +268,17 @@ class DiagnoseEngine:
         safety = torch.where(tagged, a.norm, torch.zeros(()))
         max_norm, max_col = safety.max(1) if M else (torch.zeros(len(a.ids)), torch.zeros(len(a.ids), dtype=torch.long))
         shown = torch.where(keep & (a.norm > filters.min_norm), a.norm, torch.zeros(()))
-        k = min(top, M)
-        vals, cols = shown.topk(k, dim=1) if k else (shown[:, :0], shown[:, :0].long())
+        per_token = _ranked(shown, top)
         pieces = token_pieces(self.lm.tokenizer, a.ids)
         tokens = []
-        vals_l, cols_l = vals.tolist(), cols.tolist()
         for t, tid in enumerate(a.ids):
             hits = []
             listed = include_template or a.roles[t] in ("query", "answer")
-            for v, c in zip(vals_l[t] if listed else (), cols_l[t] if listed else ()):
-                if v <= 0:
-                    break
+            for c, v in (per_token.get(t, ()) if listed else ()):
                 row = a.info[c]
                 layer, index = int(a.col_layer[c]), int(a.col_index[c])
                 hits.append(LatentHit(neuron_id=f"{layer}_{index}", hook=a.col_hook[int(a.col_sae[c])], layer=layer,
-                                      index=index, activation=float(a.raw[t, c]), norm_activation=float(v),
+                                      index=index, activation=float(a.raw[t, c]), norm_activation=v,
                                       explanation=row.get("explanation"), score=row.get("score"),
                                       tags=list(row.get("tags") or [])))
             mn = float(max_norm[t])
