@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -76,8 +77,8 @@ def test_rebuild_updates_only_what_changed(run):
     cfg, rd, data = run
     build_db(cfg, rd)
     again = build_db(cfg, rd)
-    assert again == {"hooks_replaced": [], "hooks_stats_reloaded": [], "latents": 0, "segments": 0,
-                     "explanations": 0, "scores": 0, "tags": 0}
+    assert again == {"hooks_replaced": [], "hooks_removed": [], "hooks_stats_reloaded": [], "latents": 0,
+                     "segments": 0, "explanations": 0, "scores": 0, "tags": 0}
     # A newer explanation and score for one latent are appended (the last record wins).
     expl, scores, _ = interpret_records(H3, [18], version="v2")
     scores[0]["score"] = 0.91
@@ -112,6 +113,22 @@ def test_new_sae_replaces_the_hook_in_one_step(run):
         assert db.lookup(H1, [0])[0]["explanation"].endswith("(new-sae)")
         assert set(db.lookup(H1, range(64))) == {0, 1, 2}
         assert len(db.lookup(H3, data[H3]["ids"])) == 12
+
+
+def test_hook_dropped_from_the_run_is_removed(run):
+    cfg, rd, data = run
+    build_db(cfg, rd)
+    shutil.rmtree(rd.root / "latents" / H3)
+    sel = json.loads(rd.selection_file.read_text())
+    del sel["chosen"][H3]
+    rd.selection_file.write_text(json.dumps(sel))
+    s = build_db(cfg, rd)
+    assert s["hooks_removed"] == [H3] and s["explanations"] == 0
+    with NeuronDB.open(rd.neuron_db) as db:
+        assert [x["hook"] for x in db.saes()] == [H1]
+        assert db.lookup(H3, data[H3]["ids"]) == {}
+        assert db.stats()["totals"]["latents"] == 12
+        assert db.conn.execute("SELECT count(*) FROM segments").fetchone()[0] == 36
 
 
 def test_reader_sees_old_db_until_rebuild_commits(run):

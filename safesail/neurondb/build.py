@@ -87,10 +87,17 @@ def build_db(cfg, rd: RunDir, db_path: Path | None = None,
     hooks, interp = plan(cfg, rd)
     max_examples = cfg.get("db", {}).get("examples_per_latent")
     db = NeuronDB.create_or_open(db_path, cfg.model.name, cfg.run.name, "safesail-run")
-    summary = {"hooks_replaced": [], "hooks_stats_reloaded": [], "latents": 0, "segments": 0,
-               "explanations": 0, "scores": 0, "tags": 0}
+    summary = {"hooks_replaced": [], "hooks_removed": [], "hooks_stats_reloaded": [], "latents": 0,
+               "segments": 0, "explanations": 0, "scores": 0, "tags": 0}
     try:
         with db.transaction() as c:
+            gone = [r[0] for r in c.execute("SELECT hook FROM saes WHERE layout = 'safesail' ORDER BY hook")
+                    if r[0] not in {hi.hook for hi in hooks}]
+            for hook in gone:  # built from this run before, no longer collected/chosen
+                log.info("hook %s is no longer in the run; removing its rows", hook)
+                c.execute("DELETE FROM saes WHERE hook = ?", (hook,))
+                c.execute("DELETE FROM inputs WHERE hook = ?", (hook,))
+                summary["hooks_removed"].append(hook)
             for hi in tqdm(hooks, desc="db build", unit="hook"):
                 _build_hook(c, hi, max_examples, summary)
                 if on_hook_done:
