@@ -33,6 +33,7 @@ def plot_selection(selection: dict, path: Path) -> Path:
             color = "tab:red" if r.get("chosen") else ("tab:blue" if r["eligible"] else "tab:gray")
             ax.scatter([x], [y], marker=marker, s=70 if r.get("chosen") else 40, color=color, zorder=3)
             ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.margins(x=0.25, y=0.15)
         ax.set_title(hook, fontsize=9)
         ax.set_xlabel("sparsity: L0 (active latents per token)")
         ax.grid(alpha=0.3)
