@@ -23,27 +23,29 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-warnings.filterwarnings("ignore", message=".*Sparse invariant checks are implicitly disabled.*")
 
 
 def sparse_rows_product(idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     """`S.T @ x` for the sparse `S[i, idx[i, j]] = coef[i, j]` of shape [b, n]: a [n, d] tensor."""
     b, k = idx.shape
     rows = torch.arange(b, device=idx.device).repeat_interleave(k)
-    s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), coef.reshape(-1).to(x.dtype), (n, b),
-                                is_coalesced=False)
-    return torch.sparse.mm(s, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), coef.reshape(-1).to(x.dtype), (n, b),
+                                    is_coalesced=False, check_invariants=False)
+        return torch.sparse.mm(s, x)
 
 
 def sampled_rows_dot(g: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """`out[i, j] = g[i] . w[idx[i, j]]` (an SDDMM) without materialising `[b, n]` or `[b, k, d]`."""
     b, k = idx.shape
     try:
-        crow = torch.arange(0, b * k + 1, k, device=idx.device)
-        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(b * k, dtype=g.dtype, device=g.device),
-                                          (b, w.shape[0]))
-        return torch.sparse.sampled_addmm(pattern, g, w.t().to(g.dtype), beta=0.0).values().view(b, k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            crow = torch.arange(0, b * k + 1, k, device=idx.device)
+            pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(b * k, dtype=g.dtype, device=g.device),
+                                              (b, w.shape[0]), check_invariants=False)
+            return torch.sparse.sampled_addmm(pattern, g, w.t().to(g.dtype), beta=0.0).values().view(b, k)
     except (RuntimeError, NotImplementedError):  # dtype/device without SDDMM support: dense fallback
         return (g @ w.t().to(g.dtype)).gather(1, idx)
 
