@@ -234,13 +234,16 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    log.info("wrote %d records to %s", len(records), path.relative_to(REPO))
+    log.info("wrote %d records to %s", len(records), path)
 
 
-def build() -> None:
+def build(out: Path = DATA) -> list[Path]:
+    """Write every bundled JSONL file under `out` (data/ by default); return their paths."""
     pairs = read_pairs()
-    write_jsonl(DATA / "pairs" / "contrastive_pairs.jsonl", pairs)
-    write_jsonl(DATA / "queries" / "compare.jsonl", read_compare())
+    files = {
+        "pairs/contrastive_pairs.jsonl": pairs,
+        "queries/compare.jsonl": read_compare(),
+    }
     # The corpus holds the written queries and, as further queries, both sides of every pair.
     queries = read_queries()
     seen = {q["query"] for q in queries}
@@ -249,10 +252,13 @@ def build() -> None:
             if p[key] not in seen:
                 seen.add(p[key])
                 queries.append({"query": p[key], "lang": p["lang"], "domain": dom, "source": "pairs"})
-    write_jsonl(DATA / "corpus" / "queries.jsonl", queries)
+    files["corpus/queries.jsonl"] = queries
     for lang in LANGS:
-        write_jsonl(DATA / "corpus" / f"text_{lang}.jsonl", read_texts(lang))
-    write_jsonl(DATA / "corpus" / "chats.jsonl", read_chats() + generated_chats())
+        files[f"corpus/text_{lang}.jsonl"] = read_texts(lang)
+    files["corpus/chats.jsonl"] = read_chats() + generated_chats()
+    for rel, records in files.items():
+        write_jsonl(out / rel, records)
+    return [out / rel for rel in files]
 
 
 def record_text(rec: dict) -> str:
