@@ -90,6 +90,9 @@ def test_import_of_the_samples_gives_exactly_their_entries(release, tmp_path):
         assert db.lookup("layers.0.mlp_out", [12353])[12353]["explanation"] is None
         assert db.lookup("layers.8.mlp_out", [710])[710]["tags"] == ["violence", "terror"]
         assert {h["index"] for h in db.search(domain="politics")} == {4247, 19586, 5397}
+        assert [(h["layer"], h["index"]) for h in db.search("枪毙")] == [(0, 2139)]  # inside a CJK run
+        assert {h["index"] for h in db.search("weapon*")} == {14830, 7888, 4993}  # prefix
+        assert db.search('C++ "quote" * NEAR(') == []  # user punctuation is not FTS syntax
         ids, q = db.normalizers("layers.35.mlp_out")
         assert ids.tolist() == sorted(set(indices.tolist()))
         # Safe-SAIL's point: q = 0.999 of N = 200,000 is the (N - 0.999 N + 1) = 201st largest value

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -30,6 +31,7 @@ DOMAINS = ("politics", "pornography", "violence", "terror")
 SCORE_BANDS = ((None, 0.0, "<0"), (0.0, 0.2, "0-0.2"), (0.2, 0.4, "0.2-0.4"), (0.4, 0.6, "0.4-0.6"),
                (0.6, 0.8, "0.6-0.8"), (0.8, None, ">=0.8"))
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
 # ---- blobs: numpy arrays stored as little-endian bytes -------------------------
@@ -294,9 +296,15 @@ class NeuronDB:
 
     @staticmethod
     def _fts_query(text: str) -> str:
-        # Each word becomes a quoted FTS5 string, so user punctuation is never FTS syntax.
-        words = [w.replace('"', '""') for w in text.split() if w.strip()]
-        return " ".join(f'"{w}"' for w in words)
+        # Each word becomes a quoted FTS5 string, so user punctuation is never FTS syntax;
+        # a trailing * keeps its meaning (prefix search).
+        parts = []
+        for w in text.split():
+            prefix = w.endswith("*") and len(w) > 1
+            w = w.rstrip("*").replace('"', '""')
+            if w:
+                parts.append(f'"{w}"' + ("*" if prefix else ""))
+        return " ".join(parts)
 
     def search(self, text: str | None = None, domain: str | None = None, min_score: float | None = None,
                max_score: float | None = None, layer: int | None = None, limit: int = 50) -> list[dict]:
@@ -307,7 +315,13 @@ class NeuronDB:
                "LEFT JOIN scores s ON s.latent_id = l.id "
                "LEFT JOIN tag_records t ON t.latent_id = l.id ")
         order = "s.value IS NULL, s.value DESC, l.layer, l.idx"
-        if text and text.strip():
+        if text and text.strip() and _CJK.search(text):
+            # unicode61 keeps a run of CJK characters as one token, so words inside it cannot be
+            # matched by FTS; substring search instead (every word must occur).
+            for w in text.split():
+                where.append("e.text LIKE ? ESCAPE '\\'")
+                params.append("%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        elif text and text.strip():
             q = self._fts_query(text)
             sql = sql.replace("FROM latents l ", "FROM explanations_fts f JOIN latents l ON l.id = f.rowid ", 1)
             where.append("explanations_fts MATCH ?")
