@@ -42,7 +42,7 @@ def test_build_holds_every_input(run):
         saes = db.saes()
         assert [(x["hook"], x["layer"], x["arch"], x["k"], x["width"], x["d_in"], x["layout"]) for x in saes] == [
             (H1, 1, "topk", 4, 64, 16, "safesail"), (H3, 3, "topk", 4, 64, 16, "safesail")]
-        assert Path(saes[0]["path"]) == rd.root / "saes" / H1 / "topk-k4"
+        assert saes[0]["path"] == f"saes/{H1}/topk-k4"  # relative to the run dir (= the DB's folder)
         ids, q = db.normalizers(H1)
         stats = data[H1]["stats"]
         assert ids.tolist() == stats["latent_ids"].tolist()

@@ -38,7 +38,8 @@ class HookInputs:
     sae_folder: Path
     sae_cfg: dict
     latent_dir: Path
-    hashes: dict[str, str | None] = field(default_factory=dict)
+    sae_path: str = ""                    # SAE folder as stored in the DB (relative to the run dir)
+    hashes: dict[str, str] = field(default_factory=dict)
 
 
 def plan(cfg, rd: RunDir) -> tuple[list[HookInputs], dict[str, str | None]]:
@@ -65,18 +66,23 @@ def plan(cfg, rd: RunDir) -> tuple[list[HookInputs], dict[str, str | None]]:
         sae_cfg = inputs.read_sae_cfg(folder)
         hi = HookInputs(hook=hook, layer=HookPoint.parse(hook).layer, sae_folder=folder, sae_cfg=sae_cfg,
                         latent_dir=latent_dir)
+        try:  # stored relative to the run dir, so a moved run directory keeps its DB valid
+            hi.sae_path = str(Path(folder).resolve().relative_to(rd.root.resolve()))
+        except ValueError:
+            hi.sae_path = str(Path(folder).resolve())
         hi.hashes = {"sae_cfg": inputs.sha256_file(folder / "cfg.json"),
                      "sae_weights": inputs.sha256_file(folder / "sae.safetensors"),
                      "stats": inputs.sha256_file(latent_dir / "stats.safetensors"),
                      "meta": inputs.sha256_file(meta_path),
                      "segments": inputs.sha256_file(latent_dir / "segments.jsonl")}
+        hi.hashes = {k: v or "" for k, v in hi.hashes.items()}  # "" = file absent
         hooks.append(hi)
     interp = {name: inputs.sha256_file(rd.interpret / f"{name}.jsonl") for name in inputs.INTERPRET_FILES}
     return hooks, interp
 
 
 def fingerprint_of(hooks: list[HookInputs], interp: dict, db_cfg) -> dict:
-    return {"hooks": {h.hook: {"folder": str(h.sae_folder), **h.hashes} for h in hooks}, "interpret": interp,
+    return {"hooks": {h.hook: {"folder": h.sae_path, **h.hashes} for h in hooks}, "interpret": interp,
             "examples_per_latent": db_cfg.get("examples_per_latent") if db_cfg is not None else None}
 
 
@@ -123,16 +129,16 @@ def _build_hook(c, hi: HookInputs, max_examples, summary: dict) -> None:
     scfg = hi.sae_cfg
     old = c.execute("SELECT id, path FROM saes WHERE hook = ?", (hi.hook,)).fetchone()
     stored = {r[0]: r[1] for r in c.execute("SELECT name, sha256 FROM inputs WHERE hook = ?", (hi.hook,))}
-    new_sae = old is None or old[1] != str(hi.sae_folder) or stored.get("sae_weights") != hi.hashes["sae_weights"]
+    new_sae = old is None or old[1] != hi.sae_path or stored.get("sae_weights") != hi.hashes["sae_weights"]
     if old is not None and new_sae:
-        log.info("hook %s: new SAE %s replaces %s", hi.hook, hi.sae_folder, old[1])
+        log.info("hook %s: new SAE %s replaces %s", hi.hook, hi.sae_path, old[1])
         c.execute("DELETE FROM saes WHERE id = ?", (old[0],))  # cascades to its latents and their rows
         c.execute("DELETE FROM inputs WHERE hook = ?", (hi.hook,))
         c.execute("DELETE FROM release_indices WHERE hook = ?", (hi.hook,))
         summary["hooks_replaced"].append(hi.hook)
         stored = {}
     row = (hi.hook, hi.layer, scfg.get("arch"), scfg.get("k"), scfg.get("n_latents"), scfg.get("d_in"),
-           str(hi.sae_folder), "safesail", json.dumps(scfg, sort_keys=True))
+           hi.sae_path, "safesail", json.dumps(scfg, sort_keys=True))
     c.execute("INSERT INTO saes(hook, layer, arch, k, width, d_in, path, layout, cfg) VALUES (?,?,?,?,?,?,?,?,?) "
               "ON CONFLICT(hook) DO UPDATE SET layer=excluded.layer, arch=excluded.arch, k=excluded.k, "
               "width=excluded.width, d_in=excluded.d_in, path=excluded.path, layout=excluded.layout, "
@@ -144,7 +150,7 @@ def _build_hook(c, hi: HookInputs, max_examples, summary: dict) -> None:
     if stored.get("segments") != hi.hashes["segments"]:
         summary["segments"] += _load_segments(c, sae_id, hi, max_examples)
     c.executemany("INSERT OR REPLACE INTO inputs(hook, name, sha256) VALUES (?, ?, ?)",
-                  [(hi.hook, k, v or "") for k, v in hi.hashes.items()])
+                  [(hi.hook, k, v) for k, v in hi.hashes.items()])
 
 
 def _load_stats(c, sae_id: int, hi: HookInputs) -> int:
