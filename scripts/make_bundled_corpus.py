@@ -204,7 +204,13 @@ def generate(batch_size: int = 8, max_new_tokens: int = 180, threads: int = 1) -
     done = set()
     if GEN_FILE.exists():
         done = {json.loads(line)["query"] for line in GEN_FILE.read_text(encoding="utf-8").splitlines()}
-    todo = [(d, q) for d, q in read_generate_prompts() if q not in done]
+    # Round-robin over domains, so that a partial run still covers every domain.
+    prompts, rank = read_generate_prompts(), {}
+    order = []
+    for d, q in prompts:
+        rank[d] = rank.get(d, -1) + 1
+        order.append((rank[d], DOMAINS.index(d), d, q))
+    todo = [(d, q) for _, _, d, q in sorted(order) if q not in done]
     if not todo:
         log.info("all %d prompts already answered", len(done))
         return
