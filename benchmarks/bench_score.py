@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384, help="corpus tokens streamed by collect")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", default="runs/bench-score")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="reuse earlier replies (seconds are then reported only for latents simulated afresh)")
     a = ap.parse_args()
 
     from safesail.config import compose
@@ -85,7 +87,8 @@ def main() -> None:
     t_collect = time.perf_counter() - t0
     del loaded
 
-    (rd.interpret / "llm_cache.sqlite").unlink(missing_ok=True)  # fresh cache: honest calls and seconds
+    if not a.keep_cache:
+        (rd.interpret / "llm_cache.sqlite").unlink(missing_ok=True)  # fresh cache: honest seconds
     client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.cache_dir, device="cpu")
     out = asyncio.run(_explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, load_tasks,
                                          simulate_latent, load_score_segments, Simulator, window_lookup))
@@ -132,12 +135,15 @@ async def _explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, 
 
     both = [j for j in lat if own[j].score is not None and shuf[j].score is not None]
 
+    # calls and prompt tokens do not depend on the cache; seconds only count latents simulated afresh
+    fresh = [j for j in lat if own[j].cached_calls == 0 and query[j].cached_calls == 0]
+
     def cost(runs):
         n = len(runs)
         return {"llm_calls_per_latent": round(sum(r.llm_calls for r in runs.values()) / n, 2),
                 "prompt_tokens_per_latent": round(sum(r.prompt_tokens for r in runs.values()) / n, 1),
-                "seconds_per_latent": round(sum(r.seconds for r in runs.values()) / n, 2),
-                "cached_calls": sum(r.cached_calls for r in runs.values())}
+                "seconds_per_latent": round(sum(runs[j].seconds for j in fresh) / max(1, len(fresh)), 2),
+                "latents_timed": len(fresh)}
 
     seg_cost, q_cost = cost(own), cost(query)
     return {
@@ -149,7 +155,8 @@ async def _explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, 
         "cost_segment": seg_cost, "cost_query": q_cost,
         "prompt_token_saving_segment_vs_query": round(1 - seg_cost["prompt_tokens_per_latent"]
                                                       / q_cost["prompt_tokens_per_latent"], 3),
-        "seconds_saving_segment_vs_query": round(1 - seg_cost["seconds_per_latent"] / q_cost["seconds_per_latent"], 3),
+        "seconds_saving_segment_vs_query": (round(1 - seg_cost["seconds_per_latent"] / q_cost["seconds_per_latent"], 3)
+                                            if fresh else None),
         "explanations": {str(j): expls[j] for j in lat},
     }
 
