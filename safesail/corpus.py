@@ -91,13 +91,15 @@ def list_sources(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def check_utf8(path: Path) -> None:
-    """Raise a UserError naming the byte offset if a text file is not valid UTF-8."""
+def check_utf8(path: Path) -> bool:
+    """Raise a UserError naming the byte offset if a text file is not valid UTF-8; False if it is blank."""
     dec = codecs.getincrementaldecoder("utf-8")()
     offset = 0
+    blank = True
     try:
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
+                blank = blank and not chunk.strip()
                 try:
                     dec.decode(chunk)
                 except UnicodeDecodeError as e:
@@ -105,6 +107,7 @@ def check_utf8(path: Path) -> None:
                                     f"{offset + e.start}); re-encode it as UTF-8.") from None
                 offset += len(chunk)
             dec.decode(b"", final=True)
+        return not blank
     except UnicodeDecodeError:
         raise UserError(f"corpus file {path} is not valid UTF-8 (it ends inside a character); "
                         "re-encode it as UTF-8.") from None
@@ -133,8 +136,7 @@ def _load_source(path: Path, data_cfg) -> Any:
         return ds
     ext = path.suffix.lower()
     if ext in _TEXT_EXTS:
-        check_utf8(path)
-        if path.stat().st_size == 0:
+        if not check_utf8(path):
             return None
     kwargs: dict[str, Any] = {}
     if ext == ".txt":

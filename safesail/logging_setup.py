@@ -18,5 +18,10 @@ def setup_logging(level: str | None = None) -> None:
         handler._safesail = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+    # Hydra's "disabled" job logging disables every logger that existed before it ran
+    # (our modules imported before the stage); switch ours back on.
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.split(".")[0] == "safesail" and isinstance(logger, logging.Logger):
+            logger.disabled = False
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -21,9 +21,14 @@ def cached(tmp_path_factory, cache_dir):
     """One smoke-experiment cache of a small generated corpus (3 hooks, 64-token windows)."""
     root = tmp_path_factory.mktemp("cache")
     corpus = write_corpus(root / "corpus", n=240)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model's small matmuls crawl when threads outnumber free cores
     cfg = compose(["experiment=smoke", f"run.root={root / 'runs'}", f"cache_dir={cache_dir}", "device=cpu",
                    f"data.paths=[{corpus}]", "data.max_tokens=6400", "cache.batch_size=4"])
-    run_cache_stage(cfg, [])
+    try:
+        run_cache_stage(cfg, [])
+    finally:
+        torch.set_num_threads(threads)
     return cfg, root / "runs" / "smoke"
 
 

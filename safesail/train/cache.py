@@ -111,16 +111,16 @@ def run_cache_stage(cfg: DictConfig, args: list[str]) -> None:
             "eval_every": eval_every, "data_fingerprint": fingerprint({"data": OmegaConf.to_container(cfg.data, resolve=True),
                                                                      "corpus": corpus_fp,
                                                                      "system_prompt": cfg.model.get("system_prompt")})}
-    identities = {hp.name: {**base, "hook": hp.name} for hp in points}
-    folders = {hp.name: rd.activations(hp.name) for hp in points}
-    existing = {h: shards.check_existing(folders[h], identities[h]) for h in folders}
-
     docs = iter_documents(cfg.data, lm.tokenizer, cfg.model.get("system_prompt"))
     windows = pack_windows(docs, lm.tokenizer, ctx_len, cfg.data.get("max_tokens"))
     first = next(windows, None)
     if first is None:
         raise UserError(f"the corpus has fewer tokens than one window of data.ctx_len={ctx_len}; add text or lower "
                         "data.ctx_len.")
+    identities = {hp.name: {**base, "hook": hp.name} for hp in points}
+    folders = {hp.name: rd.activations(hp.name) for hp in points}
+    existing = {h: shards.check_existing(folders[h], identities[h]) for h in folders}
+
     barrier()
     extra = {"model_path": lm.path, "layer": None, "site": None, "fingerprint": fp,
              "special_token_ids": sorted(int(i) for i in set(lm.tokenizer.all_special_ids)),

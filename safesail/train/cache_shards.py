@@ -91,6 +91,8 @@ def check_existing(folder: Path, identity: dict) -> dict | None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{folder} holds something other than a Safe-SAIL activation cache; {_WHAT_TO_DO}")
     for key in IDENTITY_KEYS:
+        if key == "data_fingerprint" and meta.get(key) != identity.get(key):
+            raise UserError(f"the existing cache {folder} was made from another corpus or data config; {_WHAT_TO_DO}")
         if meta.get(key) != identity.get(key):
             raise UserError(f"the existing cache {folder} was made with {_LABELS[key]} {meta.get(key)!r}, not "
                             f"{identity.get(key)!r}; {_WHAT_TO_DO}")
