@@ -94,7 +94,7 @@ def _usage() -> str:
     lines = ["usage: safesail <stage> [args] [key=value ...] [-m]", "", "stages:"]
     lines += [f"  {name:<9} {STAGE_HELP[name]}" for name in STAGES]
     lines += ["", "Examples:", "  safesail run", "  safesail cache experiment=smoke",
-              "  safesail train -m train.sweep.k=[32],[64]",
+              "  safesail train -m sae.k=32,64",
               "  safesail db search violence", "  safesail diagnose \"How do I ...?\""]
     return "\n".join(lines)
 
