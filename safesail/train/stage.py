@@ -88,8 +88,7 @@ def run_train_stage(cfg: DictConfig, args: list[str]) -> None:
     for hook in hooks:
         store = stores[hook]
         for c in make_configs(entries, hook, store.d, model_name, cfg):
-            fp = fingerprint({"sae": c.to_dict(), "train": train_bits, "data": store.meta.get("fingerprint"),
-                              "hooks": hooks})
+            fp = fingerprint({"sae": c.to_dict(), "train": train_bits, "data": store.meta.get("fingerprint")})
             c.extra["fingerprint"] = fp
             plan.append((c, fp, rd.saes(hook) / c.name))
     stage_fp = fingerprint({"saes": [fp for _, fp, _ in plan], "eval": eval_fp})
