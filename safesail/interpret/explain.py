@@ -33,6 +33,11 @@ from safesail.rundir import RunDir, fingerprint
 log = logging.getLogger(__name__)
 
 
+# Failures a retry would repeat (the LLM answered, or the prompt cannot fit): a re-run skips them.
+# The others (timeout, rate_limited, server_error, connection, bad_request, auth, other) are retried.
+PERMANENT = {"too_few_examples", "context_overflow", "wrong_language", "malformed_reply", "empty_reply"}
+
+
 @dataclass
 class LatentTask:
     hook: str
@@ -248,7 +253,7 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
         client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
                              device=cfg.get("device", "auto"))
     summary = asyncio.run(_explain_run(client, tasks, ecfg, explanations_path(rd)))
-    failed = {k: v for k, v in summary.items() if k.startswith("failed:") and k != "failed:too_few_examples"}
+    failed = {k: v for k, v in summary.items() if k.startswith("failed:") and k[7:] not in PERMANENT}
     status = "done" if not failed else "partial"
     rd.mark_stage("explain", fp, status=status, **summary)
     msg = ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) or "nothing to do"
@@ -282,9 +287,9 @@ async def _explain_run(client: LLMClient, tasks: list[LatentTask], ecfg: DictCon
 
 
 def _already(rec: dict | None, task: LatentTask, model: str) -> bool:
-    """Explained with this model and prompt, or recorded as lacking examples (and still lacking them)."""
+    """Explained with this model and prompt, or failed in a way a retry would repeat."""
     if not rec or rec.get("prompt_version") != PROMPT_VERSION:
         return False
-    if rec.get("status") == "ok":
-        return rec.get("model") == model
-    return rec.get("reason") == "too_few_examples" and not task.segments
+    if rec.get("reason") == "too_few_examples":
+        return not task.segments
+    return rec.get("model") == model and (rec.get("status") == "ok" or rec.get("reason") in PERMANENT)
