@@ -18,6 +18,7 @@ and for a group G of pairs (one domain, or all pairs):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,9 @@ def query_max(codes: torch.Tensor, query_index: torch.Tensor, n_queries: int) ->
     query none of whose tokens fires a latent gets 0.
     """
     out = torch.zeros(n_queries, codes.shape[1], dtype=codes.dtype, device=codes.device)
-    idx = query_index.to(codes.device).long().unsqueeze(1).expand_as(codes)
-    return out.scatter_reduce_(0, idx, codes, reduce="amax", include_self=True)
+    with warnings.catch_warnings():   # index_reduce_ is "beta"; it is ~5x faster than scatter_reduce_ on CPU
+        warnings.simplefilter("ignore", UserWarning)
+        return out.index_reduce_(0, query_index.to(codes.device).long(), codes, "amax", include_self=True)
 
 
 def latent_scale(*query_maxes: torch.Tensor) -> torch.Tensor:
