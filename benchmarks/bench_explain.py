@@ -17,7 +17,6 @@ and the ratios B/A and C/B, as JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import tempfile

@@ -203,3 +203,18 @@ def test_collect_resumes_after_a_kill(tiny_model, tmp_path):
             ta, tb = load_file(str(a)), load_file(str(b))
             assert all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not (tmp_path / "a" / ".scratch").exists()
+
+
+def test_segments_do_not_depend_on_the_latent_chunk_size(tiny_model, tmp_path, monkeypatch):
+    """Pass 4 runs in chunks of latents for wide SAEs; the output is the same as in one chunk."""
+    import safesail.interpret.collect as collect
+
+    windows = _windows(tiny_model, tmp_path, max_tokens=1024)
+    s = CollectSettings(k_top=16, n_bins=4, n_levels=3, segment_len=8, random_pool=32, batch_size=8)
+    sae = StandInSAE(tiny_model.hidden_size, 24)
+    _run(tiny_model, windows, tmp_path / "one", s, sae=sae)
+    monkeypatch.setattr(collect, "SEGMENT_CHUNK_ROWS", 5 * 3 * s.oversample * 4)  # 5 latents per chunk
+    _run(tiny_model, windows, tmp_path / "many", s, sae=sae)
+    one, many = ((tmp_path / d / HOOK / "segments.jsonl").read_text() for d in ("one", "many"))
+    assert one == many and len(one.splitlines()) > 24
+

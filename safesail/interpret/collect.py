@@ -33,6 +33,8 @@ from safesail.rundir import RunDir, atomic_write_json, atomic_write_text, finger
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# Pass 4 holds the sampled segments of at most this many (latent, level, sample) rows at a time.
+SEGMENT_CHUNK_ROWS = 200_000
 
 
 @dataclass
@@ -213,82 +215,43 @@ def collect_hook(h: HookInputs, scratch: Path, n_shards: int, pool: torch.Tensor
         rows, cols = torch.nonzero(codes > 0, as_tuple=True)
         vals = codes[rows, cols]
         reservoir.update(cols, level_of(vals, tensors["max_act"][cols], s.n_levels), gidx[rows], vals)
-    # Pass 4: spans and activations of the sampled segments.
-    centers: dict[int, list[int]] = {}  # global token -> reservoir rows
-    for r, t in enumerate(reservoir.token.tolist()):
-        centers.setdefault(t, []).append(r)
-    pool_set = {int(t): i for i, t in enumerate(pool.tolist())}
-    cand: dict[int, dict] = {}   # reservoir row -> segment data
-    pool_info: dict[int, dict] = {}  # pool index -> span + per-latent "zero on the span"
-    for shard in _shards(scratch, n_shards, f"collect: segments {hook}"):
-        b, ctx = shard["input_ids"].shape
-        dense = torch.zeros(b * ctx, m)
-        dense[shard[f"{hook}.row"], shard[f"{hook}.col"]] = shard[f"{hook}.val"]
-        dense = dense.view(b, ctx, m)
-        windows = shard["window"].tolist()
-        for wi, w in enumerate(windows):
-            lo, hi = w * ctx, (w + 1) * ctx
-            hits = [t for t in range(lo, hi) if t in centers or t in pool_set] if (centers or pool_set) else []
-            if not hits:
-                continue
-            doc_row = shard["doc_ids"][wi].tolist()
-            for t in hits:
-                col = t - lo
-                a, z = segment_span(doc_row, col, s.segment_len, s.segment_left)
-                seg = {"window": w, "start": a, "stop": z, "doc_id": doc_row[col],
-                       "doc_pos": int(shard["positions"][wi, a]),
-                       "token_ids": shard["input_ids"][wi, a:z].tolist()}
-                for r in centers.get(t, []):
-                    j = int(reservoir.group[r]) // s.n_levels
-                    cand[r] = {**seg, "acts": dense[wi, a:z, j].tolist()}
-                if t in pool_set:
-                    pool_info[pool_set[t]] = {**seg, "zero": dense[wi, a:z].amax(0) <= 0}
+    # Pass 4: spans and activations of the sampled segments, a chunk of latents at a time
+    # (bounded memory when every latent of a wide SAE is collected).
     text = _TokenText(tokenizer)
     seg_path = h.out_dir / "segments.jsonl"
     tmp = seg_path.with_name(".segments.jsonl.tmp")
     too_few, few_random, seg_counts = [], [], {"explain": 0, "score": 0}
-    n_act_levels = torch.zeros(m, dtype=torch.long)
+    chunk = max(1, SEGMENT_CHUNK_ROWS // (s.n_levels * res_size))
+    lat_of_row = (reservoir.group // s.n_levels).tolist()
+    pool_info: dict[int, dict] | None = None
     with open(tmp, "w", encoding="utf-8") as f:
-        for j, lat in enumerate(h.latent_ids):
-            specs, data = [], {}
-            for lvl, tok, _act, _p, r in reservoir.items(j):
-                d = cand.get(r)
-                if d is None:
-                    continue
-                sp = SegmentSpec(lat, "activating", lvl, d["window"], d["start"], d["stop"], tok)
-                specs.append(sp)
-                data[id(sp)] = d
-            # Per level: explain_per_level + score_per_level, highest level first.
-            chosen: list[SegmentSpec] = []
-            taken: dict[int, list[tuple[int, int]]] = {}
-            for lvl in range(s.n_levels - 1, -1, -1):
-                lv = [sp for sp in specs if sp.level == lvl]
-                chosen.extend(deal_splits(lv, s.explain_per_level, s.score_per_level, taken))
-            n_act_levels[j] = len({c.level for c in chosen})
-            rnd_specs = []
-            for pi in range(len(pool)):
-                d = pool_info.get(pi)
-                if d is None or not bool(d["zero"][j]):
-                    continue
-                sp = SegmentSpec(lat, "random", None, d["window"], d["start"], d["stop"], int(pool[pi]))
-                rnd_specs.append(sp)
-                data[id(sp)] = d
-            rnd = deal_splits(rnd_specs, s.random_explain, s.random_score, taken)
-            for sid, sp in enumerate(chosen + rnd):
-                d = data[id(sp)]
-                acts = d["acts"] if sp.kind == "activating" else [0.0] * len(d["token_ids"])
-                rec = segment_record(hook, lat, sid, sp, d["doc_id"], d["token_ids"], text(d["token_ids"]), acts)
-                rec["start"] = d["doc_pos"]
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                seg_counts[sp.split] += 1
-            if int(stats.fire_count[j]) == 0:
-                too_few.append({"latent": lat, "reason": "never fires on the explanation corpus", "segments": 0})
-            elif len(chosen) < s.min_examples:
-                too_few.append({"latent": lat, "segments": len(chosen),
-                                "reason": f"only {len(chosen)} non-overlapping activating segments "
-                                          f"(fewer than collect.min_examples={s.min_examples})"})
-            if len(rnd) < s.random_explain + s.random_score:
-                few_random.append(lat)
+        for c0 in range(0, m, chunk):
+            centers: dict[int, list[int]] = {}  # global token -> reservoir rows of this chunk's latents
+            for r, t in enumerate(reservoir.token.tolist()):
+                if c0 <= lat_of_row[r] < c0 + chunk:
+                    centers.setdefault(t, []).append(r)
+            cand, pinfo = _extract(scratch, n_shards, hook, m, centers, lat_of_row,
+                                   pool if pool_info is None else None, s, f"collect: segments {hook}")
+            pool_info = pinfo if pool_info is None else pool_info
+            for j in range(c0, min(m, c0 + chunk)):
+                lat = h.latent_ids[j]
+                chosen, rnd, data = _choose(j, lat, reservoir, cand, pool, pool_info, s)
+                for sid, sp in enumerate(chosen + rnd):
+                    d = data[id(sp)]
+                    acts = d["acts"] if sp.kind == "activating" else [0.0] * len(d["token_ids"])
+                    rec = segment_record(hook, lat, sid, sp, d["doc_id"], d["token_ids"], text(d["token_ids"]),
+                                         acts)
+                    rec["start"] = d["doc_pos"]
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    seg_counts[sp.split] += 1
+                if int(stats.fire_count[j]) == 0:
+                    too_few.append({"latent": lat, "reason": "never fires on the explanation corpus", "segments": 0})
+                elif len(chosen) < s.min_examples:
+                    too_few.append({"latent": lat, "segments": len(chosen),
+                                    "reason": f"only {len(chosen)} non-overlapping activating segments "
+                                              f"(fewer than collect.min_examples={s.min_examples})"})
+                if len(rnd) < s.random_explain + s.random_score:
+                    few_random.append(lat)
     tmp.replace(seg_path)
     tensors["latent_ids"] = torch.tensor(h.latent_ids, dtype=torch.int64)
     tensors["hist_counts"] = hist.counts
@@ -329,6 +292,64 @@ def collect_latents(loaded, hooks: list[HookInputs], windows: Iterable, work_dir
     if not s.keep_scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary
+
+
+def _extract(scratch: Path, n_shards: int, hook: str, m: int, centers: dict[int, list[int]], lat_of_row: list[int],
+             pool: torch.Tensor | None, s: CollectSettings, desc: str) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Read the shards once: segment data per reservoir row in `centers`, and (when `pool` is given)
+    the span of every random-pool centre with a per-latent "zero on the whole span" flag."""
+    pool_set = {int(t): i for i, t in enumerate(pool.tolist())} if pool is not None else {}
+    cand: dict[int, dict] = {}
+    pool_info: dict[int, dict] = {}
+    for shard in _shards(scratch, n_shards, desc):
+        b, ctx = shard["input_ids"].shape
+        dense = torch.zeros(b * ctx, m)
+        dense[shard[f"{hook}.row"], shard[f"{hook}.col"]] = shard[f"{hook}.val"]
+        dense = dense.view(b, ctx, m)
+        for wi, w in enumerate(shard["window"].tolist()):
+            lo, hi = w * ctx, (w + 1) * ctx
+            hits = [t for t in range(lo, hi) if t in centers or t in pool_set]
+            if not hits:
+                continue
+            doc_row = shard["doc_ids"][wi].tolist()
+            for t in hits:
+                col = t - lo
+                a, z = segment_span(doc_row, col, s.segment_len, s.segment_left)
+                seg = {"window": w, "start": a, "stop": z, "doc_id": doc_row[col],
+                       "doc_pos": int(shard["positions"][wi, a]), "token_ids": shard["input_ids"][wi, a:z].tolist()}
+                for r in centers.get(t, []):
+                    cand[r] = {**seg, "acts": dense[wi, a:z, lat_of_row[r]].tolist()}
+                if t in pool_set:
+                    pool_info[pool_set[t]] = {**seg, "zero": dense[wi, a:z].amax(0) <= 0}
+    return cand, pool_info
+
+
+def _choose(j: int, lat: int, reservoir: LevelReservoir, cand: dict[int, dict], pool: torch.Tensor,
+            pool_info: dict[int, dict], s: CollectSettings) -> tuple[list[SegmentSpec], list[SegmentSpec], dict]:
+    """Latent j's accepted activating segments (highest level first) and random negatives, with their data."""
+    specs, data = [], {}
+    for lvl, tok, _act, _p, r in reservoir.items(j):
+        d = cand.get(r)
+        if d is None:
+            continue
+        sp = SegmentSpec(lat, "activating", lvl, d["window"], d["start"], d["stop"], tok)
+        specs.append(sp)
+        data[id(sp)] = d
+    chosen: list[SegmentSpec] = []
+    taken: dict[int, list[tuple[int, int]]] = {}
+    for lvl in range(s.n_levels - 1, -1, -1):
+        lv = [sp for sp in specs if sp.level == lvl]
+        chosen.extend(deal_splits(lv, s.explain_per_level, s.score_per_level, taken))
+    rnd_specs = []
+    for pi in range(len(pool)):
+        d = pool_info.get(pi)
+        if d is None or not bool(d["zero"][j]):
+            continue
+        sp = SegmentSpec(lat, "random", None, d["window"], d["start"], d["stop"], int(pool[pi]))
+        rnd_specs.append(sp)
+        data[id(sp)] = d
+    rnd = deal_splits(rnd_specs, s.random_explain, s.random_score, taken)
+    return chosen, rnd, data
 
 
 def _hook_done(h: HookInputs, fp: str) -> bool:

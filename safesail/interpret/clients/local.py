@@ -84,10 +84,18 @@ class LocalClient(LLMClient):
         await self._queue.put(_Pending(req, ids, fut))
         return await fut
 
-    def _start(self) -> None:
-        if self._worker is None or self._worker.done():
+    def _bind(self) -> None:
+        """Queue, lock and batching worker belong to the running event loop (a new one per asyncio.run)."""
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_loop", None) is not loop:
+            self._loop = loop
             self._queue = asyncio.Queue()
-            self._model_lock = self._model_lock or asyncio.Lock()
+            self._model_lock = asyncio.Lock()
+            self._worker = None
+
+    def _start(self) -> None:
+        self._bind()
+        if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
@@ -178,7 +186,7 @@ class LocalClient(LLMClient):
                 log.debug("candidate %r is %d tokens, not one; left out", c, len(toks))
                 continue
             cand_ids[c] = toks[0]
-        self._model_lock = self._model_lock or asyncio.Lock()
+        self._bind()
         async with self._model_lock:
             logp = await asyncio.to_thread(self._forward_logprobs, ids)
         names = list(cand_ids)
