@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384, help="corpus tokens streamed by collect")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", default="runs/bench-score")
+    ap.add_argument("--fresh-sim", action="store_true",
+                    help="simulate through a new, empty response cache (explanations may still come from the cache)")
     ap.add_argument("--keep-cache", action="store_true",
                     help="reuse earlier replies (seconds are then reported only for latents simulated afresh)")
     a = ap.parse_args()
@@ -90,7 +92,13 @@ def main() -> None:
     if not a.keep_cache:
         (rd.interpret / "llm_cache.sqlite").unlink(missing_ok=True)  # fresh cache: honest seconds
     client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.cache_dir, device="cpu")
-    out = asyncio.run(_explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, load_tasks,
+    sim_client = client
+    if a.fresh_sim:
+        from safesail.interpret.clients.cache import CachedClient
+
+        sim_path = rd.interpret / f"sim_cache_{int(time.time())}.sqlite"
+        sim_client = CachedClient(client.inner, sim_path)
+    out = asyncio.run(_explain_and_score(client, sim_client, rd, cfg, hook, latent_ids, explain_latent, load_tasks,
                                          simulate_latent, load_score_segments, Simulator, window_lookup))
     out.update(collect_seconds=round(t_collect, 1), layer=a.layer, latents_sampled=len(latent_ids),
                max_tokens=a.max_tokens)
@@ -98,7 +106,7 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
-async def _explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, load_tasks, simulate_latent,
+async def _explain_and_score(client, sim_client, rd, cfg, hook, latent_ids, explain_latent, load_tasks, simulate_latent,
                              load_score_segments, Simulator, window_lookup) -> dict:
     t = time.perf_counter()
     tasks = load_tasks(rd, hook, latent_ids)
@@ -110,7 +118,7 @@ async def _explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, 
     t_explain = time.perf_counter() - t
     segs = load_score_segments(rd, hook)
     lat = [j for j in latent_ids if j in expls and segs.get(j)]
-    sim = Simulator(client, "logprobs")
+    sim = Simulator(sim_client, "logprobs")
     lookup = window_lookup(rd, cfg, hook, [s for j in lat for s in segs[j]])
 
     async def run(j, text, gran):
@@ -157,7 +165,10 @@ async def _explain_and_score(client, rd, cfg, hook, latent_ids, explain_latent, 
                                                       / q_cost["prompt_tokens_per_latent"], 3),
         "seconds_saving_segment_vs_query": (round(1 - seg_cost["seconds_per_latent"] / q_cost["seconds_per_latent"], 3)
                                             if fresh else None),
-        "explanations": {str(j): expls[j] for j in lat},
+        "per_latent": {str(j): {"explanation": expls[j], "own": own[j].score, "shuffled": shuf[j].score,
+                                "query": query[j].score,
+                                "failures": [x for x in (own[j].failure, shuf[j].failure, query[j].failure) if x]}
+                       for j in lat},
     }
 
 
