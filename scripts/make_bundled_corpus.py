@@ -19,6 +19,7 @@ Source formats (all UTF-8):
                        (a line without a prefix continues the previous turn)
   compare.txt          records `=== <id> <domain>`, then `en: ...`, `zh: ...`, `hi: ...`
   generate_prompts.txt `domain | query` (English prompts the default model answers)
+  generated_rejected.txt  prompts whose generated answer a reviewer left out (one a line)
 Lines starting with `#` are comments everywhere.
 """
 
@@ -170,10 +171,11 @@ def read_generate_prompts() -> list[tuple[str, str]]:
 def generated_chats() -> list[dict]:
     if not GEN_FILE.exists():
         return []
+    rejected = {line.strip() for line in _lines(SRC / "generated_rejected.txt") if line.strip()}
     out = []
     for line in GEN_FILE.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        if BLOCKLIST.search(rec["answer"]) or len(rec["answer"].split()) < 20:
+        if rec["query"] in rejected or BLOCKLIST.search(rec["answer"]) or len(rec["answer"].split()) < 20:
             continue
         out.append({"messages": [{"role": "user", "content": rec["query"]},
                                  {"role": "assistant", "content": rec["answer"]}],
@@ -275,49 +277,52 @@ def record_text(rec: dict) -> str:
     return "\n".join(m["content"] for m in rec["messages"])
 
 
-def count(templated: bool = True) -> None:
-    """Print tokens per file and per language with the SmolLM2 tokenizer."""
+def count() -> None:
+    """Print tokens per file and per language with the SmolLM2 tokenizer.
+
+    "content tokens": the text of each record alone. "as loaded": the documents exactly as
+    the corpus loader (safesail.corpus.iter_documents, bundled data config) makes them,
+    i.e. queries and chats inside the chat template with the default system prompt.
+    """
+    import os
+
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(REPO))
     from safesail.config import compose
+    from safesail.corpus import iter_documents
     from safesail.models.loading import model_folder
-    import os
 
     cfg = compose([])
     cache = os.environ.get("SAFESAIL_CACHE", Path.home() / ".cache" / "safesail")
     tok = AutoTokenizer.from_pretrained(model_folder(cfg.model, cache))
-    system = cfg.model.system_prompt
-    by_lang, by_file, total_tpl = {}, {}, 0
+    by_lang, by_file = {}, {}
     for path in sorted((DATA / "corpus").glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            n = len(tok(record_text(rec), add_special_tokens=False).input_ids)
-            if "text" in rec:
-                n_tpl = n
-            else:
-                msgs = rec.get("messages") or [{"role": "user", "content": rec["query"]}]
-                chat = tok.apply_chat_template([{"role": "system", "content": system}, *msgs], tokenize=False)
-                n_tpl = len(tok(chat, add_special_tokens=False).input_ids)
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        lens = [len(x) for x in tok([record_text(r) for r in recs], add_special_tokens=False).input_ids]
+        for rec, n in zip(recs, lens):
             by_lang[rec["lang"]] = by_lang.get(rec["lang"], 0) + n
-            f = by_file.setdefault(path.name, [0, 0, 0])
-            f[0] += 1
-            f[1] += n
-            f[2] += n_tpl
-            total_tpl += n_tpl
-    print(f"{'file':<22}{'records':>9}{'content tokens':>16}{'as loaded':>12}")
+        by_file[path.name] = [len(recs), sum(lens), 0]
+    data_cfg = cfg.data.copy()
+    data_cfg.paths = [str(DATA / "corpus")]
+    for doc in iter_documents(data_cfg, tok, cfg.model.system_prompt):
+        by_file[doc.meta["source"]][2] += len(tok(doc.text, add_special_tokens=False).input_ids)
+    print("| file | records | content tokens | tokens as loaded |")
+    print("|---|---:|---:|---:|")
     for name, (r, n, t) in by_file.items():
-        print(f"{name:<22}{r:>9}{n:>16}{t:>12}")
+        print(f"| `{name}` | {r} | {n:,} | {t:,} |")
     total = sum(by_lang.values())
-    print(f"{'total':<22}{'':>9}{total:>16}{total_tpl:>12}")
+    cols = list(zip(*by_file.values()))
+    print(f"| **total** | {sum(cols[0])} | {total:,} | {sum(cols[2]):,} |")
+    print()
     for lang, n in sorted(by_lang.items()):
-        print(f"  {lang}: {n} content tokens ({100 * n / total:.1f}%)")
+        print(f"- {lang}: {n:,} content tokens ({100 * n / total:.1f}%)")
     q_langs = {}
     for line in (DATA / "corpus" / "queries.jsonl").read_text(encoding="utf-8").splitlines():
         lang = json.loads(line)["lang"]
         q_langs[lang] = q_langs.get(lang, 0) + 1
     n_q = sum(q_langs.values())
-    print("queries by language: " + ", ".join(f"{k} {v} ({100 * v / n_q:.0f}%)" for k, v in sorted(q_langs.items())))
+    print("- queries by language: " + ", ".join(f"{k} {v} ({100 * v / n_q:.0f}%)" for k, v in sorted(q_langs.items())))
 
 
 def main(argv: list[str] | None = None) -> None:
