@@ -100,14 +100,15 @@ def test_rerun_skips_and_resume_reuses_per_sae_figures(run, monkeypatch, capsys)
 
 
 def test_guardrail_and_override(run):
-    cfg, rd = run(good_metrics={"fvu": 0.95, "l0": 10.0, "ce_loss_recovered": 0.9})
+    bounds = ("select.max_fvu=0.6", "select.min_ce_loss_recovered=0.5")   # the smoke experiment turns them off
+    cfg, rd = run(*bounds, good_metrics={"fvu": 0.95, "l0": 10.0, "ce_loss_recovered": 0.9})
     run_select_stage(cfg, [])
     sel = S.load_selection(rd)
     assert sel["chosen"][HOOK]["sae"] == RAND
     bad = next(r for r in sel["saes"] if r["name"] == GOOD)
     assert not bad["eligible"] and "FVU 0.950 above select.max_fvu" in bad["ineligible_reason"]
     # override in config: re-run select applies it; readers refuse a stale selection
-    cfg2, _ = run(f"+select.override={{{HOOK}:{GOOD}}}")
+    cfg2, _ = run(*bounds, f"+select.override={{{HOOK}:{GOOD}}}")
     with pytest.raises(UserError, match="run `safesail select` again"):
         S.chosen_sae_dirs(cfg2, rd)
     run_select_stage(cfg2, [])
