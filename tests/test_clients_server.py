@@ -158,3 +158,9 @@ def test_explain_stage_runs_against_transformers_serve(serve_url, tmp_path, smok
     again = json.loads(path.read_text().splitlines()[0])
     if r["status"] == "ok":
         assert again["cached"] and again["explanation"] == r["explanation"]
+
+
+def test_local_stops_at_a_stop_string(local_client):
+    req = ChatRequest([{"role": "user", "content": "Name three colors."}], max_tokens=8, stop=["\n"])
+    comp = asyncio.run(local_client.chat(req))
+    assert comp.text == "1. Red" and comp.completion_tokens < 8  # the full reply is "1. Red\n2. Blue\n3. Green"

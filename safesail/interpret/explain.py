@@ -173,7 +173,8 @@ async def explain_latent(client: LLMClient, task: LatentTask, ecfg: DictConfig) 
         msgs, n = fit_prompt(client, task, int(ecfg.get("max_segments", 10)), int(ecfg.get("max_tokens", 48)))
         rec["segments"] = n
         comp = await client.chat(ChatRequest(messages=msgs, max_tokens=int(ecfg.get("max_tokens", 48)),
-                                             temperature=float(ecfg.get("temperature", 0.0))))
+                                             temperature=float(ecfg.get("temperature", 0.0)),
+                                             stop=list(ecfg.get("stop") or []) or None))
         rec.update(raw=comp.text, prompt_tokens=comp.prompt_tokens, cached=comp.cached,
                    model=client.model_name or comp.model)
         rec["explanation"] = parse_explanation(comp.text, int(ecfg.get("max_chars", 200)), ecfg.get("language"))

@@ -116,7 +116,7 @@ class LocalClient(LLMClient):
                 batch.append(nxt)
             groups: dict[tuple, list[_Pending]] = {}
             for p in batch:
-                groups.setdefault((p.req.max_tokens, p.req.temperature), []).append(p)
+                groups.setdefault((p.req.max_tokens, p.req.temperature, tuple(p.req.stop or ())), []).append(p)
             for group in groups.values():
                 live = [p for p in group if not p.future.cancelled()]
                 if not live:
@@ -152,6 +152,8 @@ class LocalClient(LLMClient):
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             mask[i, width - len(ids):] = 1
         kw: dict[str, Any] = dict(max_new_tokens=int(req.max_tokens), pad_token_id=pad)
+        if req.stop:  # each sequence of the batch stops at its first stop string (text after it is cut below)
+            kw.update(stop_strings=list(req.stop), tokenizer=tok)
         if req.temperature and req.temperature > 0:
             kw.update(do_sample=True, temperature=float(req.temperature), top_p=1.0, top_k=0)
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-PROMPT_VERSION = "explain-v1"
+PROMPT_VERSION = "explain-v1"  # the parser may change without a bump: `raw` keeps the reply
 
 SYSTEM = (
     "You are an interpretability researcher. You study one unit (a latent) of a language model. "
@@ -92,6 +92,10 @@ def parse_explanation(reply: str, max_chars: int = 200, language: str | None = "
     for _ in range(2):
         line = _PREFIXES.sub("", line).strip()
     line = line.strip().rstrip(".").strip().strip("\"'`“”").strip().rstrip(".").strip()
+    # Keep the first sentence: small models run on ("... a word. In this case, the latent ...").
+    end = re.search(r"[.!?]\s+[A-Z]", line)
+    if end:
+        line = line[:end.start()].strip()
     if not any(c.isalpha() for c in line):
         raise ExplanationError("malformed_reply", f"no words in the reply {reply[:80]!r}")
     if language == "en" and _latin_share(line) < 0.5:
