@@ -229,3 +229,19 @@ def test_cli_bad_arguments_are_one_sentence(db_path, capsys):
     with pytest.raises(SystemExit):
         main(["diagnose", "experiment=smoke", "diagnose.db=/nonexistent/neurons.sqlite", "hi"])
     assert "no neuron database" in capsys.readouterr().err
+
+
+def test_serve_stage_defaults_and_openapi_flag(tmp_path):
+    from safesail.config import compose
+    from safesail.diagnose.server import run_serve_stage
+    from safesail.errors import UserError
+
+    cfg = compose([])
+    s = ServerSettings.from_cfg(cfg)
+    assert s.host == "127.0.0.1" and s.port == cfg.diagnose.port and s.queue_size >= 1
+    out = tmp_path / "openapi.json"
+    run_serve_stage(cfg, ["--openapi", str(out)])
+    assert json.loads(out.read_text())["paths"].keys() >= {"/api/diagnose", "/api/compare", "/api/info",
+                                                           "/api/latents/{layer}/{index}", "/api/compare/presets"}
+    with pytest.raises(UserError, match="unknown arguments"):
+        run_serve_stage(cfg, ["--debug"])

@@ -77,12 +77,13 @@ def test_query_tokens_table_and_escaping(server, page):
     assert page.locator("img[src=x]").count() == 0
     assert page.eval_on_selector_all("script", "e => e.map(s => s.getAttribute('src'))") == ["/static/app.js"]
     assert page.dialogs == []
+    page.screenshot(path=str(ARTIFACTS / "diagnose.png"))
     # filters: only violence latents above 0.9 remain in the table
     page.check("#f-violence")
     page.fill("#min-norm", "0.9")
     tags = page.eval_on_selector_all("#latent-table tbody tr", "rows => rows.map(r => r.lastChild.textContent)")
     assert tags and all("violence" in t for t in tags)
-    page.screenshot(path=str(ARTIFACTS / "diagnose.png"))
+    page.screenshot(path=str(ARTIFACTS / "diagnose-filtered.png"))
     page.uncheck("#f-violence")
     page.fill("#min-norm", "0")
 

@@ -37,6 +37,7 @@ class EngineSettings:
     max_prompt_tokens: int = 512
     top: int = 30
     system_prompt: str | None = "You are a helpful assistant."
+    threads: int | None = None   # torch CPU threads for the model (None: torch's default)
 
     @classmethod
     def from_cfg(cls, cfg) -> "EngineSettings":
@@ -44,7 +45,8 @@ class EngineSettings:
         return cls(max_new_tokens=int(d.max_new_tokens), max_new_tokens_limit=int(d.max_new_tokens_limit),
                    temperature=float(d.temperature), max_query_chars=int(d.max_query_chars),
                    max_prompt_tokens=int(d.max_prompt_tokens), top=int(d.top),
-                   system_prompt=cfg.model.get("system_prompt"))
+                   system_prompt=cfg.model.get("system_prompt"),
+                   threads=int(d.threads) if d.get("threads") else None)
 
 
 @dataclass
@@ -182,6 +184,8 @@ class DiagnoseEngine:
                  temperature: float | None = None, deadline: float | None = None) -> Annotated:
         """Generate (unless `answer` is given), re-run and encode: every database latent on every token."""
         self.check_query(query)
+        if self.settings.threads and torch.get_num_threads() != self.settings.threads:
+            torch.set_num_threads(self.settings.threads)  # per calling thread: server workers differ
         t_start = time.perf_counter()
         tok = self.lm.tokenizer
         prompt_ids, roles = encode_prompt(tok, query, self.settings.system_prompt)
