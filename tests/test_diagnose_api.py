@@ -245,3 +245,22 @@ def test_serve_stage_defaults_and_openapi_flag(tmp_path):
                                                            "/api/latents/{layer}/{index}", "/api/compare/presets"}
     with pytest.raises(UserError, match="unknown arguments"):
         run_serve_stage(cfg, ["--debug"])
+
+
+def test_safesail_sample_release_without_checkpoint_is_one_sentence(tmp_path, tiny_model):
+    """Safe-SAIL's real released DB excerpt imports; serving it without its SAE checkpoint says what to add."""
+    from safesail.diagnose.bindings import bind_saes
+    from safesail.errors import UserError
+    from safesail.neurondb import NeuronDB
+    from safesail.neurondb import import_safesail as imp
+
+    samples = REPO / "tests/data/safesail_samples"
+    rel = imp.read_release(samples / "en_db.sample.json", {35: samples / "indices_layer35.pt"}, {}, {})
+    path = tmp_path / "safesail.sqlite"
+    imp.import_release(path, rel, model="qwen2.5-3b-instruct")
+    db = NeuronDB.open(path)
+    assert any(s["layer"] == 35 for s in db.saes())
+    with pytest.raises(UserError, match="names no SAE file for layers.0.mlp_out; import the release's ckpt_layer0.pt"):
+        bind_saes(db, path, torch.device("cpu"), 2048, 36)
+    with pytest.raises(UserError, match="has an SAE on layer .* but the model has 4 layers"):
+        bind_saes(db, path, torch.device("cpu"), tiny_model.hidden_size, tiny_model.num_layers)

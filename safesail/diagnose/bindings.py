@@ -47,6 +47,10 @@ def _resolve(path: str, db_path: Path) -> Path:
 
 def load_one_sae(entry: dict, db_path: Path) -> nn.Module:
     """Load an SAE listed by `NeuronDB.saes()` in either layout."""
+    if not entry.get("path"):
+        L = HookPoint.parse(entry["hook"]).layer
+        raise UserError(f"the neuron database names no SAE file for {entry['hook']}; import the release's "
+                        f"ckpt_layer{L}.pt with `safesail db import --ckpt ...` or rebuild the database.")
     path = _resolve(str(entry["path"]), db_path)
     if not path.exists():
         raise UserError(f"the SAE file {path} listed in the neuron database for {entry['hook']} is missing; "
@@ -68,8 +72,8 @@ def load_one_sae(entry: dict, db_path: Path) -> nn.Module:
 def bind_saes(db, db_path: Path, device: torch.device, hidden_size: int, num_layers: int,
               loader=load_one_sae) -> list[BoundSAE]:
     """Every SAE of the database with its known latents, on `device`, sorted by layer."""
-    bound: list[BoundSAE] = []
-    for entry in db.saes():
+    entries = db.saes()
+    for entry in entries:  # check every SAE against the model before loading any
         hp = HookPoint.parse(entry["hook"])
         if hp.layer >= num_layers:
             raise UserError(f"the neuron database has an SAE on layer {hp.layer} but the model has {num_layers} "
@@ -78,6 +82,9 @@ def bind_saes(db, db_path: Path, device: torch.device, hidden_size: int, num_lay
         if d_in is not None and int(d_in) != hidden_size:
             raise UserError(f"the neuron database's SAE for {hp} reads {d_in}-wide activations but the model's "
                             f"width is {hidden_size}; serve it with the model it was built for (model=...).")
+    bound: list[BoundSAE] = []
+    for entry in entries:
+        hp = HookPoint.parse(entry["hook"])
         ids, q = db.normalizers(entry["hook"])
         ids = torch.as_tensor(ids, dtype=torch.int64)
         q = torch.as_tensor(q, dtype=torch.float32)

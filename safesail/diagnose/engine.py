@@ -139,7 +139,16 @@ class DiagnoseEngine:
         if info.get("model") and info["model"] not in (lm.name, lm.path):
             log.warning("the neuron database was built for model %r, serving it with %r", info["model"], lm.name)
         saes = bind_saes(db, db_path, lm.device, lm.hidden_size, lm.num_layers)
-        return cls(lm, db, saes, EngineSettings.from_cfg(cfg), db_path=str(db_path))
+        engine = cls(lm, db, saes, EngineSettings.from_cfg(cfg), db_path=str(db_path))
+        engine.warm()
+        return engine
+
+    def warm(self) -> None:
+        """Read each hook's rows once so the first query does not pay for filling the DB's lookup cache."""
+        t0 = time.perf_counter()
+        for b in self.saes:
+            self.db.lookup(b.hook.name, b.latent_ids[:1].tolist())
+        log.info("neuron DB lookups warmed in %.2f s", time.perf_counter() - t0)
 
     # ---- steps ------------------------------------------------------------------
     def check_query(self, query: str) -> None:
