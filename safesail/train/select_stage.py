@@ -45,8 +45,8 @@ class SelectSettings:
     t_grid: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])
     criterion: str = "i_cdf"
     criterion_t: float = 0.2
-    max_fvu: float | None = 0.6
-    min_ce_loss_recovered: float | None = 0.5
+    max_fvu: float | None = 0.8
+    min_ce_loss_recovered: float | None = 0.25
     candidates_per_domain: int = 64
     candidate_min_freq: float = 0.05
     override: dict[str, str] = field(default_factory=dict)
