@@ -151,7 +151,10 @@ async def _explain_and_score(client, sim_client, rd, cfg, hook, latent_ids, expl
         return {"llm_calls_per_latent": round(sum(r.llm_calls for r in runs.values()) / n, 2),
                 "prompt_tokens_per_latent": round(sum(r.prompt_tokens for r in runs.values()) / n, 1),
                 "seconds_per_latent": round(sum(runs[j].seconds for j in fresh) / max(1, len(fresh)), 2),
-                "latents_timed": len(fresh)}
+                "latents_timed": len(fresh),
+                # seconds per call actually made (cache hits excluded), over all latents
+                "seconds_per_fresh_call": round(sum(r.seconds for r in runs.values())
+                                                / max(1, sum(r.llm_calls - r.cached_calls for r in runs.values())), 3)}
 
     seg_cost, q_cost = cost(own), cost(query)
     return {

@@ -138,7 +138,7 @@ def _score_cfg(cfg: DictConfig) -> dict:
     return {"mode": sc.get("mode", "auto"), "granularity": sc.get("granularity", "segment"),
             "max_value": int(sc.get("max_value", 10)), "min_ok_fraction": float(sc.get("min_ok_fraction", 1.0)),
             "concurrency": int(sc.get("concurrency") or cfg.llm.get("concurrency", 4)),
-            "query_max_tokens": int(sc.get("query_max_tokens", 512)),
+            "query_max_tokens": int(sc.get("query_max_tokens", 384)),
             "json_tokens_per_token": int(sc.get("json_tokens_per_token", 24)),
             "hooks": sc.get("hooks"), "max_latents": sc.get("max_latents")}
 

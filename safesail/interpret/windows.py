@@ -45,7 +45,7 @@ def document_tokens(cfg: DictConfig, doc_ids: set[int], tokenizer) -> dict[int, 
 
 
 def window_lookup(rd: RunDir, cfg: DictConfig, hook: str, segments: list[dict],
-                  max_tokens: int = 512) -> WindowLookup:
+                  max_tokens: int = 384) -> WindowLookup:
     """A lookup from a score segment to (its source query's tokens, the segment's offset in them)."""
     tok = load_tokenizer(cfg)
     docs = document_tokens(cfg, {int(s["doc_id"]) for s in segments}, tok)
