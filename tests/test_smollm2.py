@@ -54,7 +54,12 @@ def test_cache_stage_on_the_embedded_default(tmp_path, default_model, cache_dir)
     from safesail.train.cache import run_cache_stage
 
     cfg = compose([f"run.root={tmp_path}", f"cache_dir={cache_dir}", "device=cpu", "data.max_tokens=512"])
-    run_cache_stage(cfg, [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # faster than 2 when the 2 cores are shared with other jobs
+    try:
+        run_cache_stage(cfg, [])
+    finally:
+        torch.set_num_threads(threads)
     hooks = [f"layers.{L}.mlp_out" for L in (0, 7, 14, 21, 29)]
     for hook in hooks:
         store = ActivationStore(tmp_path / "demo" / "activations" / hook)
