@@ -141,3 +141,22 @@ def test_bad_settings_are_user_errors(smoke_cfg, tiny_model):
     empty = _cfg(smoke_cfg, "run.name=empty")
     with pytest.raises(UserError, match="safesail explain"):
         run_score_stage(empty, [])
+
+
+def test_whole_query_windows_come_from_the_corpus(smoke_cfg, tiny_model):
+    from safesail.corpus import iter_documents, tokenize_document
+    from safesail.interpret.collect import corpus_cfg
+    from safesail.interpret.windows import window_lookup
+
+    cfg = smoke_cfg()
+    tok = tiny_model.tokenizer
+    docs = iter_documents(corpus_cfg(cfg), tok, cfg.model.get("system_prompt"))
+    doc = next(d for d in docs if len(tokenize_document(d, tok)) > 40)
+    ids = tokenize_document(doc, tok)
+    seg = {"segment_id": 0, "latent": 1, "doc_id": doc.doc_id, "start": 30, "token_ids": ids[30:36]}
+    lookup = window_lookup(RunDir.from_cfg(cfg), cfg, HOOK, [seg], max_tokens=32)
+    tokens, off = lookup(seg)
+    assert len(tokens) == min(32, len(ids))
+    assert tokens[off:off + 6] == [tok.decode([i]) for i in ids[30:36]]
+    with pytest.raises(UserError, match="collect"):
+        lookup({**seg, "token_ids": [ids[31]] * 6})  # not where collect found it
