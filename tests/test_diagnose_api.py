@@ -264,3 +264,17 @@ def test_safesail_sample_release_without_checkpoint_is_one_sentence(tmp_path, ti
         bind_saes(db, path, torch.device("cpu"), 2048, 36)
     with pytest.raises(UserError, match="has an SAE on layer .* but the model has 4 layers"):
         bind_saes(db, path, torch.device("cpu"), tiny_model.hidden_size, tiny_model.num_layers)
+
+
+def test_streaming_sends_the_answer_then_the_result(client):
+    with client.stream("POST", "/api/diagnose/stream", json={"query": "Tell me a story.", "max_new_tokens": 6}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        body = "".join(r.iter_text())
+    events = [(b.split("\n")[0][len("event: "):], json.loads(b.split("\n")[1][len("data: "):]))
+              for b in body.strip().split("\n\n")]
+    assert events[-1][0] == "result" and all(kind == "token" for kind, _ in events[:-1])
+    result = DiagnoseResponse.model_validate(events[-1][1])
+    assert "".join(d["text"] for _, d in events[:-1]) == result.answer
+    plain = client.post("/api/diagnose", json={"query": "Tell me a story.", "max_new_tokens": 6}).json()
+    assert plain["answer"] == result.answer
+    assert client.post("/api/diagnose/stream", json={"query": "x" * 301}).json()["error"] == "bad_request"

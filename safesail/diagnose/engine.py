@@ -167,7 +167,7 @@ class DiagnoseEngine:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-                 max_time: float | None = None) -> tuple[list[int], bool]:
+                 max_time: float | None = None, on_text=None) -> tuple[list[int], bool]:
         """Generate the answer's token ids (greedy when temperature is 0); also whether it was cut short."""
         tok = self.lm.tokenizer
         ids = torch.tensor([prompt_ids], device=self.lm.device)
@@ -179,6 +179,10 @@ class DiagnoseEngine:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if max_time is not None:
             kw["max_time"] = max(max_time, 0.01)
+        if on_text is not None:
+            from safesail.diagnose.streaming import CallbackStreamer
+
+            kw["streamer"] = CallbackStreamer(tok, on_text)
         out = self.lm.model.generate(ids, **kw)[0, len(prompt_ids):].tolist()
         eos = self.lm.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}
@@ -190,7 +194,7 @@ class DiagnoseEngine:
 
     @torch.no_grad()
     def annotate(self, query: str, answer: str | None = None, max_new_tokens: int | None = None,
-                 temperature: float | None = None, deadline: float | None = None) -> Annotated:
+                 temperature: float | None = None, deadline: float | None = None, on_text=None) -> Annotated:
         """Generate (unless `answer` is given), re-run and encode: every database latent on every token."""
         self.check_query(query)
         if self.settings.threads and torch.get_num_threads() != self.settings.threads:
@@ -209,7 +213,7 @@ class DiagnoseEngine:
             temp = self.settings.temperature if temperature is None else float(temperature)
             t0 = time.perf_counter()
             max_time = None if deadline is None else deadline - time.perf_counter()
-            answer_ids, truncated = self.generate(prompt_ids, n, temp, max_time)
+            answer_ids, truncated = self.generate(prompt_ids, n, temp, max_time, on_text)
             timings.generate_s = time.perf_counter() - t0
             answer = tok.decode(answer_ids, skip_special_tokens=True)
         else:
@@ -307,6 +311,7 @@ class DiagnoseEngine:
 
     def diagnose(self, query: str, answer: str | None = None, max_new_tokens: int | None = None,
                  temperature: float | None = None, top: int | None = None, filters: Filters | None = None,
-                 include_template: bool = False, deadline: float | None = None) -> DiagnoseResponse:
-        return self.response(self.annotate(query, answer, max_new_tokens, temperature, deadline), top, filters,
-                             include_template)
+                 include_template: bool = False, deadline: float | None = None, on_text=None) -> DiagnoseResponse:
+        """`on_text(piece)` receives the answer's text as it is generated (streaming)."""
+        return self.response(self.annotate(query, answer, max_new_tokens, temperature, deadline, on_text), top,
+                             filters, include_template)

@@ -135,6 +135,41 @@ function renderResult() {
   if (cur) { markPinned(); showToken(cur); }
 }
 
+// POST the query to the streaming endpoint: the answer text grows while the model writes it,
+// then the full per-token result arrives as the last event.
+async function diagnoseStreaming(body, onText) {
+  const r = await fetch("/api/diagnose/stream", {
+    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  if (!r.ok) {
+    let data = null;
+    try { data = await r.json(); } catch (e) { data = null; }
+    throw new Error((data && data.message) || `request failed (${r.status})`);
+  }
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      let kind = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) kind = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      const obj = JSON.parse(data);
+      if (kind === "token") onText(obj.text);
+      else if (kind === "result") return obj;
+      else if (kind === "error") throw new Error(obj.message);
+    }
+  }
+  throw new Error("the server closed the stream before the result; try again.");
+}
+
 async function submitQuery(ev) {
   ev.preventDefault();
   const query = $("query").value;
@@ -143,7 +178,12 @@ async function submitQuery(ev) {
   $("submit").disabled = true;
   $("status").textContent = "running the model…";
   try {
-    state.result = await api("/api/diagnose", { query, max_new_tokens: Number($("max-new-tokens").value) || null });
+    $("result").hidden = false;
+    $("answer").textContent = "";
+    $("answer-note").textContent = "generating…";
+    clear($("query-tokens")); clear($("answer-tokens"));
+    state.result = await diagnoseStreaming({ query, max_new_tokens: Number($("max-new-tokens").value) || null },
+                                           (piece) => { $("answer").textContent += piece; });
     state.pinned = null;
     clear($("latent-table")).appendChild(el("p", { class: "muted", text: "No token selected." }));
     $("token-title").textContent = "Token latents";

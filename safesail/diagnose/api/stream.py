@@ -1,0 +1,74 @@
+"""POST /api/diagnose/stream: like /api/diagnose, as server-sent events.
+
+`event: token` (data `{"text": piece}`) while the answer is generated, then one
+`event: result` (data: the DiagnoseResponse) or `event: error` (data: an ErrorResponse).
+Busy and bad-input answers come before the stream starts, as plain JSON errors.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from safesail.diagnose.api.common import ERRORS, ApiError, engine_of
+from safesail.diagnose.gate import Busy
+from safesail.diagnose.schemas import DiagnoseRequest, ErrorResponse
+from safesail.errors import UserError
+
+router = APIRouter()
+
+
+def _event(kind: str, data: str) -> str:
+    return f"event: {kind}\ndata: {data}\n\n"
+
+
+@router.post("/api/diagnose/stream", responses={**ERRORS, 200: {
+    "content": {"text/event-stream": {}},
+    "description": "events `token` {text}, then `result` (DiagnoseResponse) or `error` (ErrorResponse)"}},
+    tags=["diagnose"])
+def diagnose_stream(req: DiagnoseRequest, request: Request):
+    engine = engine_of(request)
+    settings = request.app.state.settings
+    try:
+        engine.check_query(req.query)
+    except UserError as e:
+        raise ApiError(400, "bad_request", str(e)) from None
+    deadline = time.perf_counter() + settings.request_timeout_s
+    slot = request.app.state.gate.slot(settings.request_timeout_s)
+    try:
+        waited = slot.__enter__()
+    except Busy as e:
+        raise ApiError(503, "busy", f"the model is busy ({e}); try again in a moment.") from None
+    events: queue.Queue = queue.Queue()
+
+    def work():  # holds the model until done, even if the client goes away
+        try:
+            resp = engine.diagnose(req.query, req.answer, req.max_new_tokens, req.temperature, req.top, req.filters,
+                                   req.include_template, deadline=deadline,
+                                   on_text=lambda piece: events.put(("token", json.dumps({"text": piece}))))
+            resp.timings.queue_s = waited
+            events.put(("result", resp.model_dump_json()))
+        except UserError as e:
+            events.put(("error", ErrorResponse(error="bad_request", message=str(e)).model_dump_json()))
+        except Exception as e:  # noqa: BLE001 - reported to the client, logged by the caller
+            events.put(("error", ErrorResponse(error="internal", message=f"the diagnosis failed ({type(e).__name__}); "
+                                                                         "see the server log.").model_dump_json()))
+            raise
+        finally:
+            slot.__exit__(None, None, None)
+
+    threading.Thread(target=work, daemon=True).start()
+
+    def stream():
+        while True:
+            kind, data = events.get()
+            yield _event(kind, data)
+            if kind != "token":
+                return
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
