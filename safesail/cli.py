@@ -9,6 +9,7 @@ handed to the stage as `args`.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -83,6 +84,21 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return hydra_args, stage_args
 
 
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EACCES: "permission was denied", errno.EPERM: "the operation was not permitted",
+                errno.EROFS: "the file system is read-only"}
+
+
+def disk_error_message(e: OSError) -> str | None:
+    """One sentence for disk-full and permission errors; None for other OS errors."""
+    what = _DISK_ERRNOS.get(e.errno or 0)
+    if what is None:
+        return None
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"{what}{where}; free space or fix permissions (or choose another run.root=...) and re-run: "
+            "finished work is kept and the stage continues where it stopped.")
+
+
 def resolve_stage(name: str):
     target = STAGES[name]
     module_name, fn_name = target.split(":")
@@ -128,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as e:
             # One clear sentence, no traceback, exit non-zero.
             print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            message = disk_error_message(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 
     saved = sys.argv

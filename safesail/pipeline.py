@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from safesail.cli import resolve_stage
 from safesail.rundir import RunDir, atomic_write_json
@@ -98,17 +98,20 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
     lines.append(f"SAEs trained: {len(saes)}")
     if rd.selection_file.exists():
         sel = json.loads(rd.selection_file.read_text())
-        for hook, info in (sel.get("hooks") or {}).items():
-            chosen = info.get("chosen")
-            figs = ((info.get("candidates") or {}).get(Path(str(chosen)).name) or {}) if chosen else {}
-            shown = ", ".join(f"{k}={v:.3g}" for k, v in figs.items() if isinstance(v, (int, float)))[:160]
-            lines.append(f"  {hook}: chosen {chosen}" + (f" ({shown})" if shown else ""))
+        rows = {(r.get("hook"), r.get("name")): r for r in sel.get("saes") or []}
+        for hook, info in (sel.get("chosen") or {}).items():
+            row = rows.get((hook, info.get("sae"))) or {}
+            m = row.get("train_metrics") or {}
+            figs = [f"{key}={m[key]:.3g}" for key in ("fvu", "l0", "ce_loss_recovered") if m.get(key) is not None]
+            if row.get("score") is not None:
+                figs.append(f"I_CDF={row['score']:.3g}")
+            lines.append(f"  {hook}: chosen {info.get('sae')}" + (f" ({', '.join(figs)})" if figs else ""))
     expl = _read_jsonl_last(rd.interpret / "explanations.jsonl")
     scores = _read_jsonl_last(rd.interpret / "scores.jsonl")
     tags = _read_jsonl_last(rd.interpret / "tags.jsonl")
     ok_expl = sum(r.get("status") == "ok" for r in expl.values())
     ok_scores = [r for r in scores.values() if r.get("status") == "ok" and r.get("score") is not None]
-    cut = float(cfg.get("db", {}).get("score_cut", 0.2) or 0.2)
+    cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=0.2))
     passing = {k for k, r in scores.items() if r.get("status") == "ok" and (r.get("score") or 0) >= cut}
     lines.append(f"latents explained: {ok_expl} ok of {len(expl)}; scored: {len(ok_scores)} ok of {len(scores)}; "
                  f"pass the {cut} cut: {len(passing)}")
