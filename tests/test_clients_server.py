@@ -140,8 +140,8 @@ def test_explain_stage_runs_against_transformers_serve(serve_url, tmp_path, smok
 
     from safesail.interpret.explain import run_explain_stage
 
-    cfg = smoke_cfg("llm=transformers-serve", f"llm.base_url={serve_url}", "explain.max_segments=1",
-                    "explain.max_tokens=10", "explain.latents=[3]")
+    cfg = smoke_cfg("explain.max_segments=1", "explain.max_tokens=10", "explain.latents=[3]")
+    cfg.llm = _serve_cfg(serve_url)  # the smoke experiment makes the tiny model its own explainer
     make_collected_run(cfg, tiny_model)
     run_explain_stage(cfg, [])
     path = Path(cfg.run.dir) / "interpret" / "explanations.jsonl"

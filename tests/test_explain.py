@@ -87,7 +87,7 @@ def test_prompt_shows_scaled_activations_and_parsing_cleans_replies():
 
 
 def test_faults_are_recorded_per_latent_and_counted(smoke_cfg, tiny_model):
-    cfg = smoke_cfg("explain.concurrency=1")
+    cfg = smoke_cfg("explain.concurrency=1", "explain.language=en")
     rd = make_collected_run(cfg, tiny_model)
     replies = ["Explanation: words about rivers.", LLMError("rate_limited", "429 after retries"),
                LLMError("server_error", "HTTP 500"), "", "这个潜在单元检测河流", LLMError("timeout", "60 s"),
@@ -191,7 +191,10 @@ def test_bad_input_is_a_user_error(smoke_cfg, tiny_model):
 @pytest.mark.slow
 def test_explain_with_the_local_default_model(smoke_cfg, tiny_model, cache_dir):
     """The default llm=local (embedded SmolLM2-135M-Instruct), two latents, short replies."""
-    cfg = smoke_cfg("llm=local", "explain.latents=[3,5]", "explain.max_segments=2", "explain.max_tokens=12")
+    from safesail.config import compose
+
+    cfg = smoke_cfg("explain.latents=[3,5]", "explain.max_segments=2", "explain.max_tokens=12")
+    cfg.llm = compose(["llm=local"]).llm  # the smoke experiment makes the tiny model its own explainer
     rd = make_collected_run(cfg, tiny_model)
     run_explain_stage(cfg, [])
     recs = _records(rd)
