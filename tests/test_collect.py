@@ -218,3 +218,25 @@ def test_segments_do_not_depend_on_the_latent_chunk_size(tiny_model, tmp_path, m
     one, many = ((tmp_path / d / HOOK / "segments.jsonl").read_text() for d in ("one", "many"))
     assert one == many and len(one.splitlines()) > 24
 
+
+
+def test_bad_collect_settings_are_user_errors(tmp_path):
+    from omegaconf import OmegaConf
+
+    from safesail.errors import UserError
+    from safesail.interpret.collect import resolve_latents
+    from safesail.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    assert resolve_latents("all", rd, HOOK, 4) == ("all", [0, 1, 2, 3])
+    assert resolve_latents(OmegaConf.create([3, 1, 3]), rd, HOOK, 4) == ("list", [1, 3])
+    with pytest.raises(UserError, match="out of range"):
+        resolve_latents([1, 9], rd, HOOK, 4)
+    with pytest.raises(UserError, match="use candidates, all, or a list"):
+        resolve_latents("some", rd, HOOK, 4)
+    with pytest.raises(UserError, match="safesail select"):  # candidates need selection.json
+        resolve_latents("candidates", rd, HOOK, 4)
+    with pytest.raises(UserError, match="collect.k_top"):
+        CollectSettings.from_cfg(OmegaConf.create({"k_top": 0}))
+    with pytest.raises(UserError, match="collect.quantile"):
+        CollectSettings.from_cfg(OmegaConf.create({"quantile": 1.5}))
