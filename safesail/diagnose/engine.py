@@ -21,7 +21,8 @@ import torch
 
 from safesail.diagnose.bindings import BoundSAE, bind_saes
 from safesail.diagnose.schemas import (DOMAINS, DiagnoseResponse, Filters, LatentHit, Timings, TokenInfo)
-from safesail.diagnose.tokens import encode_prompt, token_pieces
+from safesail.diagnose.tokens import encode_prompt
+from safesail.token_text import token_pieces
 from safesail.errors import UserError
 from safesail.hooks import capture_activations, special_token_mask
 

@@ -5,21 +5,6 @@ from __future__ import annotations
 from safesail.chat import format_chat
 
 
-def token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds; a token ending inside a multi-byte character gets "" and the
-    token that completes the character carries it whole."""
-    pieces: list[str] = []
-    start = 0
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[start:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd") and i + 1 < len(ids) and i + 1 - start < 8:
-            pieces.append("")
-            continue
-        pieces.append(text)
-        start = i + 1
-    return pieces
-
-
 def encode_prompt(tokenizer, query: str, system_prompt: str | None) -> tuple[list[int], list[str]]:
     """Token ids of the chat prompt (with the generation prompt) and each token's role."""
     text = format_chat(tokenizer, query, system_prompt)

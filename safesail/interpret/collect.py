@@ -29,6 +29,7 @@ from safesail.interpret.latent_stats import LatentHistogram, RunningLatentStats
 from safesail.interpret.segments import (LevelReservoir, SegmentSpec, deal_splits, level_of, segment_record,
                                          segment_span)
 from safesail.rundir import RunDir, atomic_write_json, atomic_write_text, fingerprint
+from safesail.token_text import token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -177,17 +178,13 @@ def _random_pool(scratch: Path, n: int, size: int, seed: int) -> torch.Tensor:
 
 
 class _TokenText:
+    """Token texts of a segment, decoded in context (no U+FFFD for split multi-byte characters)."""
+
     def __init__(self, tokenizer):
-        self.tok, self.memo = tokenizer, {}
+        self.tok = tokenizer
 
     def __call__(self, ids: list[int]) -> list[str]:
-        out = []
-        for t in ids:
-            s = self.memo.get(t)
-            if s is None:
-                s = self.memo[t] = self.tok.decode([t], skip_special_tokens=False)
-            out.append(s)
-        return out
+        return token_pieces(self.tok, list(ids))
 
 
 def collect_hook(h: HookInputs, scratch: Path, n_shards: int, pool: torch.Tensor, s: CollectSettings,

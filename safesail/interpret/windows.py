@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from safesail.errors import UserError
 from safesail.interpret.score_inputs import WindowLookup
 from safesail.rundir import RunDir
+from safesail.token_text import token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ def window_lookup(rd: RunDir, cfg: DictConfig, hook: str, segments: list[dict],
     """A lookup from a score segment to (its source query's tokens, the segment's offset in them)."""
     tok = load_tokenizer(cfg)
     docs = document_tokens(cfg, {int(s["doc_id"]) for s in segments}, tok)
-    memo: dict[int, str] = {}
-
-    def text(i: int) -> str:
-        if i not in memo:
-            memo[i] = tok.decode([i], skip_special_tokens=False)
-        return memo[i]
-
     def lookup(seg: dict) -> tuple[list[str], int]:
         ids = docs.get(int(seg["doc_id"]))
         start, n = int(seg["start"]), len(seg["token_ids"])
@@ -67,6 +61,6 @@ def window_lookup(rd: RunDir, cfg: DictConfig, hook: str, segments: list[dict],
         if b > max_tokens:
             a = max(0, min(start - (max_tokens - n) // 2, b - max_tokens))
             b = a + max_tokens
-        return [text(i) for i in ids[a:b]], start - a
+        return token_pieces(tok, ids[a:b]), start - a
 
     return lookup
