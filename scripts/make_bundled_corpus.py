@@ -240,8 +240,7 @@ def generate(batch_size: int = 8, max_new_tokens: int = 180, threads: int = 1) -
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
     log.info("wrote %d records to %s", len(records), path)
 
 
