@@ -15,11 +15,11 @@ import logging
 import resource
 import sys
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from safesail.cli import resolve_stage
+from safesail.jsonl import last_per_latent
 from safesail.rundir import RunDir, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -68,24 +68,6 @@ def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
     print(summary(rd, cfg, timings))
 
 
-def _read_jsonl_last(path: Path) -> dict:
-    """Last record per (hook, latent) of an append-only JSONL file."""
-    out: dict = {}
-    if not path.exists():
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            out[(rec.get("hook"), rec.get("latent"))] = rec
-    return out
-
-
 def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> str:
     lines = ["", f"Safe-SAIL run `{cfg.run.name}` ({cfg.model.name}) in {rd.root}"]
     for t in timings or []:
@@ -106,9 +88,9 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
             if row.get("score") is not None:
                 figs.append(f"I_CDF={row['score']:.3g}")
             lines.append(f"  {hook}: chosen {info.get('sae')}" + (f" ({', '.join(figs)})" if figs else ""))
-    expl = _read_jsonl_last(rd.interpret / "explanations.jsonl")
-    scores = _read_jsonl_last(rd.interpret / "scores.jsonl")
-    tags = _read_jsonl_last(rd.interpret / "tags.jsonl")
+    expl = last_per_latent(rd.interpret / "explanations.jsonl")
+    scores = last_per_latent(rd.interpret / "scores.jsonl")
+    tags = last_per_latent(rd.interpret / "tags.jsonl")
     ok_expl = sum(r.get("status") == "ok" for r in expl.values())
     ok_scores = [r for r in scores.values() if r.get("status") == "ok" and r.get("score") is not None]
     cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=0.2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret.prompts.explain import (PROMPT_VERSION, ExplanationError, build_explain_messages,
                                                 parse_explanation)
 from safesail.rundir import RunDir, fingerprint
+from safesail.jsonl import append_jsonl, last_per_latent, open_append
 
 log = logging.getLogger(__name__)
 
@@ -100,34 +100,15 @@ def explanations_path(rd: RunDir) -> Path:
 
 def read_explanations(path: Path) -> dict[tuple[str, int], dict]:
     """The last record per (hook, latent); a torn last line (killed writer) is skipped."""
-    out: dict[tuple[str, int], dict] = {}
-    if not path.exists():
-        return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            out[(r["hook"], int(r["latent"]))] = r
-    return out
+    return last_per_latent(path)
 
 
 class JsonlAppender:
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")
-        # A killed writer may have left a line without its newline: start on a fresh line.
-        if self._f.tell() > 0:
-            with open(path, "rb") as r:
-                r.seek(-1, os.SEEK_END)
-                if r.read(1) != b"\n":
-                    self._f.write("\n")
+        self._f = open_append(path)
 
     def write(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        append_jsonl(self._f, rec, fsync=True)
 
     def close(self) -> None:
         self._f.close()

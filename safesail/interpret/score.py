@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from safesail.errors import UserError
-from safesail.interpret.score_inputs import (WindowLookup, append_jsonl, explanation_key, last_per_latent,
-                                             load_explanations, load_score_segments, open_append)
+from safesail.interpret.score_inputs import WindowLookup, explanation_key, load_explanations, load_score_segments
 from safesail.interpret.scoring import SegmentSim, score_segments
 from safesail.interpret.simulate import Simulator
+from safesail.jsonl import append_jsonl, last_per_latent, open_append
 from safesail.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)

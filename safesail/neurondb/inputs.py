@@ -19,6 +19,7 @@ import numpy as np
 
 from safesail.errors import UserError
 from safesail.rundir import RunDir
+from safesail.jsonl import iter_jsonl, last_per_latent
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +44,7 @@ def record_hash(rec: dict) -> str:
 
 def read_jsonl_last(path: Path) -> dict[tuple[str, int], dict]:
     """The last record per (hook, latent) of an append-only JSONL file (a torn last line is skipped)."""
-    out: dict[tuple[str, int], dict] = {}
-    path = Path(path)
-    if not path.is_file():
-        return out
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-                out[(str(rec["hook"]), int(rec["latent"]))] = rec
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                log.warning("%s line %d is not a complete record; skipped", path, n)
-    return out
+    return last_per_latent(path)
 
 
 def _resolve(rd: RunDir, p) -> Path:
@@ -109,15 +96,4 @@ def read_stats(path: Path) -> dict[str, np.ndarray]:
 
 
 def iter_segments(path: Path) -> Iterator[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s line %d is not a complete record; skipped", path, n)
+    return iter_jsonl(path)
