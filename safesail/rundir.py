@@ -38,6 +38,15 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file so that readers see either the old or the new content."""
     path = Path(path)

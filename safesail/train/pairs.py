@@ -14,7 +14,6 @@ names the file and line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +47,6 @@ def resolve_pairs_path(path: str | Path | None) -> Path:
         return p
     bundled = repo_root() / p
     return bundled if bundled.exists() else p
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _where(path: Path, lineno: int) -> str:

@@ -26,7 +26,8 @@ from safesail.errors import UserError
 from safesail.rundir import RunDir, fingerprint
 from safesail.train import contrastive as C
 from safesail.train import selection as S
-from safesail.train.pairs import DOMAINS, Pair, file_sha256, load_pairs, resolve_pairs_path
+from safesail.rundir import file_sha256
+from safesail.train.pairs import DOMAINS, Pair, load_pairs, resolve_pairs_path
 
 log = logging.getLogger(__name__)
 
