@@ -88,11 +88,23 @@ def run_sparsify(batches, d, n, k, lr, device):
     return dt, recon
 
 
-def sweep_ratio(batches, d, n, ks, lr, device):
+def store_batches(cache: str, batch: int, steps: int):
+    """A fresh pass over the on-disk cache for each run: what `safesail train` pays per pass
+    (shard reads, bf16 -> fp32, shuffle), so the one-pass sweep's shared read shows."""
+    import itertools
+
+    from safesail.train.activation_store import ActivationStore
+
+    store = ActivationStore(cache)
+    return lambda start_batch=0: itertools.islice(store.iter_batches(batch, seed=0, start_batch=start_batch), steps)
+
+
+def sweep_ratio(batches, d, n, ks, lr, device, steps=None):
     from safesail.train.trainer import TrainOptions, train_saes
 
     cfgs = [dict(arch="topk", k=k, d_in=d, n_latents=n, lr=lr, auxk_alpha=0) for k in ks]
-    opts = TrainOptions(lr_warmup_steps=1, progress=False, device=device, log_every=10**9)
+    opts = TrainOptions(lr_warmup_steps=1, progress=False, device=device, log_every=10**9,
+                        total_steps=None if not callable(batches) else steps)
     t0 = time.perf_counter()
     train_saes(batches, cfgs, opts)
     one = time.perf_counter() - t0
@@ -139,11 +151,11 @@ def main() -> None:
         print(f"k={k:4d}  ours {row['ours_tok_s']:10.0f} tok/s  sparsify {row['sparsify_tok_s']:10.0f} tok/s  "
               f"ratio {row['speedup']:.2f}x  FVU after {tokens} tokens: ours {f_ours:.4f} sparsify {f_theirs:.4f}",
               flush=True)
-    sb = batches[: args.sweep_steps]
-    one, sep = sweep_ratio(sb, d, n, args.sweep_ks, lr, args.device)
+    sb = store_batches(args.cache, args.batch, args.sweep_steps) if args.cache else batches[: args.sweep_steps]
+    one, sep = sweep_ratio(sb, d, n, args.sweep_ks, lr, args.device, args.sweep_steps)
     results["sweep"] = {"ks": args.sweep_ks, "one_pass_s": one, "separate_s": sep, "ratio": one / sep,
-                        "tokens": args.batch * len(sb)}
-    print(f"sweep of {len(args.sweep_ks)} TopK SAEs (k={args.sweep_ks}) over {args.batch * len(sb)} tokens: one pass "
+                        "tokens": args.batch * args.sweep_steps, "sweep_data": "store" if args.cache else "memory"}
+    print(f"sweep of {len(args.sweep_ks)} TopK SAEs (k={args.sweep_ks}) over {args.batch * args.sweep_steps} tokens: one pass "
           f"{one:.1f} s, {len(args.sweep_ks)} separate runs {sep:.1f} s, ratio {one / sep:.2f}")
     if args.device.startswith("cuda"):
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
