@@ -36,12 +36,16 @@ def corpus_records() -> list[dict]:
     return [rec for path in files for rec in read_jsonl(path)]
 
 
-def record_text(rec: dict) -> str:
-    if "text" in rec:
-        return rec["text"]
-    if "query" in rec:
-        return rec["query"]
-    return "\n".join(m["content"] for m in rec["messages"])
+def load_build_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_bundled_corpus", REPO / "scripts" / "make_bundled_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+record_text = load_build_script().record_text
 
 
 def test_corpus_records_have_one_valid_shape_and_labels():
@@ -115,12 +119,7 @@ def test_compare_queries_have_all_three_languages():
 
 def test_committed_files_are_exactly_what_the_build_script_makes(tmp_path):
     """data/*.jsonl are reproducible from data/src/ (no hand edits, no stale output)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_bundled_corpus", REPO / "scripts" / "make_bundled_corpus.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    built = mod.build(tmp_path)
+    built = load_build_script().build(tmp_path)
     assert len(built) == 7
     for path in built:
         rel = path.relative_to(tmp_path)

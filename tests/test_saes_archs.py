@@ -16,12 +16,7 @@ from safesail.train.saes.safesail_layout import load_safesail_checkpoint, save_s
 ARCHS = [("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {"l0_coef": 0.01, "bandwidth": 0.5, "init_threshold": 0.3}), ("relu", {"l1_coef": 0.1})]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch, kw, d=16, n=48, seed=0):

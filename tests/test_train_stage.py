@@ -19,12 +19,7 @@ from safesail.errors import UserError
 HOOKS = "sae.hooks=[layers.0.mlp_out,layers.1.mlp_out]"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
