@@ -57,8 +57,8 @@ def calibration_ids(tok, n_docs: int, max_len: int) -> list[list[int]]:
 def build_random_db(lm, layers, folder: Path, n_latents: int, k: int, table_k: int = 100) -> Path:
     from safesail.hooks import HookPoint, capture_activations
     from safesail.neurondb import import_safesail as imp
-    from safesail.train.saes import SAEConfig, build_sae
-    from safesail.train.saes.safesail_layout import save_safesail_checkpoint
+    from safesail.saes import SAEConfig, build_sae
+    from safesail.saes.safesail_layout import save_safesail_checkpoint
 
     db_path = folder / "neurons.sqlite"
     if db_path.exists():

@@ -1,5 +1,5 @@
 """Helpers for the select tests: synthetic pairs on words the tiny model's tokenizer keeps whole,
-and synthetic SAEs (same `.cfg` / `.encode` interface as safesail.train.saes) with latents
+and synthetic SAEs (same `.cfg` / `.encode` interface as safesail.saes) with latents
 wired to those words.
 
 The tiny model's tokenizer is trained on the bundled corpus, so its vocabulary changes with
@@ -138,7 +138,7 @@ def wired_sae(acts: torch.Tensor, token_ids: torch.Tensor, wires: dict[int, int]
 
 def save_as_sae_folder(synth: SyntheticSAE, folder: Path, metrics: dict | None = None, l1_coef: float = 0.05) -> Path:
     """Write a synthetic SAE as a real ReLU SAE folder (cfg.json + sae.safetensors + metrics.json)."""
-    from safesail.train.saes import SAEConfig, build_sae, save_sae
+    from safesail.saes import SAEConfig, build_sae, save_sae
 
     cfg = SAEConfig(arch="relu", d_in=synth.cfg.d_in, n_latents=synth.cfg.n_latents, l1_coef=l1_coef,
                     hook=synth.cfg.hook, model=synth.cfg.model)

@@ -17,7 +17,7 @@ HOOK = "layers.1.mlp_out"
 
 
 class StandInSAE(torch.nn.Module):
-    """A ReLU encoder with the interface of safesail.train.saes (cfg + encode); latent 0 never fires."""
+    """A ReLU encoder with the interface of safesail.saes (cfg + encode); latent 0 never fires."""
 
     def __init__(self, d_in: int, n_latents: int, seed: int = 0):
         super().__init__()

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from safesail.errors import UserError
-from safesail.train.saes import SAEConfig, build_sae, list_saes, load_sae, save_sae
-from safesail.train.saes.saelens import export_saelens
-from safesail.train.saes.safesail_layout import load_safesail_checkpoint, save_safesail_checkpoint
+from safesail.saes import SAEConfig, build_sae, list_saes, load_sae, save_sae
+from safesail.saes.saelens import export_saelens
+from safesail.saes.safesail_layout import load_safesail_checkpoint, save_safesail_checkpoint
 
 ARCHS = [("topk", {"k": 4}), ("batchtopk", {"k": 4}), ("jumprelu", {"l0_coef": 0.01, "bandwidth": 0.5, "init_threshold": 0.3}), ("relu", {"l1_coef": 0.1})]
 

@@ -51,7 +51,7 @@ def run_cfg(tmp_path, cache_dir, smoke_cache):
 
 
 def test_train_stage_writes_the_sweep(run_cfg, tmp_path, capsys):
-    from safesail.train.saes import list_saes, load_sae
+    from safesail.saes import list_saes, load_sae
     from safesail.train.stage import run_train_stage
 
     cfg = run_cfg()
@@ -96,7 +96,7 @@ def _kill_overrides(tmp_path, cache_dir, name):
 def test_stage_resumes_after_kill(run_cfg, tmp_path, cache_dir):
     """SIGKILL the stage after its first checkpoint; the re-run equals an uninterrupted run exactly."""
     from safesail.config import compose
-    from safesail.train.saes import list_saes, load_sae
+    from safesail.saes import list_saes, load_sae
     from safesail.train.stage import run_train_stage
 
     run_cfg(name="killed")

@@ -57,12 +57,12 @@ def load_one_sae(entry: dict, db_path: Path) -> nn.Module:
                         "restore it or rebuild the database.")
     layout = entry.get("layout", "safesail")
     if layout == "safesail-ckpt":
-        from safesail.train.saes.safesail_layout import load_safesail_checkpoint
+        from safesail.saes.safesail_layout import load_safesail_checkpoint
 
         return load_safesail_checkpoint(path, arch=entry.get("arch") or "topk", k=int(entry.get("k") or 200),
                                         hook=entry["hook"])
     if layout == "safesail":
-        from safesail.train.saes import load_sae
+        from safesail.saes import load_sae
 
         return load_sae(path)
     raise UserError(f"the neuron database lists an SAE of unknown layout {layout!r}; use a database built "

@@ -413,7 +413,7 @@ def _sae_cfg(sae) -> dict:
 def run_collect_stage(cfg: DictConfig, args: list[str]) -> None:
     from safesail.corpus import iter_documents, pack_windows
     from safesail.models import load_model
-    from safesail.train.saes import load_sae
+    from safesail.saes import load_sae
     from safesail.train.selection import chosen_sae_dirs
 
     if args:

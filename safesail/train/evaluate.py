@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from safesail.hooks import HookPoint, special_token_mask, splice
-from safesail.train.saes import SAE
+from safesail.saes import SAE
 
 log = logging.getLogger(__name__)
 

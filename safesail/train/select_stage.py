@@ -130,7 +130,7 @@ def _cfg_get(obj, key, default=None):
 
 def discover_saes(rd: RunDir, hooks: list[str], model_name: str) -> dict[str, list[SAEEntry]]:
     """Every SAE of the sweep at the configured hooks; refuses SAEs of another model or hook."""
-    from safesail.train.saes import list_saes, load_sae
+    from safesail.saes import list_saes, load_sae
 
     found: dict[str, list[SAEEntry]] = {}
     for hook in hooks:
@@ -331,7 +331,7 @@ def _evaluate_todo(cfg, rd, pairs, todo, settings, base_key, results) -> None:
     from safesail.hooks import HookPoint, hook_points
     from safesail.models import load_model, resolve_device
     from safesail.train.pair_activations import capture_pair_activations
-    from safesail.train.saes import load_sae
+    from safesail.saes import load_sae
 
     device = resolve_device(cfg.get("device", "auto"))
     lm = load_model(cfg.model, device, cache_dir=cfg.get("cache_dir"))

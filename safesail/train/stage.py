@@ -28,7 +28,7 @@ from safesail.errors import UserError
 from safesail.rundir import RunDir, fingerprint
 from safesail.train.activation_store import ActivationStore
 from safesail.train.distributed import DistContext
-from safesail.train.saes import SAEConfig, load_sae, read_cfg, read_metrics, save_sae
+from safesail.saes import SAEConfig, load_sae, read_cfg, read_metrics, save_sae
 from safesail.train.sweep import format_table, make_configs, sweep_entries, sweep_hooks, write_sweep
 from safesail.train.trainer import TrainOptions, train_saes
 

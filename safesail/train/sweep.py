@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safesail.errors import UserError
 from safesail.rundir import atomic_write_json
-from safesail.train.saes import K_ARCHS, SAEConfig, list_saes, read_cfg, read_metrics
+from safesail.saes import K_ARCHS, SAEConfig, list_saes, read_cfg, read_metrics
 
 TABLE_COLUMNS = ("hook", "name", "arch", "k", "n_latents", "l0", "fvu", "dead_fraction", "ce_loss_recovered",
                  "kl_to_clean", "tokens_trained")

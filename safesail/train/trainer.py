@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from safesail.errors import UserError
 from safesail.rundir import fingerprint as make_fingerprint
 from safesail.train.distributed import DistContext
-from safesail.train.saes import SAE, SAEConfig, build_sae
+from safesail.saes import SAE, SAEConfig, build_sae
 
 log = logging.getLogger(__name__)
 

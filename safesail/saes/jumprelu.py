@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safesail.train.saes.base import SAE, TrainCodes
+from safesail.saes.base import SAE, TrainCodes
 
 
 def _kernel(u: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safesail.train.saes.base import SAE, TrainCodes
-from safesail.train.saes.sparse_ops import gather_preacts
+from safesail.saes.base import SAE, TrainCodes
+from safesail.saes.sparse_ops import gather_preacts
 
 
 class TopKSAE(SAE):

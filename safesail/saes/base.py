@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safesail.train.saes.config import SAEConfig
-from safesail.train.saes.sparse_ops import choose_decoder, gather_preacts, sparse_decode
+from safesail.saes.config import SAEConfig
+from safesail.saes.sparse_ops import choose_decoder, gather_preacts, sparse_decode
 
 
 class TrainCodes(NamedTuple):

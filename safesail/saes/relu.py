@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safesail.train.saes.base import SAE, TrainCodes
+from safesail.saes.base import SAE, TrainCodes
 
 
 class ReLUSAE(SAE):

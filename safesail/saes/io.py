@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from safesail.errors import UserError
 from safesail.rundir import atomic_write_json
-from safesail.train.saes.base import SAE
-from safesail.train.saes.config import SAEConfig
-from safesail.train.saes.registry import build_sae
+from safesail.saes.base import SAE
+from safesail.saes.config import SAEConfig
+from safesail.saes.registry import build_sae
 
 FORMAT = "safesail-sae/1"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from safesail.train.saes.base import SAE
-from safesail.train.saes.batchtopk import BatchTopKSAE
-from safesail.train.saes.config import SAEConfig
-from safesail.train.saes.jumprelu import JumpReLUSAE
-from safesail.train.saes.relu import ReLUSAE
-from safesail.train.saes.topk import TopKSAE
+from safesail.saes.base import SAE
+from safesail.saes.batchtopk import BatchTopKSAE
+from safesail.saes.config import SAEConfig
+from safesail.saes.jumprelu import JumpReLUSAE
+from safesail.saes.relu import ReLUSAE
+from safesail.saes.topk import TopKSAE
 
 ARCH_CLASSES: dict[str, type[SAE]] = {
     "topk": TopKSAE,

@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from safesail.hooks import HookPoint
-from safesail.train.saes.base import SAE
+from safesail.saes.base import SAE
 
 _ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from safesail.errors import UserError
-from safesail.train.saes.base import SAE
-from safesail.train.saes.config import SAEConfig
-from safesail.train.saes.registry import build_sae
+from safesail.saes.base import SAE
+from safesail.saes.config import SAEConfig
+from safesail.saes.registry import build_sae
 
 log = logging.getLogger(__name__)
 
