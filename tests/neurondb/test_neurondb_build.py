@@ -172,7 +172,7 @@ def test_killed_build_leaves_previous_db_usable(run, tmp_path):
         cfg = compose({[f"run.root={rd.root.parent}", "experiment=smoke"]!r})
         build_db(cfg, RunDir.from_cfg(cfg), on_hook_done=lambda h: os.kill(os.getpid(), signal.SIGKILL))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], capture_output=True,
                           timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     with NeuronDB.open(rd.neuron_db) as db:

@@ -21,7 +21,7 @@ from safesail.neurondb.export_safesail import export_release
 from safesail.neurondb.import_safesail import import_release, read_release
 from safesail.rundir import RunDir
 
-SAMPLES = Path(__file__).parent / "data" / "safesail_samples"
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "safesail_samples"
 N, K = 200_000, 300
 
 

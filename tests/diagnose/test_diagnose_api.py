@@ -15,7 +15,7 @@ from safesail.diagnose.schemas import CompareResponse, DiagnoseResponse
 from safesail.diagnose.server import create_app, openapi_json
 from safesail.hooks import HookPoint, capture_activations
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LAYERS = [0, 1, 3]
 
 

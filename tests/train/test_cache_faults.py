@@ -18,7 +18,7 @@ from safesail.train.activation_store import ActivationStore
 from safesail.train.cache import run_cache_stage
 
 HOOKS = ["layers.0.mlp_out", "layers.1.mlp_out", "layers.3.mlp_out"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
