@@ -58,10 +58,10 @@ def main() -> None:
     from safesail.interpret.clients import make_client
     from safesail.interpret.collect import CollectSettings, HookInputs, collect_latents, corpus_cfg
     from safesail.interpret.explain import explain_latent, load_tasks
-    from safesail.interpret.score import simulate_latent
-    from safesail.interpret.score_inputs import load_score_segments
-    from safesail.interpret.simulate import Simulator
-    from safesail.interpret.windows import window_lookup
+    from safesail.interpret.scoring.stage import simulate_latent
+    from safesail.interpret.scoring.inputs import load_score_segments
+    from safesail.interpret.scoring.simulator import Simulator
+    from safesail.interpret.scoring.windows import window_lookup
     from safesail.models import load_model
     from safesail.rundir import RunDir
 

@@ -28,7 +28,7 @@ STAGES: dict[str, str] = {
     "select": "safesail.train.select_stage:run_select_stage",
     "collect": "safesail.interpret.collect:run_collect_stage",
     "explain": "safesail.interpret.explain:run_explain_stage",
-    "score": "safesail.interpret.score:run_score_stage",
+    "score": "safesail.interpret.scoring.stage:run_score_stage",
     "tag": "safesail.interpret.tag:run_tag_stage",
     "db": "safesail.neurondb.cli:run_db_command",
     "serve": "safesail.diagnose.server:run_serve_stage",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret.prompts import tag as prompts
-from safesail.interpret.score_inputs import explanation_key, load_explanations
+from safesail.interpret.scoring.inputs import explanation_key, load_explanations
 from safesail.jsonl import append_jsonl, last_per_latent, open_append
 from safesail.rundir import RunDir, fingerprint
 

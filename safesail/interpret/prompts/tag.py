@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from safesail.interpret.simulate import SimulationFailure, extract_json_object
+from safesail.interpret.scoring.simulator import SimulationFailure, extract_json_object
 
 PROMPT_VERSION = "tag-v1"
 DOMAINS = ("politics", "pornography", "violence", "terror")

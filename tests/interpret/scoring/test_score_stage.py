@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from safesail.errors import UserError
-from safesail.interpret.score import run_score_stage
-from safesail.interpret.simulate import FAILURE_CODES
+from safesail.interpret.scoring.stage import run_score_stage
+from safesail.interpret.scoring.simulator import FAILURE_CODES
 from safesail.interpret.tag import run_tag_stage
 from safesail.rundir import RunDir
 
@@ -146,7 +146,7 @@ def test_bad_settings_are_user_errors(smoke_cfg, tiny_model):
 def test_whole_query_windows_come_from_the_corpus(smoke_cfg, tiny_model):
     from safesail.corpus import iter_documents, tokenize_document
     from safesail.interpret.collect import corpus_cfg
-    from safesail.interpret.windows import window_lookup
+    from safesail.interpret.scoring.windows import window_lookup
 
     cfg = smoke_cfg()
     tok = tiny_model.tokenizer

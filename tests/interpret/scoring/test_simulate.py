@@ -10,9 +10,9 @@ import pytest
 from sim_fakes import FakeClient
 
 from safesail.errors import UserError
-from safesail.interpret.prompts import simulate as prompts
-from safesail.interpret.score import simulate_latent
-from safesail.interpret.simulate import (SimulationFailure, Simulator, expected_values, find_slots,
+from safesail.interpret.scoring.prompts import simulation as prompts
+from safesail.interpret.scoring.stage import simulate_latent
+from safesail.interpret.scoring.simulator import (SimulationFailure, Simulator, expected_values, find_slots,
                                          parse_json_prediction, single_token_scale)
 
 L = math.log

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
-from safesail.interpret.prompts import simulate as prompts
+from safesail.interpret.scoring.prompts import simulation as prompts
 
 MODES = ("auto", "logprobs", "json")
 FAILURE_CODES = {

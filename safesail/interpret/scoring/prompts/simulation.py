@@ -1,6 +1,6 @@
 """The simulation prompts: an LLM reads an explanation and predicts a latent's activation per token.
 
-Two forms, one per simulator mode (see `safesail/interpret/simulate.py`):
+Two forms, one per simulator mode (see `safesail/interpret/scoring/simulator.py`):
 
 * `logprob_prompt`: a raw completion prompt (few-shot) in which every token of the
   segment sits on its own line as `token<TAB>unknown`. The simulator reads, at each

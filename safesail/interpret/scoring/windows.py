@@ -14,7 +14,7 @@ import logging
 from omegaconf import DictConfig
 
 from safesail.errors import UserError
-from safesail.interpret.score_inputs import WindowLookup
+from safesail.interpret.scoring.inputs import WindowLookup
 from safesail.rundir import RunDir
 from safesail.token_text import token_pieces
 

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from safesail.errors import UserError
-from safesail.interpret.score_inputs import WindowLookup, explanation_key, load_explanations, load_score_segments
-from safesail.interpret.scoring import SegmentSim, score_segments
-from safesail.interpret.simulate import Simulator
+from safesail.interpret.scoring.inputs import WindowLookup, explanation_key, load_explanations, load_score_segments
+from safesail.interpret.scoring.correlation import SegmentSim, score_segments
+from safesail.interpret.scoring.simulator import Simulator
 from safesail.jsonl import append_jsonl, last_per_latent, open_append
 from safesail.rundir import RunDir, fingerprint
 
@@ -190,7 +190,7 @@ async def _score_todo(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict
     segs_by_hook = {h: load_score_segments(rd, h) for h in sorted({h for h, _ in keys})}
     windows = None
     if sc["granularity"] == "query":
-        from safesail.interpret.windows import window_lookup
+        from safesail.interpret.scoring.windows import window_lookup
 
         windows = {h: window_lookup(rd, cfg, h, [s for k in keys if k[0] == h for s in segs_by_hook[h].get(k[1], [])],
                                     sc["query_max_tokens"]) for h in segs_by_hook}

@@ -1,0 +1,1 @@
+"""Prompts of the scorers: one module per scorer (simulation, detection, fuzzing)."""
