@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
-from safesail.interpret.prompts.explain import (PROMPT_VERSION, ExplanationError, build_explain_messages,
-                                                parse_explanation)
+from safesail.interpret.prompts.explain import (EXAMPLES, PROMPT_VERSION, ExplanationError, build_explain_messages,
+                                                copied_reason, parse_explanation)
 from safesail.rundir import RunDir, fingerprint
 from safesail.jsonl import append_jsonl, last_per_latent, open_append
 
@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 # Failures a retry would repeat (the LLM answered, or the prompt cannot fit): a re-run skips them.
 # The others (timeout, rate_limited, server_error, connection, bad_request, auth, other) are retried.
-PERMANENT = {"too_few_examples", "context_overflow", "wrong_language", "malformed_reply", "empty_reply"}
+PERMANENT = {"too_few_examples", "context_overflow", "wrong_language", "malformed_reply", "empty_reply",
+             "copied_example"}
 
 
 @dataclass
@@ -116,20 +117,25 @@ class JsonlAppender:
 
 # ---- one latent ----------------------------------------------------------------------------------------
 
-def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tokens: int) -> tuple[list[dict], int]:
+def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tokens: int,
+               rotation: int = 0) -> tuple[list[dict], int]:
     """Messages that fit the context window: fewer segments first, then shorter ones around their peak."""
     budget = client.context_window - reply_tokens
     segs = task.segments[:max_segments]
     n = len(segs)
-    while n > 1 and client.count_message_tokens(build_explain_messages(segs[:n], task.max_act)) > budget:
+
+    def build(ss):
+        return build_explain_messages(ss, task.max_act, rotation)
+
+    while n > 1 and client.count_message_tokens(build(segs[:n])) > budget:
         n -= 1
     segs = segs[:n]
-    msgs = build_explain_messages(segs, task.max_act)
+    msgs = build(segs)
     width = max((len(s["tokens"]) for s in segs), default=0)
     while client.count_message_tokens(msgs) > budget and width > 1:
         width //= 2
         segs = [_around_peak(s, width) for s in segs]
-        msgs = build_explain_messages(segs, task.max_act)
+        msgs = build(segs)
     if client.count_message_tokens(msgs) > budget:
         raise LLMError("context_overflow", f"even one segment does not fit the context window of "
                                            f"{client.context_window} tokens")
@@ -143,22 +149,47 @@ def _around_peak(seg: dict, width: int) -> dict:
     return {**seg, "tokens": seg["tokens"][a:a + width], "acts": acts[a:a + width]}
 
 
+def rotation_of(task: LatentTask) -> int:
+    """Which worked examples a latent's prompt starts at: spread over latents, stable across re-runs."""
+    return (task.latent * 7 + task.layer) % len(EXAMPLES)
+
+
+async def _ask(client: LLMClient, task: LatentTask, ecfg: DictConfig, rotation: int, rec: dict) -> str:
+    """One explanation call; the parsed reply (ExplanationError/LLMError on failure). Fills `rec`'s counters."""
+    reply_tokens = int(ecfg.get("max_tokens", 48))
+    msgs, n = fit_prompt(client, task, int(ecfg.get("max_segments", 10)), reply_tokens, rotation)
+    rec["segments"] = n
+    comp = await client.chat(ChatRequest(messages=msgs, max_tokens=reply_tokens,
+                                         temperature=float(ecfg.get("temperature", 0.0)),
+                                         stop=list(ecfg.get("stop") or []) or None))
+    rec.update(raw=comp.text, prompt_tokens=rec["prompt_tokens"] + comp.prompt_tokens, cached=comp.cached,
+               model=client.model_name or comp.model, llm_calls=rec["llm_calls"] + 1, rotation=rotation)
+    text = parse_explanation(comp.text, int(ecfg.get("max_chars", 200)), ecfg.get("language"))
+    excerpts = ["".join(s["tokens"]) for s in task.segments[:n]]
+    why = copied_reason(text, excerpts)
+    if why:
+        rec["copied"] = rec["copied"] + [{"reply": text, "why": why, "rotation": rotation}]
+        raise ExplanationError("copied_example", why)
+    return text
+
+
 async def explain_latent(client: LLMClient, task: LatentTask, ecfg: DictConfig) -> dict:
+    """One latent's record. A reply that copies a worked example or echoes an excerpt is retried once with
+    other examples in another order; a second copy is the named failure `copied_example`."""
     t0 = time.monotonic()
     rec = {"hook": task.hook, "layer": task.layer, "latent": task.latent, "status": "failed", "explanation": None,
            "error": None, "reason": None, "model": client.model_name, "prompt_version": PROMPT_VERSION,
-           "raw": None, "prompt_tokens": 0, "segments": 0, "cached": False}
+           "raw": None, "prompt_tokens": 0, "segments": 0, "cached": False, "llm_calls": 0, "copied": []}
     try:
         if not task.segments:
             raise ExplanationError("too_few_examples", task.too_few or "no activating segment in the explain split")
-        msgs, n = fit_prompt(client, task, int(ecfg.get("max_segments", 10)), int(ecfg.get("max_tokens", 48)))
-        rec["segments"] = n
-        comp = await client.chat(ChatRequest(messages=msgs, max_tokens=int(ecfg.get("max_tokens", 48)),
-                                             temperature=float(ecfg.get("temperature", 0.0)),
-                                             stop=list(ecfg.get("stop") or []) or None))
-        rec.update(raw=comp.text, prompt_tokens=comp.prompt_tokens, cached=comp.cached,
-                   model=client.model_name or comp.model)
-        rec["explanation"] = parse_explanation(comp.text, int(ecfg.get("max_chars", 200)), ecfg.get("language"))
+        rotation = rotation_of(task)
+        try:
+            rec["explanation"] = await _ask(client, task, ecfg, rotation, rec)
+        except ExplanationError as e:
+            if e.reason != "copied_example" or not int(ecfg.get("copy_retries", 1)):
+                raise
+            rec["explanation"] = await _ask(client, task, ecfg, rotation + len(EXAMPLES) // 2 + 1, rec)
         rec["status"] = "ok"
     except (LLMError, ExplanationError) as e:
         rec["reason"], rec["error"] = e.reason, str(e)[:500]

@@ -11,8 +11,9 @@ import pytest
 from safesail.interpret.clients.base import ChatRequest, Completion, LLMClient, LLMError
 from safesail.interpret.clients.cache import CachedClient
 from safesail.interpret.explain import run_explain_stage
-from safesail.interpret.prompts.explain import (ExplanationError, build_explain_messages, parse_explanation,
-                                                scale_acts)
+from safesail.interpret.prompts.explain import (EXAMPLES, N_SHOWN, PROMPT_VERSION, ExplanationError,
+                                                build_explain_messages, copied_reason, example_tokens,
+                                                parse_explanation, scale_acts)
 from safesail.rundir import RunDir
 
 HOOK = "layers.1.mlp_out"
@@ -71,8 +72,8 @@ def _records(rd):
 def test_prompt_shows_scaled_activations_and_parsing_cleans_replies():
     seg = {"tokens": ["The", " river", " flows", "\n"], "acts": [0.0, 4.0, 1.0, 0.0]}
     msgs = build_explain_messages([seg], max_act=4.0)
-    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
-    assert 'Excerpt 1: The river flows⏎' in msgs[-1]["content"]
+    assert [m["role"] for m in msgs] == ["system"] + ["user", "assistant"] * N_SHOWN + ["user"]
+    assert 'Excerpt 1: The [river] flows⏎' in msgs[-1]["content"]
     assert '" river" (10), " flows" (3)' in msgs[-1]["content"]
     assert scale_acts([0, 0.04, 2, 8, 9], 8) == [0, 0, 3, 10, 10]
     assert parse_explanation('Explanation: The latent detects "words about rivers".\nMore text') == \
@@ -84,6 +85,53 @@ def test_prompt_shows_scaled_activations_and_parsing_cleans_replies():
         with pytest.raises(ExplanationError) as e:
             parse_explanation(bad)
         assert e.value.reason == reason
+
+
+def test_worked_examples_rotate_and_are_not_about_the_domains():
+    seg = {"tokens": [" a", " b"], "acts": [1.0, 0.0]}
+    shown = [tuple(m["content"] for m in build_explain_messages([seg], 1.0, r) if m["role"] == "assistant")
+             for r in range(len(EXAMPLES))]
+    assert len(set(shown)) == len(EXAMPLES) and len({a for s in shown for a in s}) == len(EXAMPLES)
+    domain_words = ("polit", "porn", "sex", "violen", "terror", "kill", "weapon", "gun", "bomb", "war")
+    for ex in EXAMPLES:
+        text = (ex.answer + " ".join(t for t, _ in ex.excerpts)).lower()
+        assert not any(w in text for w in domain_words), ex.answer
+        for excerpt, active in ex.excerpts:   # every listed active token is a token of its excerpt
+            assert {t for t, _ in active} <= set(example_tokens(excerpt))
+
+
+@pytest.mark.parametrize("reply,copied", [
+    ("colour words", True), ("Colour words.", True), ("units of measurement after numbers", True),
+    ("day of the week and month", True), ("she painted the fence bright red and the door", True),
+    ("the police officers searched the car for the stolen", True),     # echoes the latent's own excerpt
+    ("words for police and searching", False), ("victims of violence", False), ("the word 'car'", False),
+    ("colours of police cars", False),
+])
+def test_copied_example_detection(reply, copied):
+    excerpts = [" Yesterday the police officers searched the car for the stolen goods."]
+    why = copied_reason(parse_explanation(reply), excerpts)
+    assert (why is not None) == copied, why
+
+
+def test_a_copied_reply_is_retried_once_with_other_examples_then_named(smoke_cfg, tiny_model):
+    cfg = smoke_cfg("explain.concurrency=1", "explain.latents=[2,3]")
+    rd = make_collected_run(cfg, tiny_model)
+    # latent 2: parrots an example, then answers; latent 3: parrots twice.
+    llm = ScriptedLLM([EXAMPLES[0].answer, "rivers and streams", EXAMPLES[1].answer, EXAMPLES[2].answer])
+    run_explain_stage(cfg, [], client=llm)
+    recs = {r["latent"]: r for r in _records(rd)}
+    assert recs[2]["status"] == "ok" and recs[2]["explanation"] == "rivers and streams"
+    assert recs[2]["llm_calls"] == 2 and len(recs[2]["copied"]) == 1
+    assert recs[3]["status"] == "failed" and recs[3]["reason"] == "copied_example" and recs[3]["llm_calls"] == 2
+    first, retry = llm.calls[0].messages, llm.calls[1].messages
+    answers = [{m["content"] for m in msgs if m["role"] == "assistant"} for msgs in (first, retry)]
+    assert answers[0].isdisjoint(answers[1])        # the retry shows other worked examples
+    assert first[-1] == retry[-1]                    # about the same excerpts
+    # copied_example is a permanent failure: a re-run does not ask again
+    llm2 = ScriptedLLM(["never asked"])
+    run_explain_stage(smoke_cfg("explain.concurrency=1", "explain.latents=[2,3]", "explain.max_chars=199"), [],
+                      client=llm2)
+    assert llm2.calls == []
 
 
 def test_faults_are_recorded_per_latent_and_counted(smoke_cfg, tiny_model):
@@ -101,7 +149,7 @@ def test_faults_are_recorded_per_latent_and_counted(smoke_cfg, tiny_model):
     assert got == [("ok", None), ("failed", "rate_limited"), ("failed", "server_error"), ("failed", "empty_reply"),
                    ("failed", "wrong_language"), ("failed", "timeout"), ("ok", None)]
     assert recs[1]["explanation"] == "words about rivers" and recs[1]["raw"] == replies[0]
-    assert recs[1]["model"] == "scripted" and recs[1]["prompt_version"] == "explain-v1" and recs[1]["layer"] == 1
+    assert recs[1]["model"] == "scripted" and recs[1]["prompt_version"] == PROMPT_VERSION and recs[1]["layer"] == 1
     assert recs[1]["prompt_tokens"] > 0 and recs[1]["segments"] > 0
     stage = rd.stage_record("explain")
     assert stage["status"] == "partial"

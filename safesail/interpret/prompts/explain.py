@@ -1,41 +1,63 @@
 """The explanation prompt: text only, no wire format.
 
 `build_explain_messages` turns a latent's explain-split segments into chat
-messages; `parse_explanation` turns the reply into one short line or raises
-`ExplanationError` with a reason. Bump PROMPT_VERSION whenever the wording
-changes: explanations are recorded (and resumed) per prompt version.
+messages with a few worked examples; which examples, and in what order, rotates
+with `rotation` (explain.py derives it from the latent id, and moves it on for
+the one retry after a copied reply). `parse_explanation` turns the reply into
+one short phrase naming the concept, or raises `ExplanationError` with a reason.
+`copied_reason` names a reply that parrots a worked example or echoes the
+excerpts (`copied_example`): small models do both. Bump PROMPT_VERSION whenever
+the wording changes: explanations are recorded (and resumed) per prompt version.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
+from dataclasses import dataclass
 
-PROMPT_VERSION = "explain-v1"  # the parser may change without a bump: `raw` keeps the reply
+PROMPT_VERSION = "explain-v2"  # the parser may change without a bump: `raw` keeps the reply
 
 SYSTEM = (
-    "You are an interpretability researcher. You study one unit (a latent) of a language model. "
-    "You are shown text excerpts; after each excerpt, the tokens where the latent is active are listed "
-    "with its activation on a scale from 0 to 10. Find what the active tokens have in common and describe, "
-    "in a few words, what the latent detects. Answer with one short English phrase only."
+    "You are an interpretability researcher studying one unit (a latent) of a language model. "
+    "You see text excerpts; in each, the tokens where the latent is most active are in [brackets], and "
+    "below it every active token is listed with its activation from 0 to 10. Find the concept the active "
+    "tokens share (a topic, a kind of word, a piece of grammar or formatting). Answer with a short noun "
+    "phrase naming that concept, e.g. \"colour words\", never a sentence about the latent, and never "
+    "copy an excerpt or an earlier answer."
 )
 
-# One worked example, so that even a small model answers in the expected shape.
-EXAMPLE_USER = (
-    "Excerpt 1: I adopted a puppy and two kittens last spring.\n"
-    "Active tokens: \" puppy\" (10), \" kittens\" (8)\n\n"
-    "Excerpt 2: The farmer fed the horses before dawn.\n"
-    "Active tokens: \" horses\" (9)\n\n"
-    "What does the latent detect?"
-)
-EXAMPLE_ASSISTANT = "names of animals, especially pets and farm animals"
 
-_PREFIXES = re.compile(
-    r"^\s*(?:(?:the\s+)?(?:final\s+)?(?:answer|explanation|description|summary|response)\s*[:\-]\s*|"
-    r"(?:the\s+)?(?:latent|neuron|unit|feature)\s+(?:is\s+)?(?:detects|detecting|fires on|responds to|"
-    r"activates on|activates for|is active on|represents|captures|tracks)\s*[:\-]?\s*|"
-    r"it\s+(?:detects|fires on|responds to|activates on)\s*[:\-]?\s*|"
-    r"this\s+(?:latent|neuron|unit|feature)\s+(?:detects|fires on|responds to|activates on)\s*[:\-]?\s*)",
-    re.IGNORECASE)
+@dataclass(frozen=True)
+class Example:
+    excerpts: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]   # (text, ((active token, level), ...))
+    answer: str
+
+
+# Worked examples, none about the safety domains (politics, pornography, violence, terror), so that a
+# parroted example can never pass for a domain latent. Each shows the reply's shape: a concept, no preamble.
+EXAMPLES: tuple[Example, ...] = (
+    Example(((" She painted the fence bright red and the door blue.", ((" red", 10), (" blue", 8))),
+             (" His green scarf matched the grey sky.", ((" green", 9), (" grey", 6)))),
+            "colour words"),
+    Example(((" Add two cups of flour and a teaspoon of salt.", ((" cups", 10), (" teaspoon", 9))),
+             (" The parcel weighed three kilograms.", ((" kilograms", 8),))),
+            "units of measurement after a number"),
+    Example(((" We met on Tuesday and again in March.", ((" Tuesday", 10), (" March", 7))),
+             (" The shop is closed every Sunday.", ((" Sunday", 9),))),
+            "days of the week and months"),
+    Example(((" The function returns a list of strings.", ((" function", 8), (" returns", 10))),
+             (" Call the method before the loop starts.", ((" method", 9), (" loop", 6)))),
+            "programming terms"),
+    Example((("\"Come in,\" she said. \"Sit down.\"", (("\"", 10), (".\"", 7))),
+             (" He asked, \"Where are you going?\"", ((" \"", 9), ("?\"", 8)))),
+            "quotation marks around spoken dialogue"),
+    Example(((" The soup simmered while she chopped the onions.", ((" simmered", 9), (" chopped", 10))),
+             (" Bake the bread until golden, then slice it.", ((" Bake", 10), (" slice", 7)))),
+            "cooking actions"),
+)
+
+N_SHOWN = 2   # worked examples in one prompt
 
 
 class ExplanationError(Exception):
@@ -56,24 +78,89 @@ def _clean(tok: str) -> str:
     return tok.replace("\n", "⏎").replace("\r", "").replace("\t", " ")
 
 
-def format_segment(number: int, tokens: list[str], acts: list[float], max_act: float) -> str:
-    scaled = scale_acts(acts, max_act)
-    text = "".join(_clean(t) for t in tokens).strip()
-    active = [f"{_quote(_clean(t))} ({s})" for t, s in zip(tokens, scaled) if s > 0]
-    return f"Excerpt {number}: {text}\nActive tokens: {', '.join(active) if active else '(none)'}"
-
-
 def _quote(s: str) -> str:
     return '"' + s.replace('"', '\\"') + '"'
 
 
-def build_explain_messages(segments: list[dict], max_act: float) -> list[dict]:
-    """Chat messages asking what the latent detects, given segments with `tokens` and `acts`."""
+def _bracketed(tokens: list[str], levels: list[int], top: int) -> str:
+    """The excerpt's text with its most active tokens in brackets (within 2 levels of its peak)."""
+    cut = top - 2 if top >= 5 else top
+    out = []
+    for t, s in zip(tokens, levels):
+        t = _clean(t)
+        if s > 0 and s >= cut:
+            lead = t[:len(t) - len(t.lstrip())]
+            out.append(f"{lead}[{t.lstrip()}]" if t.strip() else f"[{t}]")
+        else:
+            out.append(t)
+    return "".join(out).strip()
+
+
+def _excerpt(number: int, tokens: list[str], levels: list[int]) -> str:
+    top = max(levels, default=0)
+    active = [f"{_quote(_clean(t))} ({s})" for t, s in zip(tokens, levels) if s > 0]
+    return (f"Excerpt {number}: {_bracketed(tokens, levels, top)}\n"
+            f"Active tokens: {', '.join(active) if active else '(none)'}")
+
+
+def format_segment(number: int, tokens: list[str], acts: list[float], max_act: float) -> str:
+    return _excerpt(number, tokens, scale_acts(acts, max_act))
+
+
+def example_tokens(text: str) -> list[str]:
+    """A crude tokenisation of a worked example: words and runs of punctuation, with their leading space."""
+    return re.findall(r"\s*[^\W_]+|\s*[^\w\s]+", text)
+
+
+def _example_text(ex: Example) -> str:
+    parts = []
+    for i, (text, active) in enumerate(ex.excerpts):
+        # Tokenise the example crudely (words with their leading space) so it reads like a real excerpt.
+        toks = example_tokens(text)
+        level = dict(active)
+        parts.append(_excerpt(i + 1, toks, [level.get(t, 0) for t in toks]))
+    return "\n\n".join(parts)
+
+
+QUESTION = "What concept do the active tokens share?"
+
+
+def examples_for(rotation: int, n: int = N_SHOWN) -> list[Example]:
+    """`n` worked examples starting at `rotation` (mod the pool), in rotated order."""
+    k = len(EXAMPLES)
+    return [EXAMPLES[(rotation + i) % k] for i in range(min(n, k))]
+
+
+def build_explain_messages(segments: list[dict], max_act: float, rotation: int = 0) -> list[dict]:
+    """Chat messages asking what the latent's active tokens share, given segments with `tokens` and `acts`."""
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for ex in examples_for(rotation):
+        msgs.append({"role": "user", "content": _example_text(ex) + "\n\n" + QUESTION})
+        msgs.append({"role": "assistant", "content": ex.answer})
     body = "\n\n".join(format_segment(i + 1, s["tokens"], s["acts"], max_act) for i, s in enumerate(segments))
-    return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": EXAMPLE_USER},
-            {"role": "assistant", "content": EXAMPLE_ASSISTANT},
-            {"role": "user", "content": body + "\n\nWhat does the latent detect?"}]
+    msgs.append({"role": "user", "content": body + "\n\n" + QUESTION})
+    return msgs
+
+
+# ---- parsing -----------------------------------------------------------------------------------------------
+
+_UNIT = r"(?:latent|neuron|unit|feature)"
+_VERB = (r"(?:detects|detecting|is detecting|fires on|fires for|responds to|activates on|activates for|"
+         r"is active on|is activated by|represents|captures|tracks|encodes|is about|focuses on|identifies)")
+_PREFIXES = re.compile(
+    r"^\s*(?:(?:the\s+)?(?:final\s+)?(?:answer|explanation|description|summary|response|concept)\s*(?:is)?\s*"
+    r"[:\-]\s*|"
+    rf"(?:the|this|that)\s+{_UNIT}\s+(?:is\s+)?{_VERB}\s*[:\-]?\s*|"
+    rf"{_UNIT}\s+{_VERB}\s*[:\-]?\s*|"
+    r"(?:it|they)\s+(?:detects|detect|fires on|responds to|activates on|share|shares)\s*[:\-]?\s*|"
+    r"the\s+(?:active\s+)?tokens\s+(?:all\s+)?(?:share|have in common|are)\s*[:\-]?\s*|"
+    r"the\s+(?:common\s+|shared\s+)?concept\s+(?:is|shared is)\s*[:\-]?\s*|"
+    r"(?:the\s+)?presence\s+of\s+|"
+    r"(?:the\s+)?(?:use|usage|occurrence|appearance)\s+of\s+)",
+    re.IGNORECASE)
+
+
+_QUOTES = "\"'`“”‘’"
 
 
 def _latin_share(text: str) -> float:
@@ -89,9 +176,11 @@ def parse_explanation(reply: str, max_chars: int = 200, language: str | None = "
         raise ExplanationError("empty_reply", "the model returned no text")
     line = next((ln for ln in reply.strip().splitlines() if ln.strip()), "")
     line = line.strip().strip("*#>-• ").strip()
-    for _ in range(2):
+    for _ in range(3):
         line = _PREFIXES.sub("", line).strip()
-    line = line.strip().rstrip(".").strip().strip("\"'`“”").strip().rstrip(".").strip()
+    line = line.strip().rstrip(".").strip()
+    if len(line) > 1 and line[0] in _QUOTES and line[-1] in _QUOTES:
+        line = line[1:-1].strip().rstrip(".").strip()
     # Keep the first sentence: small models run on ("... a word. In this case, the latent ...").
     end = re.search(r"[.!?]\s+[A-Z]", line)
     if end:
@@ -104,3 +193,46 @@ def parse_explanation(reply: str, max_chars: int = 200, language: str | None = "
         cut = line[:max_chars].rsplit(" ", 1)[0]
         line = cut if cut else line[:max_chars]
     return line
+
+
+# ---- copied replies ------------------------------------------------------------------------------------------
+
+_FILLER = {"a", "an", "the", "of", "and", "or", "in", "on", "to", "for", "with", "after", "before"}
+
+
+def _words(text: str) -> list[str]:
+    """Content words, lower-cased, a plural "s" dropped: "Units of measurement" ~ "unit measurement"."""
+    words = re.findall(r"[^\W_]+", text.lower())
+    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+            for w in words if w not in _FILLER]
+
+
+def _near(a: list[str], b: list[str], cut: float) -> bool:
+    return bool(a) and bool(b) and difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= cut
+
+
+def _longest_run(a: list[str], b: list[str]) -> int:
+    m = difflib.SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
+    return m.size
+
+
+def copied_reason(explanation: str, excerpts: list[str], near: float = 0.8, echo_words: int = 6) -> str | None:
+    """Why the explanation is a copy, or None: equal or near-equal (word-sequence similarity >= `near`) to
+    any worked example's answer or excerpt, or echoing an excerpt (a run of >= `echo_words` of its words, or
+    80% of a reply of 5+ words). Short replies that quote the excerpt's key words ("victims of violence")
+    are what an explanation should be, not copies."""
+    words = _words(explanation)
+    if not words:
+        return None
+    for ex in EXAMPLES:
+        if _near(words, _words(ex.answer), near):
+            return f"the reply repeats the worked example {ex.answer!r}"
+        for text, _ in ex.excerpts:
+            if _near(words, _words(text), near) or _longest_run(words, _words(text)) >= echo_words:
+                return "the reply repeats a worked example's excerpt"
+    for i, text in enumerate(excerpts):
+        ew = _words(text)
+        run = _longest_run(words, ew)
+        if run >= echo_words or (len(words) >= 5 and run >= 0.8 * len(words)):
+            return f"the reply echoes excerpt {i + 1} ({run} words in a row)"
+    return None
