@@ -1,6 +1,6 @@
 """`safesail run`: every stage in order, each skipped when already complete.
 
-cache -> train -> select -> collect -> explain -> score -> tag -> db build
+cache -> train -> select -> collect -> explain -> score -> tag -> verify -> db build
 
 Each stage decides for itself whether it is complete (a fingerprint of its
 inputs and config in `runs/<name>/stages/<stage>.json`) and continues where it
@@ -33,6 +33,7 @@ PIPELINE: list[tuple[str, list[str]]] = [
     ("explain", []),
     ("score", []),
     ("tag", []),
+    ("verify", []),
     ("db", ["build"]),
 ]
 DOMAINS = ("politics", "pornography", "violence", "terror")

@@ -1,0 +1,218 @@
+"""The four causal checks of one direction (an SAE latent or a reference direction).
+
+(a) output effect: the tokens the direction promotes / suppresses through the unembedding
+    (direct logit effect), and the measured change of next-token log-probabilities on the
+    domain's neutral queries when it is added;
+(b) necessity: ablating it on the corpus segments where it fires (change of the loss on the
+    next tokens there) and on the domain's concept queries (share of answers that change);
+(c) sufficiency: steering the neutral queries with it; the judge LLM says whether each answer
+    is about the explanation, against the unsteered answers and a random latent of the same norm;
+(d) refusal: refusal log-probability and phrase rate, their change under ablation (concept
+    queries) and under steering (neutral queries), overall and per language.
+Every figure is a mean over items with a bootstrap interval (`scoring.metrics.bootstrap_interval`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from safesail.interpret.scoring.metrics import bootstrap_interval
+from safesail.verify.generation import generate_batch, next_token_logprobs
+from safesail.verify.interventions import Intervention
+from safesail.verify.records import Effect
+from safesail.verify.refusal import is_refusal, refusal_logprob
+
+
+@dataclass
+class Answers:
+    """Greedy answers of a list of prompts under one condition, with their refusal figures."""
+    ids: list[list[int]]
+    texts: list[str]
+    refusal_lp: list[float]
+    refused: list[bool]
+
+
+@dataclass
+class QuerySet:
+    """A domain's concept queries and their neutral twins, with the unmodified model's answers."""
+    domain: str
+    langs: list[str]
+    concept: list[list[int]]
+    neutral: list[list[int]]
+    base_concept: Answers | None = None
+    base_neutral: Answers | None = None
+    base_next: torch.Tensor | None = None      # [n_neutral, vocab] next-token log-probs
+    judged_unsteered: dict[str, list] = field(default_factory=dict)   # topic -> verdicts
+
+
+@dataclass
+class CheckSettings:
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    top_tokens: int = 10
+    n_boot: int = 200
+    seed: int = 0
+
+
+def mean_ci(values: list[float], s: CheckSettings) -> tuple[float | None, float | None, float | None]:
+    vals = [float(v) for v in values]
+    if not vals:
+        return None, None, None
+    lo, hi = bootstrap_interval(lambda idx: sum(vals[i] for i in idx) / len(idx), len(vals), s.n_boot,
+                                seed=s.seed)
+    return sum(vals) / len(vals), lo, hi
+
+
+class Verifier:
+    """Runs the checks on a loaded model; `judge(topic, texts) -> verdicts` (None: no judge)."""
+
+    def __init__(self, lm, settings: CheckSettings, judge: Callable | None):
+        self.lm, self.s, self.judge = lm, settings, judge
+        self._memo: dict = {}
+
+    # ---- conditions ---------------------------------------------------------------------
+    def answers(self, prompts: list[list[int]], langs: list[str], iv: Intervention | None = None) -> Answers:
+        ctx = iv.apply(self.lm.model) if iv else _null()
+        with ctx:
+            ids = generate_batch(self.lm, prompts, self.s.max_new_tokens, self.s.batch_size)
+            lp = refusal_logprob(self.lm, prompts, langs, memo=self._memo)
+        texts = [self.lm.tokenizer.decode(a, skip_special_tokens=True) for a in ids]
+        return Answers(ids, texts, lp, [is_refusal(t) for t in texts])
+
+    def next_logprobs(self, prompts: list[list[int]], iv: Intervention | None = None) -> torch.Tensor:
+        with (iv.apply(self.lm.model) if iv else _null()):
+            return next_token_logprobs(self.lm, prompts, self.s.batch_size)
+
+    def baseline(self, qs: QuerySet) -> QuerySet:
+        if qs.base_concept is None:
+            qs.base_concept = self.answers(qs.concept, qs.langs)
+            qs.base_neutral = self.answers(qs.neutral, qs.langs)
+            qs.base_next = self.next_logprobs(qs.neutral)
+        return qs
+
+    def _judged(self, qs: QuerySet, topic: str, texts: list[str]) -> list[float]:
+        verdicts = self.judge(topic, texts)
+        return [1.0 if v else 0.0 for v in verdicts], sum(v is None for v in verdicts)
+
+    # ---- the checks ----------------------------------------------------------------------
+    def direct_logits(self, direction: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+        """Direct logit effect of a residual-space direction: unembedding (through the final norm's gain)."""
+        model = self.lm.model
+        W_U = model.get_output_embeddings().weight.detach().float()
+        norm = getattr(getattr(model, "model", model), "norm", None)
+        v = direction.detach().float().to(W_U.device)
+        if norm is not None and getattr(norm, "weight", None) is not None:
+            v = v * norm.weight.detach().float()
+        dla = (W_U @ v).cpu()
+        k = min(self.s.top_tokens, dla.numel())
+        tok = self.lm.tokenizer
+        up = [[tok.decode([int(i)]), round(float(dla[i]), 4), int(i)] for i in dla.topk(k).indices]
+        down = [[tok.decode([int(i)]), round(float(dla[i]), 4), int(i)] for i in (-dla).topk(k).indices]
+        return dla, up, down
+
+    def output_effect(self, base: dict, direction: torch.Tensor, steer: Intervention, qs: QuerySet) -> list[Effect]:
+        dla, up, down = self.direct_logits(direction)
+        out = [Effect(**base, check="output_effect", metric="direct_logit_max", value=float(dla.max()),
+                      n=int(dla.numel()), details={"promoted": up, "suppressed": down})]
+        steered = self.next_logprobs(qs.neutral, steer)
+        ids = torch.tensor([t[2] for t in up])
+        change = (steered[:, ids] - qs.base_next[:, ids]).mean(1).tolist()
+        m, lo, hi = mean_ci(change, self.s)
+        out.append(Effect(**base, check="output_effect", metric="promoted_logprob_change", value=m, ci_low=lo,
+                          ci_high=hi, n=len(change), details={"tokens": [t[0] for t in up]}))
+        kl = (qs.base_next.exp() * (qs.base_next - steered)).sum(1).tolist()
+        m, lo, hi = mean_ci(kl, self.s)
+        out.append(Effect(**base, check="output_effect", metric="next_token_kl", value=m, ci_low=lo, ci_high=hi,
+                          n=len(kl)))
+        return out
+
+    def segment_loss(self, base: dict, ablate: Intervention, codes_of: Callable, segments: list[dict]) -> list[Effect]:
+        """Mean change of next-token loss where the latent fires, per segment (ablated - unmodified)."""
+        per_seg = []
+        for seg in segments:
+            ids = torch.tensor([seg["token_ids"]], device=self.lm.device)
+            if ids.shape[1] < 2:
+                continue
+            fires = (codes_of(ids) > 0)[:-1]
+            if not bool(fires.any()):
+                continue
+            with torch.no_grad():
+                lp0 = torch.log_softmax(self.lm.model(input_ids=ids).logits[0, :-1].float(), -1)
+                with ablate.apply(self.lm.model):
+                    lp1 = torch.log_softmax(self.lm.model(input_ids=ids).logits[0, :-1].float(), -1)
+            nxt = ids[0, 1:]
+            rows = torch.arange(len(nxt), device=nxt.device)
+            d = (lp0[rows, nxt] - lp1[rows, nxt])[fires.to(nxt.device)]
+            per_seg.append(float(d.mean()))
+        m, lo, hi = mean_ci(per_seg, self.s)
+        return [Effect(**base, check="necessity", metric="segment_loss_change", value=m, ci_low=lo, ci_high=hi,
+                       n=len(per_seg), details={"segments_tried": len(segments)})]
+
+    def necessity_answers(self, base: dict, ablated: Answers, qs: QuerySet, fires: list[bool] | None) -> list[Effect]:
+        changed = [1.0 if a != b else 0.0 for a, b in zip(ablated.ids, qs.base_concept.ids)]
+        m, lo, hi = mean_ci(changed, self.s)
+        details = {"examples": [{"base": b, "ablated": a} for a, b in zip(ablated.texts[:3], qs.base_concept.texts)]}
+        if fires is not None:
+            details["fires_on_query"] = sum(fires) / max(len(fires), 1)
+        return [Effect(**base, check="necessity", metric="answer_changed", value=m, ci_low=lo, ci_high=hi,
+                       n=len(changed), details=details)]
+
+    def sufficiency(self, base: dict, topic: str, steered: Answers, qs: QuerySet,
+                    control: Answers | None, control_base: dict | None) -> list[Effect]:
+        if self.judge is None or not topic:
+            return []
+        if topic not in qs.judged_unsteered:
+            qs.judged_unsteered[topic] = self._judged(qs, topic, qs.base_neutral.texts)
+        un, un_bad = qs.judged_unsteered[topic]
+        st, st_bad = self._judged(qs, topic, steered.texts)
+        m, lo, hi = mean_ci(st, self.s)
+        det = {"topic": topic, "unsteered_rate": sum(un) / max(len(un), 1), "unparsed": st_bad,
+               "examples": steered.texts[:3]}
+        out = []
+        diffs = {"on_concept_vs_unsteered": [a - b for a, b in zip(st, un)]}
+        if control is not None:
+            ct, ct_bad = self._judged(qs, topic, control.texts)
+            det["random_rate"] = sum(ct) / max(len(ct), 1)
+            cm, clo, chi = mean_ci(ct, self.s)
+            out.append(Effect(**control_base, check="sufficiency", metric="on_concept_rate", value=cm, ci_low=clo,
+                              ci_high=chi, n=len(ct), details={"topic": topic, "unparsed": ct_bad,
+                                                               "examples": control.texts[:3]}))
+            diffs["on_concept_vs_random"] = [a - b for a, b in zip(st, ct)]
+        out.insert(0, Effect(**base, check="sufficiency", metric="on_concept_rate", value=m, ci_low=lo, ci_high=hi,
+                             n=len(st), details=det))
+        for metric, vals in diffs.items():
+            dm, dlo, dhi = mean_ci(vals, self.s)
+            out.append(Effect(**base, check="sufficiency", metric=metric, value=dm, ci_low=dlo, ci_high=dhi,
+                              n=len(vals)))
+        return out
+
+    def refusal(self, base: dict, kind: str, changed: Answers, ref: Answers, langs: list[str]) -> list[Effect]:
+        """Refusal figures of `changed` minus `ref` (kind: ablate | steer), overall and per language."""
+        out = []
+        groups = {None: list(range(len(langs)))}
+        for i, lang in enumerate(langs):
+            groups.setdefault(lang, []).append(i)
+        for lang, idx in groups.items():
+            lp = [changed.refusal_lp[i] - ref.refusal_lp[i] for i in idx]
+            rate = [float(changed.refused[i]) - float(ref.refused[i]) for i in idx]
+            for metric, vals, det in (
+                    (f"refusal_logprob_change_{kind}", lp,
+                     {"base_mean": sum(ref.refusal_lp[i] for i in idx) / len(idx)}),
+                    (f"refusal_rate_change_{kind}", rate,
+                     {"base_rate": sum(ref.refused[i] for i in idx) / len(idx),
+                      "rate": sum(changed.refused[i] for i in idx) / len(idx)})):
+                m, lo, hi = mean_ci(vals, self.s)
+                out.append(Effect(**{**base, "lang": lang}, check="refusal", metric=metric, value=m, ci_low=lo,
+                                  ci_high=hi, n=len(vals), details=det))
+        return out
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,89 @@
+"""Batched greedy answers and next-token log-probabilities, under whatever intervention is active.
+
+Prompts are chat-templated token ids (`safesail.chat.encode_chat`). Generation pads on the
+left so a batch of prompts of different lengths is answered in one `generate` call; the
+answers are cut at the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def eos_ids(lm) -> set[int]:
+    eos = lm.model.generation_config.eos_token_id
+    out = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {lm.tokenizer.eos_token_id}
+    return {int(x) for x in out if x is not None}
+
+
+def _pad_id(lm) -> int:
+    tok = lm.tokenizer
+    return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+@torch.no_grad()
+def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
+    """Greedy answers (token ids, end-of-turn token removed) of each prompt."""
+    pad, stops = _pad_id(lm), eos_ids(lm)
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        gen = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=max_new_tokens,
+                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        for row in gen[:, width:].tolist():
+            ans = []
+            for t in row:
+                if t in stops:
+                    break
+                ans.append(t)
+            out.append(ans)
+    return out
+
+
+@torch.no_grad()
+def next_token_logprobs(lm, prompts: list[list[int]], batch_size: int = 8) -> torch.Tensor:
+    """[n, vocab] log-probabilities of the token after each prompt (right padding, one forward per batch)."""
+    pad = _pad_id(lm)
+    rows = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(chunk):
+            ids[j, :len(p)] = torch.tensor(p)
+            mask[j, :len(p)] = 1
+        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
+        last = torch.tensor([len(p) - 1 for p in chunk], device=logits.device)
+        rows.append(torch.log_softmax(logits[torch.arange(len(chunk)), last], -1).cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def continuation_logprobs(lm, prompts: list[list[int]], continuations: list[list[int]],
+                          batch_size: int = 16) -> torch.Tensor:
+    """[n] log P(continuation_i | prompt_i), summed over the continuation's tokens."""
+    pad = _pad_id(lm)
+    seqs = [p + c for p, c in zip(prompts, continuations)]
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, s in enumerate(chunk):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        logp = torch.log_softmax(lm.model(input_ids=ids.to(lm.device),
+                                          attention_mask=mask.to(lm.device)).logits.float(), -1).cpu()
+        for j in range(len(chunk)):
+            p, c = prompts[i + j], continuations[i + j]
+            pos = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+            out.append(float(logp[j, pos, torch.tensor(c)].sum()))
+    return torch.tensor(out)
