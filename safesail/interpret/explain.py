@@ -134,7 +134,7 @@ def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tok
     width = max((len(s["tokens"]) for s in segs), default=0)
     while client.count_message_tokens(msgs) > budget and width > 1:
         width //= 2
-        segs = [_around_peak(s, width) for s in segs]
+        segs = [around_peak(s, width) for s in segs]
         msgs = build(segs)
     if client.count_message_tokens(msgs) > budget:
         raise LLMError("context_overflow", f"even one segment does not fit the context window of "
@@ -142,7 +142,7 @@ def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tok
     return msgs, n
 
 
-def _around_peak(seg: dict, width: int) -> dict:
+def around_peak(seg: dict, width: int) -> dict:
     acts = seg["acts"]
     peak = max(range(len(acts)), key=lambda i: acts[i]) if acts else 0
     a = max(0, min(peak - width // 2, len(acts) - width))

@@ -1,12 +1,15 @@
 """`safesail tag`: safety-domain tags per latent (writes interpret/tags.jsonl).
 
 Two sources of evidence, both stored with every record:
-* ``llm``: the tagger LLM (the `llm` group) reads the latent's explanation and names
-  zero or more of politics, pornography, violence, terror (`prompts/tag.py`);
-* ``pairs``: the select stage's contrastive pair statistics (`load_pair_stats`): a
-  domain passes when the latent fires on enough of that domain's concept queries,
-  sufficiently more often than on their neutral twins, and more strongly on average.
-The rule that combines them is `tag.rule` (either | both | pairs_only | llm_only).
+* ``llm``: the tagger LLM (the `llm` group) reads the latent's explanation and its top
+  excerpts (peak tokens bracketed) and names zero or more of politics, pornography,
+  violence, terror (`prompts/tag.py`);
+* ``pairs``: the select stage's contrastive pair statistics: per domain an exact McNemar
+  test of concept-only vs twin-only firing, the rate difference as effect size, and
+  whether it passes (`pair_evidence.py`).
+The rule that combines them is `tag.rule` (either | both | pairs_only | llm_only); the
+default is the one `benchmarks/bench_tag_rule.py` measured best on held-out pairs
+(precision and recall per domain, `tag_rule.py`; figures in BENCHMARKS.md).
 A latent without pair statistics (no select stage, or a latent the select stage did
 not measure) has LLM evidence only: "either" and "both" then use the LLM's domains
 and the record says so (`basis`). Format: docs/scoring.md.
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
+from safesail.interpret import pair_evidence as pe
 from safesail.interpret.prompts import tag as prompts
 from safesail.interpret.scoring.inputs import explanation_key, load_explanations
 from safesail.jsonl import append_jsonl, last_per_latent, open_append
@@ -38,18 +42,25 @@ DOMAINS = prompts.DOMAINS
 def tag_settings(cfg: DictConfig) -> dict:
     t = OmegaConf.to_container(cfg.get("tag") or {}, resolve=True) or {}
     s = {"rule": str(t.get("rule", "both")),
-         "min_concept_rate": float(t.get("min_concept_rate", 0.2)),
-         "min_rate_diff": float(t.get("min_rate_diff", 0.15)),
-         "min_act_diff": float(t.get("min_act_diff", 0.0)),
+         "alpha": float(t.get("alpha", pe.DEFAULTS["alpha"])),
+         "min_concept_rate": float(t.get("min_concept_rate", pe.DEFAULTS["min_concept_rate"])),
+         "min_rate_diff": float(t.get("min_rate_diff", pe.DEFAULTS["min_rate_diff"])),
+         "min_act_diff": float(t.get("min_act_diff", pe.DEFAULTS["min_act_diff"])),
          "use_llm": bool(t.get("use_llm", True)),
+         "segments": int(t.get("segments", 3)),
+         "segment_tokens": int(t.get("segment_tokens", 24)),
+         "max_tokens": int(t.get("max_tokens", 16)),
          "concurrency": int(t.get("concurrency") or cfg.llm.get("concurrency", 4))}
     if s["rule"] not in RULES:
         raise UserError(f"unknown tag.rule {s['rule']!r}; use one of {', '.join(RULES)}.")
+    if not 0 < s["alpha"] <= 1:
+        raise UserError(f"tag.alpha must be in (0, 1], got {s['alpha']}; 0.01 is the default.")
     return s
 
 
 def thresholds(s: dict) -> dict:
-    return {k: s[k] for k in ("rule", "min_concept_rate", "min_rate_diff", "min_act_diff")}
+    return {k: s[k] for k in ("rule", "alpha", "min_concept_rate", "min_rate_diff", "min_act_diff", "segments",
+                              "segment_tokens")}
 
 
 # ---- pair evidence ---------------------------------------------------------------------
@@ -59,19 +70,9 @@ def pair_index(stats: dict) -> dict[int, int]:
     return {int(j): i for i, j in enumerate(stats["latent_ids"].tolist())}
 
 
-def pair_evidence(stats: dict, row: int, s: dict) -> dict:
-    """Per domain: the latent's rates on concept vs neutral queries and whether they pass the thresholds."""
-    out = {}
-    for d in DOMAINS:
-        if f"{d}.concept_rate" not in stats:
-            continue
-        c = float(stats[f"{d}.concept_rate"][row])
-        n = float(stats[f"{d}.neutral_rate"][row])
-        diff = float(stats[f"{d}.mean_act_diff"][row])
-        passes = c >= s["min_concept_rate"] and c - n >= s["min_rate_diff"] and diff > s["min_act_diff"]
-        out[d] = {"concept_rate": round(c, 4), "neutral_rate": round(n, 4), "mean_act_diff": round(diff, 5),
-                  "passes": bool(passes)}
-    return out
+def pair_evidence(stats: dict, row: int, s: dict, n_pairs: dict[str, int]) -> dict:
+    """Per domain: rates on concept vs neutral queries, McNemar p, effect size, and whether it passes."""
+    return pe.latent_evidence(stats, row, n_pairs, DOMAINS, s)
 
 
 def load_hook_pairs(rd: RunDir, hook: str) -> dict | None:
@@ -82,14 +83,37 @@ def load_hook_pairs(rd: RunDir, hook: str) -> dict | None:
     return load_pair_stats(rd.root, hook)
 
 
+def pairs_per_domain(rd: RunDir) -> dict[str, int]:
+    """How many pairs of each domain select measured (selection.json); {} without a selection."""
+    from safesail.train.selection import load_selection, selection_path
+
+    if not selection_path(rd.root).is_file():
+        return {}
+    return {str(d): int(n) for d, n in (load_selection(rd.root).get("pairs", {}).get("by_domain") or {}).items()}
+
+
+def load_excerpts(rd: RunDir, hook: str, s: dict) -> dict[int, list[str]]:
+    """Per latent, its top explain-split excerpts (peak tokens bracketed); {} when collect wrote none."""
+    from safesail.interpret.explain import around_peak, load_tasks
+
+    if s["segments"] <= 0 or not (rd.latents(hook) / "segments.jsonl").is_file():
+        return {}
+    out = {}
+    for t in load_tasks(rd, hook):
+        segs = [around_peak(x, s["segment_tokens"]) for x in t.segments[:s["segments"]]]
+        out[t.latent] = prompts.excerpt_texts(segs, t.max_act)
+    return out
+
+
 # ---- LLM evidence -------------------------------------------------------------------------
 
-async def llm_evidence(client: LLMClient, explanation: str) -> dict:
+async def llm_evidence(client: LLMClient, explanation: str, excerpts: list[str] | None = None,
+                       max_tokens: int = 16) -> dict:
     """{"domains", "raw", "status"}: status ok | unparsable | llm_error | no_explanation."""
     if not explanation.strip():
         return {"domains": [], "raw": None, "status": "no_explanation"}
-    req = ChatRequest(messages=prompts.tag_messages(explanation), max_tokens=48, temperature=0.0,
-                      json_schema=prompts.tag_schema())
+    req = ChatRequest(messages=prompts.tag_messages(explanation, excerpts), max_tokens=max_tokens,
+                      temperature=0.0, stop=["\n"])
     try:
         comp = await client.chat(req)
     except LLMError as e:
@@ -177,6 +201,8 @@ async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, ke
     todo = [k for k in keys if not (k in stored and _is_current(stored[k], expls[k], s, tagger))]
     pairs_by_hook = {h: load_hook_pairs(rd, h) for h in sorted({h for h, _ in keys})}
     index = {h: pair_index(p) if p is not None else {} for h, p in pairs_by_hook.items()}
+    n_pairs = pairs_per_domain(rd)
+    excerpts = {h: load_excerpts(rd, h, s) for h in pairs_by_hook} if client is not None else {}
     for h, p in pairs_by_hook.items():
         if p is None:
             log.warning("tag: no pair statistics for %s (run `safesail select`); its tags use LLM evidence only", h)
@@ -193,9 +219,9 @@ async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, ke
                 llm = None
                 if client is not None:
                     async with sem:
-                        llm = await llm_evidence(client, text)
+                        llm = await llm_evidence(client, text, excerpts[hook].get(int(latent)), s["max_tokens"])
                 row = index[hook].get(int(latent))
-                pairs = pair_evidence(pairs_by_hook[hook], row, s) if row is not None else None
+                pairs = pair_evidence(pairs_by_hook[hook], row, s, n_pairs) if row is not None and n_pairs else None
                 append_jsonl(f, tag_record(hook, expl.get("layer"), latent, expl, llm, pairs, s, tagger))
                 bar.update(1)
 

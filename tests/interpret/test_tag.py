@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import pytest
 import torch
@@ -12,59 +13,89 @@ from sim_fakes import FakeClient
 from safesail.interpret.prompts.tag import TagParseError, parse_domains
 from safesail.interpret.tag import combine, pair_evidence, pair_index, tag_all, tag_settings
 from safesail.rundir import RunDir
-from safesail.train.selection import pair_stats_path, save_tensors
+from safesail.train.selection import SELECTION_VERSION, pair_stats_path, save_tensors, write_selection
 
 HOOK = "layers.1.mlp_out"
 
 
 @pytest.mark.parametrize("text,expected", [
-    ('{"domains": []}', []),
-    ('{"domains": ["terror", "Violence"]}', ["violence", "terror"]),
-    ('```json\n{"domains": ["politics"]}\n```', ["politics"]),
-    ('Answer: {"domains": ["pornography"]} done', ["pornography"]),
+    ("Domains: none", []), ("Domains: violence, terror", ["violence", "terror"]), ("none", []),
+    ("domains: Terror and violence.", ["violence", "terror"]), ("Domains: porn", ["pornography"]),
+    ('{"domains": []}', []), ('{"domains": ["terror", "Violence"]}', ["violence", "terror"]),
+    ('```json\n{"domains": ["politics"]}\n```', ["politics"]), ("violence", ["violence"]),
+    ("Domains: politics\nExplanation: the latent ...", ["politics"]),
 ])
 def test_parse_domains_accepts(text, expected):
     assert parse_domains(text) == expected
 
 
 @pytest.mark.parametrize("text", [
-    "", "violence", '{"domains": ["violence", "drugs"]}', '{"domains": "violence"}',
-    '{"domains": ["violence"], "confidence": 1}', '{"domains": ["violence", "violence"]}',
-    '{"domains": [1]}', '["violence"]', '{"tags": ["violence"]}', "{" * 50_000,
+    "", "   ", "Domains: violence, drugs", '{"domains": ["violence", "drugs"]}', '{"domains": "violence"}',
+    '{"domains": ["violence"], "confidence": 1}', "Domains: violence, violence", '{"domains": [1]}',
+    '{"tags": ["violence"]}', "{" * 50_000, "I think it is about politics", '{"domains": [',
 ])
 def test_parse_domains_refuses(text):
     with pytest.raises(TagParseError):
         parse_domains(text)
 
 
+def test_tag_prompt_shows_explanation_and_bracketed_excerpts():
+    from safesail.interpret.prompts.tag import excerpt_texts, tag_messages
+
+    segs = [{"tokens": [" victims", " of", " violence"], "acts": [0.5, 0.0, 4.0]}]
+    msgs = tag_messages("victims of violence", excerpt_texts(segs, 4.0))
+    assert msgs[-1]["content"] == "Explanation: victims of violence\nExcerpt 1: victims of [violence]\nWhich domains?"
+    # every worked answer is in the reply format the parser takes
+    assert all(parse_domains(m["content"]) is not None for m in msgs if m["role"] == "assistant")
+
+
+N_PAIRS = {"politics": 20, "pornography": 20, "violence": 20, "terror": 20}
+
+
 def _stats():
     # latent 5: fires on violence concepts much more than on their neutral twins; politics only weakly.
     # latent 7: fires equally on terror concepts and neutral twins (a general latent).
     t = {"latent_ids": torch.tensor([5, 7])}
-    rows = {"politics": ([0.25, 0.0], [0.2, 0.0], [0.1, 0.0]),
-            "pornography": ([0.0, 0.0], [0.0, 0.0], [0.0, 0.0]),
-            "violence": ([0.8, 0.1], [0.1, 0.1], [2.5, 0.0]),
-            "terror": ([0.3, 0.9], [0.0, 0.9], [-0.1, 0.01])}
-    for d, (c, n, a) in rows.items():
-        t[f"{d}.concept_rate"], t[f"{d}.neutral_rate"], t[f"{d}.mean_act_diff"] = (
-            torch.tensor(c), torch.tensor(n), torch.tensor(a))
+    # (concept_rate, neutral_rate, concept-only share, twin-only share, mean act diff) per latent
+    rows = {"politics": ([0.25, 0.0], [0.2, 0.0], [0.1, 0.0], [0.05, 0.0], [0.1, 0.0]),
+            "pornography": ([0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]),
+            "violence": ([0.8, 0.1], [0.1, 0.1], [0.7, 0.05], [0.0, 0.05], [2.5, 0.0]),
+            "terror": ([0.3, 0.9], [0.0, 0.9], [0.3, 0.05], [0.0, 0.05], [-0.1, 0.01])}
+    for d, (c, n, dd, r, a) in rows.items():
+        for name, v in zip(("concept_rate", "neutral_rate", "distinguish_rate", "reverse_rate", "mean_act_diff"),
+                           (c, n, dd, r, a)):
+            t[f"{d}.{name}"] = torch.tensor(v)
     return t
 
 
-SETTINGS = {"rule": "both", "min_concept_rate": 0.2, "min_rate_diff": 0.15, "min_act_diff": 0.0,
-            "use_llm": True, "concurrency": 2}
+SETTINGS = {"rule": "both", "alpha": 0.01, "min_concept_rate": 0.2, "min_rate_diff": 0.15, "min_act_diff": 0.0,
+            "use_llm": True, "segments": 3, "segment_tokens": 24, "max_tokens": 16, "concurrency": 2}
 
 
-def test_pair_evidence_thresholds():
+def test_pair_evidence_is_a_paired_test_with_an_effect_size():
     stats = _stats()
     idx = pair_index(stats)
-    ev5 = pair_evidence(stats, idx[5], SETTINGS)
+    ev5 = pair_evidence(stats, idx[5], SETTINGS, N_PAIRS)
     assert [d for d, e in ev5.items() if e["passes"]] == ["violence"]
-    assert not ev5["politics"]["passes"]   # rate difference 0.05 < 0.15
-    assert not ev5["terror"]["passes"]     # fires more often but weaker on average (act diff < 0)
-    ev7 = pair_evidence(stats, idx[7], SETTINGS)
+    assert not ev5["politics"]["passes"]   # 2 concept-only vs 1 twin-only pair: p = 0.5, rate diff 0.05
+    assert ev5["politics"]["p_value"] == 0.5
+    assert not ev5["terror"]["passes"]     # significant (6 vs 0 pairs, p = 1/64) but weaker on average
+    v = ev5["violence"]
+    assert (v["concept_only"], v["neutral_only"]) == (14, 0) and v["p_value"] == pytest.approx(2 ** -14, rel=1e-3)
+    assert v["effect"] == 0.7 and v["cohen_h"] == pytest.approx(2 * (math.asin(0.8 ** .5) - math.asin(0.1 ** .5)),
+                                                                 abs=1e-4)
+    ev7 = pair_evidence(stats, idx[7], SETTINGS, N_PAIRS)
     assert not any(e["passes"] for e in ev7.values())
-    assert ev5["violence"] == {"concept_rate": 0.8, "neutral_rate": 0.1, "mean_act_diff": 2.5, "passes": True}
+    # a strong rate difference on too few pairs is not significant
+    few = pair_evidence(stats, idx[5], SETTINGS, {**N_PAIRS, "violence": 4})
+    assert few["violence"]["concept_only"] == 3 and not few["violence"]["passes"]
+
+
+def test_exact_mcnemar():
+    from safesail.interpret.pair_evidence import mcnemar_p
+
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(5, 0) == pytest.approx(1 / 32)
+    assert mcnemar_p(3, 3) == pytest.approx(42 / 64) and mcnemar_p(0, 4) == 1.0
 
 
 def test_combination_rules():
@@ -85,11 +116,12 @@ def test_combination_rules():
 def test_tag_all_on_a_hand_made_run(tmp_path):
     rd = RunDir(tmp_path / "run")
     save_tensors(pair_stats_path(rd.root, HOOK), _stats())
+    write_selection(rd.root, {"version": SELECTION_VERSION, "chosen": {}, "pairs": {"by_domain": N_PAIRS}})
     expls = {(HOOK, 5): {"hook": HOOK, "layer": 1, "latent": 5, "status": "ok", "explanation": "guns and shooting"},
              (HOOK, 7): {"hook": HOOK, "layer": 1, "latent": 7, "status": "ok", "explanation": "the word 'bomb'"},
              (HOOK, 9): {"hook": HOOK, "layer": 1, "latent": 9, "status": "failed", "explanation": None},
              (HOOK, 11): {"hook": HOOK, "layer": 1, "latent": 11, "status": "ok", "explanation": "elections"}}
-    answers = {"guns": '{"domains": ["violence"]}', "bomb": '{"domains": ["terror", "violence"]}',
+    answers = {"guns": "Domains: violence", "bomb": '{"domains": ["terror", "violence"]}',
                "elections": "I think politics"}
 
     def reply(req):

@@ -96,6 +96,12 @@ def _bracketed(tokens: list[str], levels: list[int], top: int) -> str:
     return "".join(out).strip()
 
 
+def bracketed_text(tokens: list[str], acts: list[float], max_act: float) -> str:
+    """A segment's text with its most active tokens in [brackets] (shared with the tag prompt)."""
+    levels = scale_acts(acts, max_act)
+    return _bracketed(tokens, levels, max(levels, default=0))
+
+
 def _excerpt(number: int, tokens: list[str], levels: list[int]) -> str:
     top = max(levels, default=0)
     active = [f"{_quote(_clean(t))} ({s})" for t, s in zip(tokens, levels) if s > 0]

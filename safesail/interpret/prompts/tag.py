@@ -1,17 +1,19 @@
-"""The tag prompt: an LLM reads a latent's explanation and names the safety domains it belongs to.
+"""The tag prompt: an LLM reads a latent's explanation and its top excerpts and names its safety domains.
 
-The reply must be JSON `{"domains": [...]}` with zero or more of `DOMAINS`;
-`parse_domains` accepts JSON wrapped in prose or a code fence but nothing else
-inside it (unknown domains, duplicates, extra keys, non-strings are refused).
+The reply is one line, `Domains: violence, terror` or `Domains: none`: a shape a small
+model keeps to far more often than JSON (SmolLM2-135M broke the JSON reply on 15 of 43
+latents). `parse_domains` also takes the JSON form `{"domains": [...]}` (a hosted model
+may answer so) and refuses anything else: unknown domains, or words that are not domains.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
-from safesail.interpret.scoring.simulator import SimulationFailure, extract_json_object
+from safesail.interpret.prompts.explain import bracketed_text
 
-PROMPT_VERSION = "tag-v1"
+PROMPT_VERSION = "tag-v2"
 DOMAINS = ("politics", "pornography", "violence", "terror")
 _DESCRIPTIONS = {
     "politics": "political figures, parties, governments, elections, protests, sensitive political events",
@@ -20,55 +22,90 @@ _DESCRIPTIONS = {
     "terror": "terrorism, extremist groups, attacks on civilians, bombs, radicalisation",
 }
 
+SYSTEM = ("You decide which safety domains a latent (a unit of a language model) belongs to. The domains:\n"
+          + "\n".join(f"- {d}: {_DESCRIPTIONS[d]}" for d in DOMAINS)
+          + "\nYou get the latent's explanation and excerpts where it fires, its most active tokens in [brackets]. "
+            "Name a domain only when the explanation and the bracketed tokens are clearly about it; most latents "
+            "(punctuation, grammar, numbers, everyday topics) belong to none. Answer with one line: "
+            "\"Domains: \" and the matching domain names separated by commas, or \"Domains: none\".")
+
+# Worked examples: a plain latent, a domain latent, and a plain latent inside domain-looking text
+# (what matters is the bracketed tokens, not the topic of the excerpt around them).
+_EXAMPLES = (
+    ("colour words", ["She painted the fence bright [red] and the door [blue].", "His [green] scarf matched."],
+     "Domains: none"),
+    ("guns and shooting", ["He [shot] the man with a [rifle].", "Police found the [gun] in the car."],
+     "Domains: violence"),
+    ("full stops at the end of a sentence", ["The election was held on Monday[.]", "Rebels took the town[.]"],
+     "Domains: none"),
+)
+
 
 class TagParseError(ValueError):
-    """A tag reply that is not exactly the asked JSON."""
+    """A tag reply that is neither the asked line nor the JSON form."""
 
 
-def tag_messages(explanation: str) -> list[dict]:
-    domains = "\n".join(f"- {d}: {_DESCRIPTIONS[d]}" for d in DOMAINS)
-    system = ("You classify descriptions of latents (neurons) of a language model into safety domains:\n"
-              f"{domains}\nA latent belongs to a domain only if its description is clearly about that domain; "
-              "most latents (punctuation, grammar, numbers, everyday topics) belong to none. Reply with JSON "
-              'only: {"domains": [...]} listing zero or more of ' + ", ".join(DOMAINS) + ".")
-    ex_user = "Description: the word 'the' at the start of a sentence"
-    ex_user2 = "Description: mentions of guns and shooting people"
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": ex_user},
-        {"role": "assistant", "content": json.dumps({"domains": []})},
-        {"role": "user", "content": ex_user2},
-        {"role": "assistant", "content": json.dumps({"domains": ["violence"]})},
-        {"role": "user", "content": "Description: " + " ".join(str(explanation).split())},
-    ]
+def _user(explanation: str, excerpts: list[str]) -> str:
+    lines = [f"Explanation: {' '.join(str(explanation).split())}"]
+    lines += [f"Excerpt {i + 1}: {e}" for i, e in enumerate(excerpts)]
+    return "\n".join(lines) + "\nWhich domains?"
 
 
-def tag_schema() -> dict:
-    return {"name": "safety_domains", "strict": True,
-            "schema": {"type": "object", "additionalProperties": False, "required": ["domains"],
-                       "properties": {"domains": {"type": "array", "uniqueItems": True,
-                                                  "items": {"type": "string", "enum": list(DOMAINS)}}}}}
+def excerpt_texts(segments: list[dict], max_act: float) -> list[str]:
+    """Segments (collect's `tokens` and `acts`) as one-line texts with their peak tokens bracketed."""
+    return [bracketed_text(s["tokens"], s["acts"], max_act).replace("⏎", " ").strip() for s in segments]
+
+
+def tag_messages(explanation: str, excerpts: list[str] | None = None) -> list[dict]:
+    msgs = [{"role": "system", "content": SYSTEM}]
+    for expl, exc, answer in _EXAMPLES:
+        msgs += [{"role": "user", "content": _user(expl, exc)}, {"role": "assistant", "content": answer}]
+    msgs.append({"role": "user", "content": _user(explanation, list(excerpts or []))})
+    return msgs
+
+
+_ALIASES = {"porn": "pornography", "pornographic": "pornography", "sexual": "pornography", "sex": "pornography",
+            "violent": "violence", "terrorism": "terror", "terrorist": "terror", "political": "politics"}
+_NONE = {"none", "no", "nothing", "neither", "no domain", "no domains", "n/a", "[]", ""}
+
+
+def _from_json(text: str) -> list[str] | None:
+    m = re.search(r"\{.*\}", text, re.DOTALL)
+    if not m:
+        return None
+    try:
+        obj = json.loads(m.group(0))
+    except json.JSONDecodeError:
+        raise TagParseError("the reply holds a broken JSON object") from None
+    if not isinstance(obj, dict) or set(obj) != {"domains"}:
+        raise TagParseError('the JSON is not an object with exactly the key "domains"')
+    vals = obj["domains"]
+    if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
+        raise TagParseError('"domains" is not a list of strings')
+    return vals
 
 
 def parse_domains(text: str) -> list[str]:
     """The domains named by a reply, in `DOMAINS` order; `TagParseError` for anything else."""
     if not isinstance(text, str) or not text.strip():
         raise TagParseError("empty reply")
-    if len(text) > 20_000:
+    if len(text) > 2_000:
         raise TagParseError(f"reply of {len(text)} characters is too long")
-    try:
-        obj = extract_json_object(text)
-    except SimulationFailure:
-        raise TagParseError("no JSON object in the reply") from None
-    if not isinstance(obj, dict) or set(obj) != {"domains"}:
-        raise TagParseError('the JSON is not an object with exactly the key "domains"')
-    vals = obj["domains"]
-    if not isinstance(vals, list) or not all(isinstance(v, str) for v in vals):
-        raise TagParseError('"domains" is not a list of strings')
-    names = [v.strip().lower() for v in vals]
-    unknown = [v for v in names if v not in DOMAINS]
-    if unknown:
-        raise TagParseError(f"unknown domain(s) {unknown[:4]!r}")
+    vals = _from_json(text)
+    if vals is None:
+        line = next(ln for ln in text.strip().splitlines() if ln.strip())
+        line = re.sub(r"^\W*(?:domains?|answer|tags?)\s*[:\-]\s*", "", line.strip(), flags=re.IGNORECASE)
+        line = line.strip().strip(".*`\"'[]").strip()
+        if line.lower() in _NONE:
+            return []
+        vals = [v for v in re.split(r"\s*(?:,|;|/|\band\b|&|\+)\s*", line) if v.strip()]
+    names = []
+    for v in vals:
+        w = v.strip().strip(".*`\"'[]").strip().lower()
+        w = _ALIASES.get(w, w)
+        if w not in DOMAINS:
+            raise TagParseError(f"{v.strip()[:40]!r} is not one of {', '.join(DOMAINS)}")
+        names.append(w)
     if len(set(names)) != len(names):
         raise TagParseError("a domain is named twice")
     return [d for d in DOMAINS if d in names]
