@@ -1,0 +1,104 @@
+"""`safesail verify` on the smoke run: records, resume after SIGKILL with the same records, bad settings."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from safesail.verify.records import CHECKS, TARGETS, effects_path, read_effects
+
+UP_TO_TAG = ["cache", "train", "select", "collect", "explain", "score", "tag"]
+
+
+def _env(cache_dir: Path) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", SAFESAIL_CACHE=str(cache_dir), HF_HUB_OFFLINE="1",
+               WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _cmd(root: Path, stage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "safesail", stage, *extra, "experiment=smoke", f"run.root={root}", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tagged_run(tmp_path_factory, cache_dir) -> Path:
+    """A smoke run directory through `tag` (no verify yet)."""
+    root = tmp_path_factory.mktemp("verify") / "runs"
+    proc = subprocess.run(_cmd(root, "run", *UP_TO_TAG), env=_env(cache_dir), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def _copy(src_root: Path, dst: Path) -> Path:
+    shutil.copytree(src_root, dst / "runs")
+    return dst / "runs"
+
+
+def _records(root: Path) -> list[dict]:
+    recs = [e.to_json() for e in read_effects(effects_path(root / "smoke"))]
+    return sorted(recs, key=lambda r: repr((r["hook"], r["latent"], r["target"], r["check"], r["metric"],
+                                            r["domain"], r["lang"])))
+
+
+@pytest.mark.slow
+def test_verify_writes_records_and_resumes_after_sigkill(tagged_run, tmp_path, cache_dir):
+    env = _env(cache_dir)
+    clean = _copy(tagged_run, tmp_path / "clean")
+    proc = subprocess.run(_cmd(clean, "verify"), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = _records(clean)
+    assert want
+    assert {r["target"] for r in want} == set(TARGETS)
+    assert {r["check"] for r in want} == set(CHECKS)
+    assert any(r["ci_low"] is not None for r in want)
+    for r in want:
+        if r["ci_low"] is not None:
+            assert r["ci_low"] <= r["value"] + 1e-9 <= r["ci_high"] + 2e-9
+    assert (clean / "smoke" / "verify" / "baseline.json").is_file()
+
+    killed = _copy(tagged_run, tmp_path / "killed")
+    done = killed / "smoke" / "verify" / "done.jsonl"
+    units = len((clean / "smoke" / "verify" / "done.jsonl").read_text().splitlines())
+    stop_after = random.Random(0).randrange(1, units)
+    p = subprocess.Popen(_cmd(killed, "verify"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.monotonic() + 300
+    while p.poll() is None and time.monotonic() < deadline:
+        if done.is_file() and len(done.read_text().splitlines()) >= stop_after:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "verify finished before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert len(done.read_text().splitlines()) < units
+    proc = subprocess.run(_cmd(killed, "verify"), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _records(killed) == want
+    # a finished stage does nothing the second time
+    before = effects_path(killed / "smoke").read_bytes()
+    proc = subprocess.run(_cmd(killed, "verify"), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr
+    assert effects_path(killed / "smoke").read_bytes() == before
+
+
+@pytest.mark.parametrize("override, words", [
+    ("verify.strength=1000", "verify.strength"),
+    ("verify.latents=some", "verify.latents"),
+    ("+verify.bogus=1", "not a verify setting"),
+])
+def test_bad_verify_settings_are_one_sentence(smoke_cfg, override, words):
+    from safesail.errors import UserError
+    from safesail.verify.stage import VerifySettings
+
+    with pytest.raises(UserError, match=words):
+        VerifySettings.from_cfg(smoke_cfg(override))
