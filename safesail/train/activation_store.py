@@ -39,6 +39,36 @@ def load_shard(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, tor
         return {k: f.get_tensor(k) for k in (keys or f.keys())}
 
 
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+def shard_problem(path: Path, expected_bytes: int | None = None) -> str | None:
+    """What makes a shard unreadable (missing, cut short, damaged header), or None if it is whole.
+
+    Cheap: one stat and a read of the safetensors header, whose tensor offsets give the size
+    the file must have; `expected_bytes` (from the writer's progress log) is checked as well.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if expected_bytes is not None and size != int(expected_bytes):
+        return f"is cut short or damaged ({size:,} bytes, written with {int(expected_bytes):,})"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or n > _MAX_HEADER or n > size - 8:
+            return f"is cut short or damaged (a {size:,}-byte file without a whole safetensors header)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return "has a damaged safetensors header"
+    if size != 8 + n + end:
+        return f"is cut short or damaged ({size:,} bytes, its header describes {8 + n + end:,})"
+    return None
+
+
 class ActivationStore:
     """One hook point's cached activations, served as shuffled batches with bounded memory."""
 
@@ -61,10 +91,11 @@ class ActivationStore:
         if meta.get("status") != "complete":
             raise UserError(f"the activation cache at {self.folder} is incomplete; re-run `safesail cache` with the "
                             "same settings to finish it.")
-        missing = [s["file"] for s in meta["shards"] if not (self.folder / s["file"]).exists()]
-        if missing:
-            raise UserError(f"the activation cache at {self.folder} lacks shard {missing[0]}; delete the folder and "
-                            "run `safesail cache` again.")
+        for shard in meta["shards"]:
+            problem = shard_problem(self.folder / shard["file"], shard.get("bytes"))
+            if problem:
+                raise UserError(f"shard {shard['file']} of the activation cache at {self.folder} {problem}; run "
+                                "`safesail cache` again with the same settings to recompute it.")
         self.meta = meta
 
     @classmethod

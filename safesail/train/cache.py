@@ -94,8 +94,11 @@ def run_cache_stage(cfg: DictConfig, args: list[str]) -> None:
     corpus_fp = corpus_fingerprint(cfg.data)
     fp = stage_fingerprint(cfg, corpus_fp)
     if rd.stage_done(STAGE, fp):
-        log.info("cache: already done for this config in %s; nothing to do", rd.root)
-        return
+        hooks = (rd.stage_record(STAGE).get("summary") or {}).get("hooks") or []
+        if all(shards.cache_intact(rd.activations(h)) for h in hooks):
+            log.info("cache: already done for this config in %s; nothing to do", rd.root)
+            return
+        log.warning("cache: finished before, but a shard is missing or damaged; checking and recomputing")
 
     from safesail.corpus import iter_documents, pack_windows
     from safesail.hooks import capture_activations, hook_points, special_token_mask
@@ -131,6 +134,9 @@ def run_cache_stage(cfg: DictConfig, args: list[str]) -> None:
             if existing[hp.name] is None:
                 shards.start_meta(folders[hp.name], identities[hp.name],
                                   {**extra, "layer": hp.layer, "site": hp.site})
+            else:
+                for bad in shards.drop_bad_shards(folders[hp.name]):
+                    log.warning("cache: shard %s of %s; recomputing it", bad, hp.name)
     barrier()
     done: dict[str, set[int]] = {}
     for h, folder in folders.items():

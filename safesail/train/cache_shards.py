@@ -6,14 +6,22 @@ line naming it and its windows is appended to `progress-r<rank>.jsonl`. Only
 shards named in a progress log count; a shard renamed but not yet logged is an
 orphan, recomputed on re-run and deleted when the cache is finalised. A torn
 last progress line is dropped. Each process appends only to its own log.
+
+Integrity: each log line records the shard's size in bytes; a resumed (or
+already finished) cache checks every committed shard against it and against
+its safetensors header, and recomputes the ones that are cut short or damaged.
+A write that fails because the disk is full surfaces as an OSError (ENOSPC)
+naming the shard, so the CLI prints one sentence; the resume is exact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import queue
+import re
 import threading
 from pathlib import Path
 
@@ -22,7 +30,7 @@ from safetensors.torch import save_file
 
 from safesail.errors import UserError
 from safesail.rundir import atomic_write_json, atomic_write_text
-from safesail.train.activation_store import FORMAT, VERSION, load_shard, split_of
+from safesail.train.activation_store import FORMAT, VERSION, load_shard, shard_problem, split_of
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,51 @@ def _parses(line: str) -> bool:
         return True
     except json.JSONDecodeError:
         return False
+
+
+def drop_bad_shards(folder: Path) -> list[str]:
+    """Forget committed shards that are missing, cut short or damaged, so that the run recomputes them.
+
+    Rewrites every progress log without them (torn lines dropped too), deletes the bad files and
+    marks meta.json incomplete; returns "<file> <problem>" for each. Call it from one process only,
+    before the others read the logs.
+    """
+    bad: list[str] = []
+    for path in sorted(folder.glob("progress-r*.jsonl")):
+        keep, dropped = [], False
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped = True
+                continue
+            problem = shard_problem(folder / rec["file"], rec.get("bytes")) if isinstance(rec, dict) and "file" in rec \
+                else None
+            if problem:
+                bad.append(f"{rec['file']} {problem}")
+                (folder / rec["file"]).unlink(missing_ok=True)
+                dropped = True
+                continue
+            keep.append(line)
+        if dropped:
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    meta_path = folder / "meta.json"
+    if bad and meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("status") != "incomplete":
+            atomic_write_json(meta_path, {**meta, "status": "incomplete"})
+    return bad
+
+
+def cache_intact(folder: Path) -> bool:
+    """A finished cache whose every listed shard is whole (the check behind "already done")."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("status") != "complete":
+        return False
+    return all(shard_problem(folder / s["file"], s.get("bytes")) is None for s in meta.get("shards", []))
 
 
 def check_existing(folder: Path, identity: dict) -> dict | None:
@@ -137,7 +190,7 @@ def finalize(folder: Path, num_windows: int, extra: dict) -> dict:
             s["tokens"] += ctx
             s["nonspecial"] += ctx - int(special[j].sum())
         shards.append({"file": rec["file"], "num_windows": len(rec["windows"]),
-                       "num_tokens": len(rec["windows"]) * ctx})
+                       "num_tokens": len(rec["windows"]) * ctx, "bytes": (folder / rec["file"]).stat().st_size})
     total = sum(s["tokens"] for s in splits.values())
     meta.update(extra)
     meta.update(status="complete", num_windows=num_windows, num_tokens=total,
@@ -186,9 +239,32 @@ class ShardWriter:
         name = shard_name(windows[0])
         tmp = folder / f".{name}.r{self.rank}.tmp"
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": hook, "windows": json.dumps(windows)})
+        try:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "hook": hook, "windows": json.dumps(windows)})
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            os_error = _as_os_error(e, folder / name)
+            if os_error is e:
+                raise
+            raise os_error from e
+        size = tmp.stat().st_size
         os.replace(tmp, folder / name)
-        line = json.dumps({"file": name, "windows": windows, "tokens": int(tensors["tokens"].numel())})
+        line = json.dumps({"file": name, "windows": windows, "tokens": int(tensors["tokens"].numel()), "bytes": size})
         with open(progress_path(folder, self.rank), "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _as_os_error(exc: Exception, path: Path) -> Exception:
+    """safetensors reports a failed write (disk full, quota, read-only) as SafetensorError "... (os error 28)":
+    turn it into the OSError it stands for, naming the shard, so the CLI's one-sentence disk message applies."""
+    if isinstance(exc, OSError):
+        return exc if exc.filename else OSError(exc.errno, exc.strerror or str(exc), str(path))
+    m = _OS_ERROR.search(str(exc))
+    if m is None:
+        return exc
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code) if code in errno.errorcode else str(exc), str(path))
