@@ -13,11 +13,23 @@ from pathlib import Path
 from typing import Any
 
 
+# Failures to get a reply at all: the server or the network, not the model. A back end retries
+# them with backoff during a call, and a stage re-run sends the request again. `truncated_reply`:
+# an HTTP 200 whose body is not the whole JSON reply; `empty_reply`: a reply with no text.
+TRANSPORT_FAILURES = frozenset({"timeout", "rate_limited", "server_error", "connection", "truncated_reply",
+                                "empty_reply"})
+
+
+def is_transport_failure(reason: str | None) -> bool:
+    """True for failures of the transport (retry them); False for the model's or the request's own."""
+    return reason in TRANSPORT_FAILURES
+
+
 class LLMError(Exception):
     """A failed LLM call; `reason` is a short machine-readable word.
 
-    Reasons: timeout, rate_limited, server_error, bad_request, empty_reply,
-    connection, auth, context_overflow, unsupported, other.
+    Reasons: the TRANSPORT_FAILURES above, and bad_request, auth, context_overflow,
+    unsupported, other (not retried by a back end).
     """
 
     def __init__(self, reason: str, message: str = ""):
@@ -25,14 +37,24 @@ class LLMError(Exception):
         self.reason = reason
         self.message = message
 
+    @property
+    def transport(self) -> bool:
+        return is_transport_failure(self.reason)
+
 
 @dataclass
 class ChatRequest:
+    """One chat call. `json_schema`: a bare JSON schema of the reply, or OpenAI's
+    `{"name", "strict", "schema"}` object (sent as it is). `attempt`: 0 for the first try; a
+    stage that asks again after a reply it could not use sets 1, 2, ... so that the response
+    cache does not hand back the same reply (back ends ignore it)."""
+
     messages: list[dict]
     max_tokens: int = 256
     temperature: float = 0.0
     json_schema: dict | None = None
     stop: list[str] | None = None
+    attempt: int = 0
 
 
 @dataclass

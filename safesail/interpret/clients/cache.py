@@ -135,7 +135,10 @@ class CachedClient(LLMClient):
         async def call() -> dict:
             return dataclasses.asdict(await self.inner.chat(req))
 
-        value, hit = await self._cached("chat", dataclasses.asdict(req), call)
+        params = dataclasses.asdict(req)
+        if not params.get("attempt"):
+            params.pop("attempt", None)  # first tries keep the keys they had before `attempt` existed
+        value, hit = await self._cached("chat", params, call)
         comp = Completion(**{**value, "cached": hit})
         if not hit:
             self.stats.prompt_tokens += comp.prompt_tokens

@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP back end (OpenAI, vLLM, `transformers serve`, any base URL).
 
 Built on `openai.AsyncOpenAI` with its own retries switched off: this client
-retries 429s, 5xx replies, timeouts and connection errors with exponential
-backoff plus jitter, and never retries a 400-class bad request. A semaphore
-bounds the requests in flight.
+retries transport failures (429s, 5xx replies, timeouts, connection errors, a
+200 whose body is not a whole JSON reply, a reply with no text) with
+exponential backoff plus jitter, and never retries a 400-class bad request. A
+semaphore bounds the requests in flight.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 import openai
 
 from safesail.errors import UserError
-from safesail.interpret.clients.base import ChatRequest, Completion, LLMClient, LLMError, PromptLogprobs
+from safesail.interpret.clients.base import (TRANSPORT_FAILURES, ChatRequest, Completion, LLMClient, LLMError,
+                                             PromptLogprobs)
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {"timeout", "rate_limited", "server_error", "connection"}
+RETRYABLE = TRANSPORT_FAILURES
 
 
 def classify(exc: BaseException) -> LLMError:
@@ -47,7 +49,8 @@ def classify(exc: BaseException) -> LLMError:
             return LLMError("context_overflow", f"HTTP {code}: {msg}")
         return LLMError("bad_request", f"HTTP {code}: {msg}")
     if isinstance(exc, (openai.APIResponseValidationError, ValueError, KeyError, TypeError)):
-        return LLMError("malformed_reply", msg)
+        # A 200 whose body does not parse as the reply (cut off on the way, a proxy's page, ...).
+        return LLMError("truncated_reply", msg)
     return LLMError("other", f"{type(exc).__name__}: {msg}")
 
 
@@ -158,16 +161,20 @@ class OpenAIClient(LLMClient):
         if req.stop:
             kw["stop"] = req.stop
         if req.json_schema is not None:
-            kw["response_format"] = {"type": "json_schema",
-                                     "json_schema": {"name": "reply", "schema": req.json_schema}}
-        resp = await self._with_retries(lambda: self._client.chat.completions.create(**kw))
-        try:
-            choice = resp.choices[0]
-            text = choice.message.content
-        except (AttributeError, IndexError, TypeError):
-            raise LLMError("malformed_reply", "the server's reply has no choices[0].message") from None
-        if text is None or not str(text).strip():
-            raise LLMError("empty_reply", "the server returned an empty message")
+            kw["response_format"] = response_format(req.json_schema)
+
+        async def call():
+            # Reading the reply is part of the call: a body cut short or empty is retried like a 5xx.
+            resp = await self._client.chat.completions.create(**kw)
+            try:
+                text = resp.choices[0].message.content
+            except (AttributeError, IndexError, TypeError):
+                raise LLMError("truncated_reply", "the server's reply has no choices[0].message") from None
+            if text is None or not str(text).strip():
+                raise LLMError("empty_reply", "the server returned an empty message")
+            return resp, text
+
+        resp, text = await self._with_retries(call)
         usage = getattr(resp, "usage", None)
         return Completion(text=str(text), model=str(getattr(resp, "model", None) or self.model_name),
                           prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
@@ -201,6 +208,17 @@ class OpenAIClient(LLMClient):
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def response_format(json_schema: dict) -> dict:
+    """OpenAI's structured-output `response_format` for a bare JSON schema or an already wrapped
+    `{"name", "strict", "schema"}` object (which is sent unchanged, not wrapped a second time)."""
+    if isinstance(json_schema.get("schema"), dict) and "type" not in json_schema:
+        wrapped = dict(json_schema)
+        wrapped.setdefault("name", "reply")
+    else:
+        wrapped = {"name": "reply", "strict": True, "schema": json_schema}
+    return {"type": "json_schema", "json_schema": wrapped}
 
 
 def _retry_after(exc: BaseException) -> float | None:
