@@ -1,0 +1,149 @@
+"""Rewrite tests/data/smoke_outputs.json: the smoke run's outputs in a normalised form.
+
+`tests/test_smoke_outputs.py` runs `safesail run experiment=smoke` and compares what it
+wrote with this fixture, so that a refactor that should change no result proves it. A
+change of output made on purpose (a new score kind, a new prompt) regenerates the
+fixture in the same commit:
+
+    python scripts/update_smoke_fixture.py            # run the smoke experiment, rewrite the fixture
+    python scripts/update_smoke_fixture.py RUN_DIR    # normalise an existing smoke run instead
+
+What is compared: every JSONL file of the run (interpret/*.jsonl, latents/<hook>/segments.jsonl),
+selection.json, saes/sweep.json, and every table of neurons.sqlite (rows sorted; BLOBs as
+sha256). What is dropped, because it differs between two runs of the same code:
+  - wall-clock times and durations (`time`, `elapsed_s`, `seconds`, `peak_rss_*`);
+  - whether an LLM answer came from the response cache (`cached`, `cached_calls`): a resumed
+    run reads the cache, a fresh run does not;
+  - `record_hash` columns of the DB and the `inputs` table's sha256 column: hashes of
+    records and files that carry a time (explanations.jsonl, sae.safetensors metadata);
+  - absolute paths: the repository root and the run directory become `<repo>` and `<run>`.
+The FTS index tables (explanations_fts*) are dropped: they are derived from `explanations`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "tests" / "data" / "smoke_outputs.json"
+DROP_KEYS = {"time", "elapsed_s", "seconds", "cached", "cached_calls", "record_hash"}
+DROP_PREFIXES = ("peak_rss",)
+DROP_COLUMNS = {("inputs", "sha256")}
+JSON_FILES = ("selection.json", "saes/sweep.json")
+
+
+def _clean(value, roots: dict[str, str]):
+    if isinstance(value, dict):
+        return {k: _clean(v, roots) for k, v in sorted(value.items())
+                if k not in DROP_KEYS and not k.startswith(DROP_PREFIXES)}
+    if isinstance(value, list):
+        return [_clean(v, roots) for v in value]
+    if isinstance(value, str):
+        for prefix, name in roots.items():
+            value = value.replace(prefix, name)
+        return value
+    return value
+
+
+def _jsonl(path: Path, roots: dict[str, str]) -> list:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [_clean(r, roots) for r in rows]
+    return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
+
+
+def _db(path: Path, roots: dict[str, str]) -> dict:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")
+                  if not r[0].startswith("explanations_fts") and not r[0].startswith("sqlite_")]
+        out = {}
+        for table in tables:
+            cur = con.execute(f'SELECT * FROM "{table}"')
+            cols = [c[0] for c in cur.description]
+            rows = []
+            for row in cur:
+                rec = {}
+                for col, val in zip(cols, row):
+                    if col in DROP_KEYS or (table, col) in DROP_COLUMNS:
+                        continue
+                    if isinstance(val, bytes):
+                        val = "sha256:" + hashlib.sha256(val).hexdigest()
+                    elif isinstance(val, str) and val[:1] in "{[":
+                        try:
+                            val = _clean(json.loads(val), roots)
+                        except ValueError:
+                            pass
+                    rec[col] = _clean(val, roots)
+                rows.append(rec)
+            out[table] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, ensure_ascii=False))
+        return out
+    finally:
+        con.close()
+
+
+def normalise(run_dir: Path) -> dict:
+    """The smoke run's comparable content: {relative file name: normalised content}."""
+    run_dir = Path(run_dir).resolve()
+    roots = {str(run_dir): "<run>", str(REPO): "<repo>"}
+    out: dict = {}
+    for path in sorted(run_dir.rglob("*.jsonl")):
+        rel = path.relative_to(run_dir).as_posix()
+        if rel.startswith(("activations/", "wandb/")) or "/progress" in rel:
+            continue
+        out[rel] = _jsonl(path, roots)
+    for name in JSON_FILES:
+        if (run_dir / name).is_file():
+            out[name] = _clean(json.loads((run_dir / name).read_text(encoding="utf-8")), roots)
+    out["neurons.sqlite"] = _db(run_dir / "neurons.sqlite", roots)
+    return out
+
+
+def run_smoke(root: Path) -> Path:
+    """Run `safesail run experiment=smoke` with this tree's code into root; return the run directory."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    root.mkdir(parents=True, exist_ok=True)  # run from outside the repository: paths print the same everywhere
+    proc = subprocess.run([sys.executable, "-m", "safesail", "run", "experiment=smoke", f"run.root={root}",
+                           "device=cpu"], env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the smoke run failed:\n{proc.stderr[-3000:]}")
+    return root / "smoke"
+
+
+def dump(content: dict) -> str:
+    """One record a line, so that a change shows as a readable diff."""
+    def rows(value) -> str:
+        if isinstance(value, list):
+            return "[\n" + ",\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in value) + "\n]"
+        return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+    parts = []
+    for name, value in sorted(content.items()):
+        if name == "neurons.sqlite":
+            body = "{\n" + ",\n".join(f"{json.dumps(t)}: {rows(v)}" for t, v in sorted(value.items())) + "\n}"
+        else:
+            body = rows(value)
+        parts.append(f"{json.dumps(name)}: {body}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def main(argv: list[str]) -> int:
+    if argv:
+        content = normalise(Path(argv[0]))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            content = normalise(run_smoke(Path(tmp) / "runs"))
+    FIXTURE.write_text(dump(content), encoding="utf-8")
+    print(f"wrote {FIXTURE.relative_to(REPO)} ({FIXTURE.stat().st_size // 1024} KiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
