@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from safesail.errors import UserError
 from safesail.hooks import HookPoint
-from safesail.neurondb import inputs
+from safesail.neurondb import files, inputs, load_verify, rows, schema
 from safesail.neurondb.store import NeuronDB, f32_blob, i32_blob
 from safesail.rundir import RunDir
 
@@ -78,6 +78,7 @@ def plan(cfg, rd: RunDir) -> tuple[list[HookInputs], dict[str, str | None]]:
         hi.hashes = {k: v or "" for k, v in hi.hashes.items()}  # "" = file absent
         hooks.append(hi)
     interp = {name: inputs.sha256_file(rd.interpret / f"{name}.jsonl") for name in inputs.INTERPRET_FILES}
+    interp[load_verify.NAME] = inputs.sha256_file(load_verify.source_path(rd.root))
     return hooks, interp
 
 
@@ -92,9 +93,12 @@ def build_db(cfg, rd: RunDir, db_path: Path | None = None,
     db_path = Path(db_path or rd.neuron_db)
     hooks, interp = plan(cfg, rd)
     max_examples = cfg.get("db", {}).get("examples_per_latent")
+    rec = rd.stage_record("db") or {}
+    built_here = str((rec.get("summary") or {}).get("db") or "") == str(db_path)
+    aside = set_aside_if_corrupt(db_path, built_here)
     db = NeuronDB.create_or_open(db_path, cfg.model.name, cfg.run.name, "safesail-run")
-    summary = {"hooks_replaced": [], "hooks_removed": [], "hooks_stats_reloaded": [], "latents": 0,
-               "segments": 0, "explanations": 0, "scores": 0, "tags": 0}
+    summary = {"set_aside": aside, "hooks_replaced": [], "hooks_removed": [], "hooks_stats_reloaded": [], "latents": 0,
+               "segments": 0, "explanations": 0, "scores": 0, "tags": 0, "verify_effects": 0}
     try:
         with db.transaction() as c:
             gone = [r[0] for r in c.execute("SELECT hook FROM saes WHERE layout = 'safesail' ORDER BY hook")
@@ -113,16 +117,39 @@ def build_db(cfg, rd: RunDir, db_path: Path | None = None,
             replaced = bool(summary["hooks_replaced"])
             for name in inputs.INTERPRET_FILES:
                 if interp[name] is not None and (replaced or stored.get(name) != interp[name]):
-                    recs = inputs.read_jsonl_last(rd.interpret / f"{name}.jsonl")
+                    recs = read_records(rd, name)
                     summary[name] = _upsert_records(c, name, recs, built)
                     c.execute("INSERT OR REPLACE INTO inputs(hook, name, sha256) VALUES ('', ?, ?)",
                               (name, interp[name]))
+            v = interp[load_verify.NAME]
+            if v is not None and (replaced or stored.get(load_verify.NAME) != v):
+                summary["verify_effects"] = load_verify.load_effects(c, load_verify.source_path(rd.root))
+                c.execute("INSERT OR REPLACE INTO inputs(hook, name, sha256) VALUES ('', ?, ?)", (load_verify.NAME, v))
             db.set_meta("run", cfg.run.name)
             db.set_meta("source", "safesail-run")
     finally:
         db.close()
     log.info("neuron DB %s: %s", db_path, summary)
     return summary
+
+
+def set_aside_if_corrupt(db_path: Path, built_here: bool = False) -> str | None:
+    """Integrity check before a write: a corrupt neuron DB is renamed aside (kept) so the write starts afresh.
+
+    A file counts as a neuron DB when its header carries our application id, or when
+    `built_here` (the run's stage record says this path was built by it); anything else
+    is left alone (opening it then refuses it with one sentence).
+    """
+    if not db_path.exists() or files.is_schemaless(db_path):
+        return None
+    problem = files.integrity_problem(db_path)
+    if problem is None:
+        return None
+    if not built_here and files.header_application_id(db_path) != schema.APPLICATION_ID:
+        return None
+    aside = files.set_aside(db_path)
+    log.warning("%s is corrupt (%s); kept it as %s and building a fresh DB", db_path, problem, aside)
+    return str(aside)
 
 
 def _build_hook(c, hi: HookInputs, max_examples, summary: dict) -> None:
@@ -232,24 +259,45 @@ def _same_sae(rec: dict, folder: Path) -> bool:
     return not sae or Path(str(sae)).name == folder.name or str(folder).endswith(str(sae))
 
 
+def read_records(rd: RunDir, name: str) -> dict[tuple, dict]:
+    """The last record per key of one interpret file: (hook, latent) for explanations and tags,
+    (hook, latent, kind) for scores (read through the scoring stage's own reader)."""
+    path = rd.interpret / f"{name}.jsonl"
+    if name == "scores":
+        from safesail.interpret.scoring.records import read_scores
+
+        return {key: r.to_json() for key, r in read_scores(path).items()}
+    return inputs.read_jsonl_last(path)
+
+
+_TABLES = {"explanations": ("explanations", "t.latent_id"), "scores": ("scores", "t.latent_id || '/' || t.kind"),
+           "tags": ("tag_records", "t.latent_id")}
+_WRITERS = {"explanations": rows.write_explanation_record, "scores": rows.write_score_record,
+            "tags": rows.write_tag_record}
+
+
+def _row_key(name: str, lid: int, rec: dict) -> str | int:
+    return f"{lid}/{rows.score_kind(rec)}" if name == "scores" else lid
+
+
 def _upsert_records(c, name: str, recs: dict, built: dict[str, HookInputs]) -> int:
     """Write the interpret records whose content changed; returns how many rows were written.
 
     Records of latents the hook's collected stats do not list (e.g. left over from a previous
     SAE) and records naming another SAE are skipped.
     """
-    table = {"explanations": "explanations", "scores": "scores", "tags": "tag_records"}[name]
+    table, key_sql = _TABLES[name]
     changed = 0
     by_hook: dict[str, list[dict]] = {}
-    for (hook, _), rec in recs.items():
-        by_hook.setdefault(hook, []).append(rec)
+    for key, rec in recs.items():
+        by_hook.setdefault(key[0], []).append(rec)
     for hook in sorted(set(by_hook) - set(built)):
         log.warning("%s.jsonl has records for hook %s, which has no collected latents; skipped", name, hook)
     for hook in sorted(set(by_hook) & set(built)):
         ids = _latent_ids(c, hook)
         skipped = 0
-        have = {lid: h for lid, h in c.execute(
-            f"SELECT t.latent_id, t.record_hash FROM {table} t JOIN latents l ON l.id = t.latent_id "
+        have = {k: h for k, h in c.execute(
+            f"SELECT {key_sql}, t.record_hash FROM {table} t JOIN latents l ON l.id = t.latent_id "
             "WHERE l.hook = ?", (hook,))}
         for rec in by_hook[hook]:
             lid = ids.get(int(rec["latent"]))
@@ -257,60 +305,11 @@ def _upsert_records(c, name: str, recs: dict, built: dict[str, HookInputs]) -> i
                 skipped += 1
                 continue
             h = inputs.record_hash(rec)
-            if have.get(lid) == h:
+            if have.get(_row_key(name, lid, rec)) == h:
                 continue
             changed += 1
-            if name == "explanations":
-                _write_explanation(c, lid, rec, h)
-            elif name == "scores":
-                _write_score(c, lid, rec, h)
-            else:
-                _write_tags(c, lid, rec, h)
+            _WRITERS[name](c, lid, rec, h)
         if skipped:
             log.warning("%s.jsonl: %d records of %s are for latents the chosen SAE's collected stats do not "
                         "list; skipped", name, skipped, hook)
     return changed
-
-
-_SCORE_COLS = {"hook", "layer", "latent", "status", "score", "failure", "kind", "time"}
-
-
-def _write_explanation(c, lid: int, rec: dict, h: str) -> None:
-    text = rec.get("explanation")
-    c.execute("INSERT INTO explanations(latent_id, text, status, error, llm, prompt_version, time, raw, prompt_tokens, "
-              "record_hash) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(latent_id) DO UPDATE SET text=excluded.text, "
-              "status=excluded.status, error=excluded.error, llm=excluded.llm, prompt_version=excluded.prompt_version, "
-              "time=excluded.time, raw=excluded.raw, prompt_tokens=excluded.prompt_tokens, "
-              "record_hash=excluded.record_hash",
-              (lid, text, rec.get("status"), _str(rec.get("error")), rec.get("model"), _str(rec.get("prompt_version")),
-               _str(rec.get("time")), _str(rec.get("raw")), rec.get("prompt_tokens"), h))
-
-
-def _write_score(c, lid: int, rec: dict, h: str) -> None:
-    details = {k: v for k, v in rec.items() if k not in _SCORE_COLS}
-    value = rec.get("score")
-    c.execute("INSERT INTO scores(latent_id, kind, value, status, failure, details, time, record_hash) "
-              "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(latent_id) DO UPDATE SET kind=excluded.kind, value=excluded.value, "
-              "status=excluded.status, failure=excluded.failure, details=excluded.details, time=excluded.time, "
-              "record_hash=excluded.record_hash",
-              (lid, rec.get("kind") or "correlation", None if value is None else float(value), rec.get("status"),
-               _str(rec.get("failure")), json.dumps(details, ensure_ascii=False), _str(rec.get("time")), h))
-
-
-def write_tag_list(c, lid: int, tags: list[str], evidence=None, thresholds=None, time=None, h: str | None = None):
-    """Replace a latent's tags (order kept) and its tag record."""
-    c.execute("DELETE FROM tags WHERE latent_id = ?", (lid,))
-    per_domain = evidence if isinstance(evidence, dict) else {}
-    c.executemany("INSERT OR IGNORE INTO tags(latent_id, position, domain, evidence) VALUES (?,?,?,?)",
-                  [(lid, i, d, json.dumps(per_domain.get(d), ensure_ascii=False) if d in per_domain else None)
-                   for i, d in enumerate(tags)])
-    c.execute("INSERT OR REPLACE INTO tag_records(latent_id, tag_list, evidence, thresholds, time, record_hash) "
-              "VALUES (?,?,?,?,?,?)",
-              (lid, json.dumps(list(tags), ensure_ascii=False),
-               None if evidence is None else json.dumps(evidence, ensure_ascii=False),
-               None if thresholds is None else json.dumps(thresholds, ensure_ascii=False), time, h))
-
-
-def _write_tags(c, lid: int, rec: dict, h: str) -> None:
-    write_tag_list(c, lid, [str(t) for t in rec.get("tags") or []], rec.get("evidence"), rec.get("thresholds"),
-                   _str(rec.get("time")), h)

@@ -2,8 +2,8 @@
 
     safesail db build [--force]
     safesail db export [--out DIR] [--score-cut 0.2] [--indices explained|exported|all] [--no-jsonl]
-    safesail db import --from RELEASE_DIR | --en-db FILE | --cn-db FILE [--indices F...] [--quantiles F...]
-                       [--ckpt F...] [--model NAME] [--num-tokens N]
+    safesail db import --from RELEASE_DIR | --en-db FILE --cn-db FILE [--indices F...] [--quantiles F...]
+                       [--ckpt F...] [--model NAME] [--num-tokens N] [--lang en,cn]
     safesail db stats [--json]
     safesail db search [TEXT] [--domain D] [--min-score X] [--max-score Y] [--layer L] [--limit N] [--json]
     safesail db show LAYER INDEX [--hook HOOK] [--examples N] [--json]
@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--ckpt", type=Path, nargs="+", default=[])
     i.add_argument("--model")
     i.add_argument("--num-tokens", type=int)
+    i.add_argument("--lang", help="languages to import, e.g. en or en,cn (default: every neuron-DB file given "
+                                  "or found; each language's explanations are kept side by side)")
     s = add("stats", "counts per layer, domain and score band")
     s.add_argument("--json", action="store_true")
     q = add("search", "search explanations by text, domain, score, layer")
@@ -95,6 +97,7 @@ def run_db_command(cfg: DictConfig, args: list[str]) -> None:
 
 
 def _build(cfg: DictConfig, ns) -> None:
+    from safesail.neurondb import files
     from safesail.neurondb.build import build_db, fingerprint_of, plan
     from safesail.neurondb.store import NeuronDB
 
@@ -102,11 +105,13 @@ def _build(cfg: DictConfig, ns) -> None:
     path = db_path(cfg, ns.db)
     hooks, interp = plan(cfg, rd)
     fp = fingerprint({**fingerprint_of(hooks, interp, _db_cfg(cfg)), "db": str(path)})
-    if not ns.force and rd.stage_done("db", fp) and path.is_file():
+    if not ns.force and rd.stage_done("db", fp) and path.is_file() and files.integrity_problem(path) is None:
         NeuronDB.open(path).close()  # still a readable DB?
         log.info("neuron DB %s is up to date", path)
         return
     summary = build_db(cfg, rd, path)
+    if summary.get("set_aside"):
+        print(f"{path} was corrupt: kept it as {summary['set_aside']} and built a fresh DB from the run's files")
     rd.mark_stage("db", fp, db=str(path), **{k: v for k, v in summary.items()})
     print(f"neuron DB {path}: {summary['latents']} latent rows loaded, {summary['explanations']} explanations, "
           f"{summary['scores']} scores, {summary['tags']} tag records updated")
@@ -126,29 +131,54 @@ def _export(cfg: DictConfig, ns) -> None:
           f"indices/quantiles to {out}")
 
 
+def _import_layers(cfg: DictConfig, icfg, model: str) -> int | None:
+    """How many layers the release's model has: the model config's, or db.import.num_layers for its model."""
+    if cfg.get("model") is not None and cfg.model.get("name") == model and cfg.model.get("num_layers"):
+        return int(cfg.model.num_layers)
+    if model == icfg.get("model") and icfg.get("num_layers"):
+        return int(icfg["num_layers"])
+    log.warning("the layer count of model %r is unknown here; layers of the imported files are not checked", model)
+    return None
+
+
 def _import(cfg: DictConfig, ns) -> None:
     from safesail.neurondb import import_safesail as imp
 
     icfg = _db_cfg(cfg).get("import") or {}
-    db_json = ns.en_db or ns.cn_db
-    if ns.en_db and ns.cn_db:
-        raise UserError("pass one of --en-db and --cn-db; a DB holds one explanation per latent.")
+    langs = [x.strip() for x in ns.lang.split(",") if x.strip()] if ns.lang else None
+    db_files = {}
+    if ns.en_db:
+        db_files["en"] = ns.en_db
+    if ns.cn_db:
+        db_files["cn"] = ns.cn_db
     indices = {imp.layer_of(p, "indices"): p for p in ns.indices}
     quantiles = {imp.layer_of(p, "quantile"): p for p in ns.quantiles}
     ckpts = {imp.layer_of(p, "ckpt"): p for p in ns.ckpt}
     if ns.release_dir:
         found = imp.find_release_files(ns.release_dir)
-        db_json = db_json or found["en_db"] or found["cn_db"]
+        for lang in ("en", "cn"):
+            if found[f"{lang}_db"] is not None:
+                db_files.setdefault(lang, found[f"{lang}_db"])
         indices = {**found["indices"], **indices}
         quantiles = {**found["quantile"], **quantiles}
         ckpts = {**found["ckpt"], **ckpts}
-    rel = imp.read_release(db_json, indices, quantiles, ckpts)
+    if langs is not None:
+        unknown = [x for x in langs if x not in db_files]
+        if unknown:
+            raise UserError(f"--lang names {', '.join(unknown)}, but no {unknown[0]}_db.json was given or found; "
+                            f"pick from {', '.join(db_files) or 'none'}.")
+        db_files = {k: v for k, v in db_files.items() if k in langs}
+    model = ns.model or icfg.get("model", "qwen2.5-3b-instruct")
+    rel = imp.read_release(db_files or None, indices, quantiles, ckpts, num_layers=_import_layers(cfg, icfg, model),
+                           model=model)
     path = db_path(cfg, ns.db)
-    s = imp.import_release(path, rel, ns.model or icfg.get("model", "qwen2.5-3b-instruct"), cfg.run.get("name"),
+    s = imp.import_release(path, rel, model, cfg.run.get("name"),
                            num_tokens=ns.num_tokens or icfg.get("num_tokens", 200_000),
                            q=icfg.get("quantile", 0.999), sae_k=icfg.get("sae_k", 200),
                            sae_arch=icfg.get("sae_arch", "topk"), hook_site=icfg.get("hook_site", "mlp_out"))
-    print(f"imported {s['entries']} entries on layers {s['layers']} "
+    if s.get("set_aside"):
+        print(f"{path} was corrupt: kept it as {s['set_aside']} and imported into a fresh DB")
+    print(f"imported {s['entries']} entries ({', '.join(s['langs']) or 'no explanations'}) on layers {s['layers']} "
           f"({s['latents_with_quantiles']} latents with quantiles) into {path}")
 
 

@@ -25,7 +25,8 @@ import torch
 
 from safesail.errors import UserError
 from safesail.neurondb.approx_quantile import approximate_upper_quantile
-from safesail.neurondb.build import write_tag_list
+from safesail.neurondb import rows
+from safesail.neurondb.build import set_aside_if_corrupt
 from safesail.neurondb.store import NeuronDB, f32_blob
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,50 @@ class LayerFiles:
 
 
 @dataclass
-class Release:
+class LangEntries:
+    """One language's neuron-DB file (en_db.json / cn_db.json), entries in the file's order."""
+    file: str
     entries: dict[tuple[int, int], dict] = field(default_factory=dict)
-    entries_file: str | None = None
+    raw: dict[tuple[int, int], str] = field(default_factory=dict)   # json.dumps of each entry as read
+
+
+@dataclass
+class Release:
+    langs: dict[str, LangEntries] = field(default_factory=dict)
     layers: dict[int, LayerFiles] = field(default_factory=dict)
+
+    @property
+    def entries(self) -> dict[tuple[int, int], dict]:
+        """Every neuron with an entry in any language (English values where both exist)."""
+        out: dict[tuple[int, int], dict] = {}
+        for lang in sorted(self.langs, key=lambda x: x != "en"):
+            for key, e in self.langs[lang].entries.items():
+                out.setdefault(key, e)
+        return out
+
+
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(path: Path, what: str) -> None:
+    """A Git LFS pointer file (a clone made without `git lfs`) is named as such, not as a broken file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_MAGIC))
+    except OSError:
+        return
+    if head == LFS_MAGIC:
+        raise UserError(f"{path} is a Git LFS pointer file ({Path(path).stat().st_size} bytes), not Safe-SAIL's "
+                        f"{what} itself; fetch the data (`git lfs pull` in the release's clone, or download the "
+                        "file) and import again.")
+
+
+def lang_of(path: Path, given: str | None = None) -> str:
+    """The language of a neuron-DB file: --lang, else its name (en_db.json -> en, cn_db.json -> cn), else en."""
+    if given:
+        return given
+    m = re.match(r"^([a-z]{2})_db\b", Path(path).name)
+    return m.group(1) if m else "en"
 
 
 # ---- reading and checking ------------------------------------------------------
@@ -63,8 +104,15 @@ def _no_duplicates(path: Path):
 
 
 def read_db_json(path: Path) -> dict[tuple[int, int], dict]:
-    """Entries of a Safe-SAIL `en_db.json` / `cn_db.json`, keyed (layer, index)."""
+    """Entries of a Safe-SAIL `en_db.json` / `cn_db.json`, keyed (layer, index), in the file's order."""
+    return read_db_file(path, "en").entries
+
+
+def read_db_file(path: Path, lang: str) -> LangEntries:
+    """A Safe-SAIL `en_db.json` / `cn_db.json`: entries keyed (layer, index) and each entry's own JSON."""
     path = Path(path)
+    if path.is_file():
+        refuse_lfs_pointer(path, "neuron DB (en_db.json / cn_db.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates(path))
     except FileNotFoundError:
@@ -74,7 +122,7 @@ def read_db_json(path: Path) -> dict[tuple[int, int], dict]:
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path} is not a Safe-SAIL neuron DB (expected a non-empty object keyed "
                         "\"{layer}_{index}\"); pass Safe-SAIL's en_db.json or cn_db.json.")
-    out = {}
+    out = LangEntries(file=path.name)
     for key, entry in data.items():
         m = _KEY.match(key)
         bad = None
@@ -91,13 +139,15 @@ def read_db_json(path: Path) -> dict[tuple[int, int], dict]:
             bad = f"entry {key!r} has a tag_list that is not a list of strings"
         if bad:
             raise UserError(f"{path} is not in Safe-SAIL's neuron-DB layout: {bad}.")
-        out[(int(m.group(1)), int(m.group(2)))] = {"explanation": entry["explanation"],
-                                                   "correlation_score": float(entry["correlation_score"]),
-                                                   "tag_list": list(entry["tag_list"])}
+        k = (int(m.group(1)), int(m.group(2)))
+        out.raw[k] = json.dumps(entry)
+        out.entries[k] = {"explanation": entry["explanation"], "correlation_score": float(entry["correlation_score"]),
+                          "tag_list": list(entry["tag_list"])}
     return out
 
 
 def _torch_load(path: Path, what: str):
+    refuse_lfs_pointer(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -133,6 +183,7 @@ def read_quantiles(path: Path, n_indices: int, indices_path: Path) -> tuple[np.n
 def check_ckpt(path: Path) -> dict:
     """Keys and shapes of a Safe-SAIL SAE checkpoint; returns {path, arch, width, d_in}."""
     path = Path(path)
+    refuse_lfs_pointer(path, "ckpt_layer{L}.pt")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
@@ -180,13 +231,21 @@ def layer_of(path: Path, kind: str) -> int:
     return int(m.group(2))
 
 
-def read_release(db_json: Path | None, indices: dict[int, Path], quantiles: dict[int, Path],
-                 ckpts: dict[int, Path]) -> Release:
-    """Read and cross-check every file; raises UserError before anything is written."""
+def read_release(db_json, indices: dict[int, Path], quantiles: dict[int, Path],
+                 ckpts: dict[int, Path], num_layers: int | None = None, model: str | None = None) -> Release:
+    """Read and cross-check every file; raises UserError before anything is written.
+
+    `db_json` is one neuron-DB file, a {lang: file} mapping (en_db.json and cn_db.json side by
+    side), or None; `num_layers` (the model's layer count) refuses files of layers it lacks."""
     rel = Release()
-    if db_json is not None:
-        rel.entries = read_db_json(db_json)
-        rel.entries_file = Path(db_json).name
+    if isinstance(db_json, dict):
+        files = dict(db_json)
+    else:
+        files = {} if db_json is None else {lang_of(db_json): Path(db_json)}
+    for lang, path in files.items():
+        rel.langs[lang] = read_db_file(path, lang)
+    if num_layers is not None:
+        _check_layers(rel, files, indices, quantiles, ckpts, int(num_layers), model)
     for layer in sorted(set(quantiles) - set(indices)):
         raise UserError(f"{quantiles[layer]} has no matching indices_layer{layer}.pt; pass both files of a layer.")
     for layer, path in sorted(indices.items()):
@@ -204,7 +263,7 @@ def read_release(db_json: Path | None, indices: dict[int, Path], quantiles: dict
     for (layer, idx) in rel.entries:
         lf = rel.layers.get(layer)
         if lf and lf.ckpt and idx >= lf.ckpt["width"]:
-            raise UserError(f"{rel.entries_file} names neuron {layer}_{idx}, but the layer-{layer} SAE has only "
+            raise UserError(f"{'/'.join(e.file for e in rel.langs.values())} names neuron {layer}_{idx}, but the layer-{layer} SAE has only "
                             f"{lf.ckpt['width']} latents; pass files of the same release.")
     if not rel.entries and not rel.layers:
         raise UserError("nothing to import; pass --from <release folder> or --en-db/--cn-db, --indices, "
@@ -212,13 +271,29 @@ def read_release(db_json: Path | None, indices: dict[int, Path], quantiles: dict
     return rel
 
 
+def _check_layers(rel: Release, files: dict, indices: dict, quantiles: dict, ckpts: dict, num_layers: int,
+                  model: str | None) -> None:
+    named = f"model {model}" if model else "the model"
+    for kind, paths in (("indices", indices), ("quantile", quantiles), ("ckpt", ckpts)):
+        for layer, path in sorted(paths.items()):
+            if not 0 <= layer < num_layers:
+                raise UserError(f"{path} is for layer {layer}, but {named} has {num_layers} layers (0-{num_layers - 1}); "
+                                "pass the files of this model's release, or the right --model.")
+    for lang, le in rel.langs.items():
+        bad = sorted({layer for layer, _ in le.entries if not 0 <= layer < num_layers})
+        if bad:
+            raise UserError(f"{files[lang]} has neurons on layer {bad[0]}, but {named} has {num_layers} layers "
+                            f"(0-{num_layers - 1}); pass the files of this model's release, or the right --model.")
+
+
 # ---- writing --------------------------------------------------------------------
 def import_release(db_path: Path, rel: Release, model: str, run: str | None = None, *, num_tokens: int = 200_000,
                    q: float = 0.999, sae_k: int = 200, sae_arch: str = "topk", hook_site: str = "mlp_out") -> dict:
     """Write a checked release into the DB at `db_path` (created if missing) in one transaction."""
+    aside = set_aside_if_corrupt(Path(db_path))
     db = NeuronDB.create_or_open(db_path, model, run, "safesail-release")
     summary = {"entries": len(rel.entries), "layers": sorted({l for l, _ in rel.entries} | set(rel.layers)),
-               "latents_with_quantiles": 0}
+               "latents_with_quantiles": 0, "langs": sorted(rel.langs), "set_aside": aside}
     try:
         with db.transaction() as c:
             sae_ids = {}
@@ -229,19 +304,30 @@ def import_release(db_path: Path, rel: Release, model: str, run: str | None = No
                 if lf.indices is not None:
                     summary["latents_with_quantiles"] += _write_tables(c, sae_ids[layer], layer,
                                                                        f"layers.{layer}.{hook_site}", lf, q, num_tokens)
-            for (layer, idx), entry in sorted(rel.entries.items()):
-                lid = _latent_row(c, sae_ids[layer], f"layers.{layer}.{hook_site}", layer, idx)
-                c.execute("INSERT OR REPLACE INTO explanations(latent_id, text, status, llm, prompt_version) "
-                          "VALUES (?, ?, 'ok', 'safesail-release', ?)", (lid, entry["explanation"], rel.entries_file))
-                c.execute("INSERT OR REPLACE INTO scores(latent_id, kind, value, status, details) "
-                          "VALUES (?, 'correlation', ?, 'ok', ?)",
-                          (lid, entry["correlation_score"], json.dumps({"source": rel.entries_file})))
-                write_tag_list(c, lid, entry["tag_list"])
+            for lang, le in rel.langs.items():
+                _write_entries(c, sae_ids, hook_site, lang, le)
             db.set_meta("release_quantile", json.dumps({"q": q, "num_tokens": num_tokens}))
     finally:
         db.close()
     log.info("imported %s into %s", summary, db_path)
     return summary
+
+
+def _write_entries(c, sae_ids: dict[int, int], hook_site: str, lang: str, le: LangEntries) -> None:
+    """One language's entries: its explanation beside the other languages', the score (kind simulation:
+    Safe-SAIL's correlation_score), the tags, and the entry's place and bytes in the file (for export)."""
+    c.execute("DELETE FROM release_entries WHERE lang = ?", (lang,))
+    for pos, ((layer, idx), entry) in enumerate(le.entries.items()):
+        lid = _latent_row(c, sae_ids[layer], f"layers.{layer}.{hook_site}", layer, idx)
+        rows.write_explanation_lang(c, lid, lang, entry["explanation"], le.file)
+        if rows.takes_primary(c, lid, lang):
+            c.execute("INSERT OR REPLACE INTO explanations(latent_id, text, status, llm, prompt_version, lang) "
+                      "VALUES (?, ?, 'ok', 'safesail-release', ?, ?)", (lid, entry["explanation"], le.file, lang))
+        rows.write_score(c, lid, rows.DEFAULT_KIND, {"value": entry["correlation_score"], "status": "ok",
+                                                     "details": json.dumps({"source": le.file})})
+        rows.write_tag_list(c, lid, entry["tag_list"])
+        c.execute("INSERT INTO release_entries(lang, position, latent_id, raw) VALUES (?, ?, ?, ?)",
+                  (lang, pos, lid, le.raw[(layer, idx)]))
 
 
 def _upsert_sae(c, layer: int, hook: str, lf: LayerFiles | None, sae_k: int, sae_arch: str) -> int:

@@ -10,13 +10,19 @@ Version history
 - 2: full-text search over explanations (FTS5, kept in sync by triggers),
      release_indices (the exact order of a Safe-SAIL `indices_layer{L}.pt`),
      indexes for the query CLI.
+- 3: scores keyed by (latent, kind) with an interval, the two controls (shuffled
+     explanation, constant prediction), cost and example counts (the scoring
+     family: simulation, detection, fuzzing); `explanation_langs` (every
+     language's explanation of a latent side by side, e.g. Safe-SAIL's en_db and
+     cn_db); `release_entries` (the order and bytes of imported release entries);
+     `verify_effects` (causal checks: steering, ablation, refusal).
 """
 
 from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # PRAGMA application_id marks a file as a Safe-SAIL neuron DB ("SSAI").
 APPLICATION_ID = 0x53534149
 
@@ -103,8 +109,63 @@ CREATE INDEX tags_domain ON tags(domain);
 CREATE INDEX scores_value ON scores(value);
 """
 
+# Version 2 scores had one row per latent; kind was "correlation" (imports) or "simulation" (runs),
+# both the simulation scorer's Pearson correlation. Cost fields lived inside `details`.
+V2_TO_V3 = """
+CREATE TABLE scores_v3 (
+    latent_id INTEGER NOT NULL REFERENCES latents(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    value REAL, ci_low REAL, ci_high REAL,
+    control_shuffled REAL, control_constant REAL, beats_shuffled INTEGER,
+    n_examples INTEGER, llm_calls INTEGER, prompt_tokens INTEGER, completion_tokens INTEGER,
+    status TEXT, failure TEXT, details TEXT, time TEXT,
+    record_hash TEXT,
+    PRIMARY KEY (latent_id, kind)
+);
+INSERT INTO scores_v3(latent_id, kind, value, n_examples, llm_calls, prompt_tokens, completion_tokens,
+                      status, failure, details, time, record_hash)
+    SELECT latent_id,
+           CASE WHEN kind IS NULL OR kind = 'correlation' THEN 'simulation' ELSE kind END,
+           value,
+           CASE WHEN json_valid(details) AND json_type(details, '$.segments') = 'array'
+                THEN json_array_length(details, '$.segments') END,
+           CASE WHEN json_valid(details) THEN json_extract(details, '$.llm_calls') END,
+           CASE WHEN json_valid(details) THEN json_extract(details, '$.prompt_tokens') END,
+           CASE WHEN json_valid(details) THEN json_extract(details, '$.completion_tokens') END,
+           status, failure, details, time, record_hash
+    FROM scores;
+DROP TABLE scores;
+ALTER TABLE scores_v3 RENAME TO scores;
+CREATE INDEX scores_kind_value ON scores(kind, value);
+ALTER TABLE explanations ADD COLUMN lang TEXT;
+UPDATE explanations SET lang = CASE WHEN prompt_version = 'cn_db.json' THEN 'cn' ELSE 'en' END;
+CREATE TABLE explanation_langs (
+    latent_id INTEGER NOT NULL REFERENCES latents(id) ON DELETE CASCADE,
+    lang TEXT NOT NULL,
+    text TEXT, source TEXT,
+    PRIMARY KEY (latent_id, lang)
+);
+INSERT INTO explanation_langs(latent_id, lang, text, source)
+    SELECT latent_id, lang, text, COALESCE(prompt_version, llm) FROM explanations;
+CREATE TABLE release_entries (
+    lang TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    latent_id INTEGER NOT NULL REFERENCES latents(id) ON DELETE CASCADE,
+    raw TEXT NOT NULL,
+    PRIMARY KEY (lang, position)
+);
+CREATE TABLE verify_effects (
+    id INTEGER PRIMARY KEY,
+    latent_id INTEGER REFERENCES latents(id) ON DELETE CASCADE,
+    hook TEXT NOT NULL, layer INTEGER NOT NULL, latent INTEGER,
+    target TEXT NOT NULL, domain TEXT, lang TEXT, "check" TEXT NOT NULL, metric TEXT NOT NULL,
+    value REAL, ci_low REAL, ci_high REAL, n INTEGER, details TEXT
+);
+CREATE INDEX verify_effects_latent ON verify_effects(latent_id);
+"""
+
 # from-version -> script that brings the file to from-version + 1
-MIGRATIONS: dict[int, str] = {1: V1_TO_V2}
+MIGRATIONS: dict[int, str] = {1: V1_TO_V2, 2: V2_TO_V3}
 
 
 def user_version(conn: sqlite3.Connection) -> int:

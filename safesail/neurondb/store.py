@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,15 +22,14 @@ import numpy as np
 import torch
 
 from safesail.errors import UserError
-from safesail.neurondb import schema
+from safesail.neurondb import files, load_verify, schema, search as search_mod
+from safesail.neurondb.rows import DEFAULT_KIND, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
 
 DOMAINS = ("politics", "pornography", "violence", "terror")
 SCORE_BANDS = ((None, 0.0, "<0"), (0.0, 0.2, "0-0.2"), (0.2, 0.4, "0.2-0.4"), (0.4, 0.6, "0.4-0.6"),
                (0.6, 0.8, "0.6-0.8"), (0.8, None, ">=0.8"))
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
 # ---- blobs: numpy arrays stored as little-endian bytes -------------------------
@@ -73,24 +71,32 @@ class NeuronDB:
 
     # ---- opening -------------------------------------------------------------
     @classmethod
-    def open(cls, path, readonly: bool = True) -> "NeuronDB":
+    def open(cls, path, readonly: bool = True, check: bool = False) -> "NeuronDB":
         """Open an existing neuron DB; a missing, corrupt or foreign file raises UserError.
 
+        `check` runs SQLite's quick integrity check first (the diagnose server does, once).
         A file of an older schema version is migrated in place (one transaction).
         """
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no neuron database at {path}; build one with `safesail db build` "
                             "or import Safe-SAIL's release with `safesail db import`.")
-        _check_header(path)
+        if path.stat().st_size:
+            files.check_header(path)
+        if files.is_schemaless(path):
+            raise UserError(f"{path} holds no neuron-DB schema yet (its first build was interrupted); run "
+                            "`safesail db build` (or `safesail db import`) again, which replaces it.")
+        if check:
+            problem = files.integrity_problem(path)
+            if problem:
+                raise UserError(files.corrupt_advice(path, problem))
         try:
-            conn = _connect(path, readonly)
+            conn = files.connect(path, readonly)
             version = schema.user_version(conn)
             app = schema.application_id(conn)
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
-            raise UserError(f"{path} is not a readable neuron database ({e}); rebuild it with "
-                            "`safesail db build` or pick the right file.") from None
+            raise UserError(files.corrupt_advice(path, str(e))) from None
         if app != schema.APPLICATION_ID or "meta" not in tables or "latents" not in tables:
             conn.close()
             raise UserError(f"{path} is an SQLite file but not a Safe-SAIL neuron database; "
@@ -104,37 +110,38 @@ class NeuronDB:
             if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
                 raise UserError(f"{path} has the old schema version {version} and is not writable, so it "
                                 "cannot be migrated; copy it somewhere writable and open it there.")
-            wconn = _connect(path, readonly=False)
+            wconn = files.connect(path, readonly=False)
             old = schema.migrate(wconn)
             wconn.close()
             log.info("migrated %s from schema version %d to %d", path, old, schema.SCHEMA_VERSION)
-            conn = _connect(path, readonly)
+            conn = files.connect(path, readonly)
         return cls(conn, path, readonly)
 
     @classmethod
     def create_or_open(cls, path, model: str, run: str | None, source: str) -> "NeuronDB":
         """Open `path` for writing, creating an empty DB for `model` if missing.
 
-        An existing DB of another model raises UserError (and is left untouched).
+        The new file is made under a temporary name and renamed into place; a file left
+        without a schema by an interrupted creation is replaced. An existing DB of another
+        model raises UserError (and is left untouched).
         """
         path = Path(path)
-        if path.exists() and path.stat().st_size > 0:
+        if files.is_schemaless(path):
+            log.warning("%s holds no schema (an interrupted first build); replacing it", path)
+            files.remove_with_side_files(path)
+        if path.exists():
             db = cls.open(path, readonly=False)
             have = db.model_info().get("model")
             if have != model:
                 db.close()
                 raise UserError(f"{path} holds the neuron DB of model {have!r}, not {model!r}; "
                                 "write to another file with --db or pick the matching model.")
+            files.ensure_wal(db.conn)
             return db
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = _connect(path, readonly=False)
-        conn.execute("PRAGMA journal_mode = WAL")
-        schema.create_version(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
-                         [("model", model), ("run", run), ("source", source)])
-        conn.execute("COMMIT")
-        return cls(conn, path, readonly=False)
+        files.create_atomically(path, {"model": model, "run": run, "source": source})
+        db = cls.open(path, readonly=False)
+        files.ensure_wal(db.conn)
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -167,8 +174,7 @@ class NeuronDB:
             try:
                 return self.conn.execute(sql, params).fetchall()
             except sqlite3.DatabaseError as e:
-                raise UserError(f"the neuron database {self.path} cannot be read ({e}); rebuild it with "
-                                "`safesail db build`.") from None
+                raise UserError(files.corrupt_advice(self.path, str(e))) from None
 
     def set_meta(self, key: str, value: Any) -> None:
         self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
@@ -205,8 +211,10 @@ class NeuronDB:
 
     _LOOKUP_HOOK = ("SELECT l.idx, l.layer, e.text, s.value, t.tag_list FROM latents l "
                     "LEFT JOIN explanations e ON e.latent_id = l.id "
-                    "LEFT JOIN scores s ON s.latent_id = l.id "
+                    f"LEFT JOIN scores s ON s.latent_id = l.id AND s.kind = '{DEFAULT_KIND}' "
                     "LEFT JOIN tag_records t ON t.latent_id = l.id WHERE l.hook = ?")
+    _KINDS_HOOK = ("SELECT l.idx, s.kind, s.value FROM scores s JOIN latents l ON l.id = s.latent_id "
+                   "WHERE l.hook = ? AND s.value IS NOT NULL ORDER BY s.kind")
 
     def _hook_rows(self, hook: str) -> dict[int, tuple]:
         """All lookup rows of a hook, cached until another connection commits (PRAGMA data_version)."""
@@ -216,13 +224,16 @@ class NeuronDB:
             self._cache_version = version
         rows = self._cache.get(hook)
         if rows is None:
-            rows = {r[0]: (r[1], r[2], r[3], tuple(json.loads(r[4])) if r[4] else ())
+            kinds: dict[int, dict[str, float]] = {}
+            for idx, kind, value in self._all(self._KINDS_HOOK, (hook,)):
+                kinds.setdefault(idx, {})[kind] = value
+            rows = {r[0]: (r[1], r[2], r[3], tuple(json.loads(r[4])) if r[4] else (), kinds.get(r[0], {}))
                     for r in self._all(self._LOOKUP_HOOK, (hook,))}
             self._cache[hook] = rows
         return rows
 
     def lookup(self, hook: str, latent_ids: Sequence[int]) -> dict[int, dict]:
-        """Explanation, score and tags of the given latents of `hook` that the DB holds.
+        """Explanation, simulation score, every kind's score and tags of the given latents of `hook`.
 
         The hot path of diagnose: the hook's rows are read once into memory and served from
         there until the file changes (a rebuild committed by another process).
@@ -234,7 +245,7 @@ class NeuronDB:
             r = rows.get(int(i))
             if r is not None:
                 out[int(i)] = {"hook": hook, "layer": r[0], "index": int(i), "explanation": r[1], "score": r[2],
-                               "tags": list(r[3])}
+                               "scores": dict(r[4]), "tags": list(r[3])}
         return out
 
     _LOOKUP = _LOOKUP_HOOK + " AND l.idx IN (SELECT value FROM json_each(?))"
@@ -242,10 +253,15 @@ class NeuronDB:
     def lookup_uncached(self, hook: str, latent_ids: Sequence[int]) -> dict[int, dict]:
         """`lookup` with one SQL query per call and no cache (benchmark baseline, one-off callers)."""
         ids = json.dumps([int(i) for i in latent_ids])
+        kinds: dict[int, dict[str, float]] = {}
+        for idx, kind, value in self._all(self._KINDS_HOOK.replace(" ORDER BY", " AND l.idx IN "
+                                                                   "(SELECT value FROM json_each(?)) ORDER BY"),
+                                          (hook, ids)):
+            kinds.setdefault(idx, {})[kind] = value
         out: dict[int, dict] = {}
         for idx, layer, text, value, tag_list in self._all(self._LOOKUP, (hook, ids)):
             out[idx] = {"hook": hook, "layer": layer, "index": idx, "explanation": text, "score": value,
-                        "tags": json.loads(tag_list) if tag_list else []}
+                        "scores": kinds.get(idx, {}), "tags": json.loads(tag_list) if tag_list else []}
         return out
 
     def latent(self, hook: str, index: int, max_examples: int | None = None) -> dict | None:
@@ -275,10 +291,22 @@ class NeuronDB:
         rec["explanation"] = e[0][0] if e else None
         rec["explanation_details"] = (dict(zip(("text", "status", "error", "llm", "prompt_version", "time",
                                                 "raw", "prompt_tokens"), e[0])) if e else None)
-        s = self._all("SELECT kind, value, status, failure, details, time FROM scores WHERE latent_id = ?", (lid,))
-        rec["score"] = s[0][1] if s else None
-        rec["score_details"] = ({"kind": s[0][0], "value": s[0][1], "status": s[0][2], "failure": s[0][3],
-                                 "details": _loads(s[0][4]), "time": s[0][5]} if s else None)
+        rec["explanations"] = {lang: text for lang, text in self._all(
+            "SELECT lang, text FROM explanation_langs WHERE latent_id = ? ORDER BY lang = 'en' DESC, lang", (lid,))}
+        cols = ("kind", *SCORE_COLUMNS, "details", "time")
+        scores = {}
+        for r in self._all(f"SELECT {', '.join(cols)} FROM scores WHERE latent_id = ? "
+                           f"ORDER BY kind = '{DEFAULT_KIND}' DESC, kind", (lid,)):
+            d = dict(zip(cols, r))
+            d["details"] = _loads(d["details"])
+            d["beats_shuffled"] = None if d["beats_shuffled"] is None else bool(d["beats_shuffled"])
+            scores[d.pop("kind")] = d
+        rec["scores"] = scores
+        sim = scores.get(DEFAULT_KIND)
+        rec["score"] = sim["value"] if sim else None
+        rec["score_details"] = {"kind": DEFAULT_KIND, **sim} if sim else None
+        with self._lock:
+            rec["verify_effects"] = load_verify.effects_of(self.conn, lid)
         t = self._all("SELECT tag_list, evidence, thresholds, time FROM tag_records WHERE latent_id = ?", (lid,))
         rec["tags"] = json.loads(t[0][0]) if t else []
         rec["tag_details"] = ({"evidence": _loads(t[0][1]), "thresholds": _loads(t[0][2]), "time": t[0][3]}
@@ -294,61 +322,16 @@ class NeuronDB:
                             "acts": from_f32(r[9])} for r in self._all(sql, params)]
         return rec
 
-    @staticmethod
-    def _fts_query(text: str) -> str:
-        # Each word becomes a quoted FTS5 string, so user punctuation is never FTS syntax;
-        # a trailing * keeps its meaning (prefix search).
-        parts = []
-        for w in text.split():
-            prefix = w.endswith("*") and len(w) > 1
-            w = w.rstrip("*").replace('"', '""')
-            if w:
-                parts.append(f'"{w}"' + ("*" if prefix else ""))
-        return " ".join(parts)
-
     def search(self, text: str | None = None, domain: str | None = None, min_score: float | None = None,
-               max_score: float | None = None, layer: int | None = None, limit: int = 50) -> list[dict]:
-        """Latents whose explanation matches `text` (FTS5), filtered by domain, score range and layer."""
-        where, params = [], []
-        sql = ("SELECT l.hook, l.layer, l.idx, e.text, s.value, t.tag_list FROM latents l "
-               "LEFT JOIN explanations e ON e.latent_id = l.id "
-               "LEFT JOIN scores s ON s.latent_id = l.id "
-               "LEFT JOIN tag_records t ON t.latent_id = l.id ")
-        order = "s.value IS NULL, s.value DESC, l.layer, l.idx"
-        if text and text.strip() and _CJK.search(text):
-            # unicode61 keeps a run of CJK characters as one token, so words inside it cannot be
-            # matched by FTS; substring search instead (every word must occur).
-            for w in text.split():
-                where.append("e.text LIKE ? ESCAPE '\\'")
-                params.append("%" + w.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
-        elif text and text.strip():
-            q = self._fts_query(text)
-            sql = sql.replace("FROM latents l ", "FROM explanations_fts f JOIN latents l ON l.id = f.rowid ", 1)
-            where.append("explanations_fts MATCH ?")
-            params.append(q)
-            order = "f.rank, " + order
-        if domain:
-            if domain == "general":
-                where.append("NOT EXISTS (SELECT 1 FROM tags g WHERE g.latent_id = l.id)")
-                where.append("e.latent_id IS NOT NULL")
-            else:
-                where.append("EXISTS (SELECT 1 FROM tags g WHERE g.latent_id = l.id AND g.domain = ?)")
-                params.append(domain)
-        if min_score is not None:
-            where.append("s.value >= ?")
-            params.append(float(min_score))
-        if max_score is not None:
-            where.append("s.value <= ?")
-            params.append(float(max_score))
-        if layer is not None:
-            where.append("l.layer = ?")
-            params.append(int(layer))
-        if not where:
-            where.append("e.latent_id IS NOT NULL")
-        sql += "WHERE " + " AND ".join(where) + f" ORDER BY {order} LIMIT ?"
-        params.append(int(limit))
-        return [{"hook": r[0], "layer": r[1], "index": r[2], "explanation": r[3], "score": r[4],
-                 "tags": json.loads(r[5]) if r[5] else []} for r in self._all(sql, params)]
+               max_score: float | None = None, layer: int | None = None, limit: int = 50,
+               kind: str = DEFAULT_KIND) -> list[dict]:
+        """Latents whose explanation matches `text`, filtered by domain, a score range of scorer `kind`
+        (default simulation) and layer; each hit carries that kind's score (`search.py`)."""
+        sql, params = search_mod.search_sql(text, domain, min_score, max_score, layer, limit, kind)
+        return search_mod.rows_to_hits(self._all(sql, params), kind)
+
+    def score_kinds(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT DISTINCT kind FROM scores ORDER BY kind")]
 
     def stats(self) -> dict:
         """Counts per layer, per domain and per score band."""
@@ -356,7 +339,8 @@ class NeuronDB:
         for layer, n, n_expl, n_scored, n_tagged in self._all(
                 "SELECT l.layer, count(*), count(e.latent_id), count(s.value), "
                 "sum(EXISTS (SELECT 1 FROM tags g WHERE g.latent_id = l.id)) FROM latents l "
-                "LEFT JOIN explanations e ON e.latent_id = l.id LEFT JOIN scores s ON s.latent_id = l.id "
+                "LEFT JOIN explanations e ON e.latent_id = l.id "
+                f"LEFT JOIN scores s ON s.latent_id = l.id AND s.kind = '{DEFAULT_KIND}' "
                 "GROUP BY l.layer ORDER BY l.layer"):
             per_layer[layer] = {"latents": n, "explained": n_expl, "scored": n_scored, "tagged": int(n_tagged or 0)}
         per_domain = {d: n for d, n in self._all("SELECT domain, count(*) FROM tags GROUP BY domain ORDER BY domain")}
@@ -372,34 +356,17 @@ class NeuronDB:
             if hi is not None:
                 cond.append("value < ?")
                 p.append(hi)
-            bands[name] = self._all("SELECT count(*) FROM scores WHERE value IS NOT NULL AND "
-                                    + " AND ".join(cond), p)[0][0]
+            bands[name] = self._all(f"SELECT count(*) FROM scores WHERE kind = '{DEFAULT_KIND}' AND "
+                                    "value IS NOT NULL AND " + " AND ".join(cond), p)[0][0]
         bands["unscored"] = self._all("SELECT count(*) FROM latents l LEFT JOIN scores s ON s.latent_id = l.id "
-                                      "WHERE s.value IS NULL")[0][0]
+                                      f"AND s.kind = '{DEFAULT_KIND}' WHERE s.value IS NULL")[0][0]
+        per_kind = {k: {"scored": n, "mean": m, "beats_shuffled": int(b or 0)} for k, n, m, b in self._all(
+            "SELECT kind, count(value), avg(value), sum(beats_shuffled) FROM scores GROUP BY kind ORDER BY kind")}
         totals = {"latents": sum(v["latents"] for v in per_layer.values()),
                   "explained": sum(v["explained"] for v in per_layer.values()),
                   "tagged": sum(v["tagged"] for v in per_layer.values())}
         return {**self.model_info(), "totals": totals, "per_layer": per_layer, "per_domain": per_domain,
-                "per_score_band": bands}
+                "per_score_band": bands, "per_kind": per_kind,
+                "verify_effects": self._all("SELECT count(*) FROM verify_effects")[0][0]}
 
 
-def _check_header(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); check the path and its permissions.") from None
-    if head != _SQLITE_MAGIC:
-        raise UserError(f"{path} is not an SQLite file (corrupt or of another kind); rebuild it with "
-                        "`safesail db build` or point --db at the right file.")
-
-
-def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
-    if readonly:
-        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
-                               check_same_thread=False, isolation_level=None)
-    else:
-        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=60)
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA busy_timeout = 60000")
-    return conn

@@ -50,7 +50,8 @@ def test_build_holds_every_input(run):
         got = db.lookup(H1, [8, 13, 999])
         assert set(got) == {8, 13}
         assert got[13] == {"hook": H1, "layer": 1, "index": 13, "explanation": "violence related words, latent 13 (v1)",
-                           "score": pytest.approx(0.1 + 0.8 * 2 / 11, abs=1e-4), "tags": ["violence"]}
+                           "score": pytest.approx(0.1 + 0.8 * 2 / 11, abs=1e-4),
+                           "scores": {"simulation": pytest.approx(0.1 + 0.8 * 2 / 11, abs=1e-4)}, "tags": ["violence"]}
         rec = db.latent(H1, 8)
         row = data[H1]["ids"].index(8)
         assert rec["density"] == pytest.approx(float(stats["density"][row]))
@@ -59,14 +60,14 @@ def test_build_holds_every_input(run):
         assert len(rec["histogram"]["edges"]) == 7
         assert [e["segment_id"] for e in rec["examples"]] == ["8-0", "8-1", "8-2"]
         assert rec["examples"][0]["tokens"] == ["t8", "_a", "_b", "_0"]
-        assert rec["score_details"]["details"]["llm_calls"] == 4
+        assert rec["score_details"]["llm_calls"] == 4 and rec["scores"]["simulation"]["llm_calls"] == 4
         assert rec["tag_details"]["evidence"] == {"pornography": {"share": 0.7}}
         hits = db.search("violence", domain="violence", min_score=0.3)
         assert hits and all("violence" in h["tags"] and h["score"] >= 0.3 for h in hits)
         assert {(h["layer"], h["index"]) for h in hits} == {(1, 53), (3, 53)}
         assert db.search(layer=3, max_score=0.15) == [
             {"hook": H3, "layer": 3, "index": 3, "explanation": "punctuation related words, latent 3 (v1)",
-             "score": 0.1, "tags": []}]
+             "score": 0.1, "kind": "simulation", "tags": []}]
         st = db.stats()
         assert st["totals"] == {"latents": 24, "explained": 24, "tagged": 16}
         assert st["per_domain"] == {"politics": 4, "pornography": 4, "terror": 4, "violence": 4, "general": 8}
@@ -77,8 +78,8 @@ def test_rebuild_updates_only_what_changed(run):
     cfg, rd, data = run
     build_db(cfg, rd)
     again = build_db(cfg, rd)
-    assert again == {"hooks_replaced": [], "hooks_removed": [], "hooks_stats_reloaded": [], "latents": 0,
-                     "segments": 0, "explanations": 0, "scores": 0, "tags": 0}
+    assert again == {"set_aside": None, "hooks_replaced": [], "hooks_removed": [], "hooks_stats_reloaded": [],
+                     "latents": 0, "segments": 0, "explanations": 0, "scores": 0, "tags": 0, "verify_effects": 0}
     # A newer explanation and score for one latent are appended (the last record wins).
     expl, scores, _ = interpret_records(H3, [18], version="v2")
     scores[0]["score"] = 0.91

@@ -40,12 +40,12 @@ def test_v1_file_is_migrated_and_searchable(tmp_path):
     conn.close()
 
     db = NeuronDB.open(path)
-    assert db.model_info()["schema_version"] == schema.SCHEMA_VERSION == 2
+    assert db.model_info()["schema_version"] == schema.SCHEMA_VERSION == 3
     hits = db.search("stabbing")
     assert [(h["layer"], h["index"], h["score"]) for h in hits] == [(2, 11, 0.42)]
     assert db.lookup("layers.2.mlp_out", [11, 12]) == {11: {"hook": "layers.2.mlp_out", "layer": 2, "index": 11,
                                                            "explanation": "knives and stabbing", "score": 0.42,
-                                                           "tags": []}}
+                                                           "scores": {"simulation": 0.42}, "tags": []}}
     db.close()
     # A second open finds nothing to migrate and the data is unchanged.
     assert NeuronDB.open(path).search("knives")[0]["index"] == 11
