@@ -87,3 +87,35 @@ def continuation_logprobs(lm, prompts: list[list[int]], continuations: list[list
             pos = torch.arange(len(p) - 1, len(p) - 1 + len(c))
             out.append(float(logp[j, pos, torch.tensor(c)].sum()))
     return torch.tensor(out)
+
+
+@torch.no_grad()
+def shared_prefix_logprobs(lm, prompt: list[int], continuations: list[list[int]]) -> torch.Tensor:
+    """[n] log P(continuation_j | prompt): one pass over the prompt, its KV cache shared by all continuations."""
+    from transformers import DynamicCache
+
+    dev = lm.device
+    if not continuations:
+        return torch.zeros(0)
+    out = lm.model(input_ids=torch.tensor([prompt], device=dev), use_cache=True, cache=DynamicCache())
+    first = torch.log_softmax(out.logits[0, -1].float(), -1).cpu()
+    n, width = len(continuations), max(len(c) for c in continuations)
+    total = torch.tensor([float(first[c[0]]) for c in continuations])
+    if width == 1:
+        return total
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_repeat_interleave(n)
+    ids = torch.full((n, width - 1), _pad_id(lm), dtype=torch.long)
+    mask = torch.zeros((n, len(prompt) + width - 1), dtype=torch.long)
+    mask[:, :len(prompt)] = 1
+    for j, c in enumerate(continuations):
+        ids[j, :len(c) - 1] = torch.tensor(c[:-1])
+        mask[j, len(prompt):len(prompt) + len(c) - 1] = 1
+    pos = torch.arange(len(prompt), len(prompt) + width - 1).unsqueeze(0).expand(n, -1)
+    logits = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                      cache=cache, use_cache=True).logits.float()
+    logp = torch.log_softmax(logits, -1).cpu()
+    for j, c in enumerate(continuations):
+        for k in range(1, len(c)):
+            total[j] += logp[j, k - 1, c[k]]
+    return total
