@@ -16,12 +16,14 @@ returns codes in the raw scale.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safesail.errors import UserError
 from safesail.saes.config import SAEConfig
 from safesail.saes.sparse_ops import choose_decoder, gather_preacts, sparse_decode
 
@@ -45,9 +47,27 @@ class SAEOutput(NamedTuple):
     fired: torch.Tensor       # [n] bool: latents active at least once in the batch
 
 
+@dataclass
+class NoParams:
+    """An architecture without settings of its own."""
+
+
 class SAE(nn.Module):
-    arch = ""
+    """Subclass per architecture: set `arch`, `Params` (its own config fields with defaults), and
+    override `folder_name` / `check_config` when its settings need them; decorate with
+    `safesail.saes.registry.register_arch`."""
+
+    arch: ClassVar[str] = ""
+    Params: ClassVar[type] = NoParams
     unit_norm_decoder = True
+
+    @classmethod
+    def folder_name(cls, cfg: SAEConfig) -> str:
+        return cls.arch
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Raise UserError (one sentence) for a bad setting; may normalise types (e.g. int(k))."""
 
     def __init__(self, cfg: SAEConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -56,7 +76,8 @@ class SAE(nn.Module):
         gen = torch.Generator().manual_seed(int(cfg.seed))
         w = torch.randn(n, d, generator=gen, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(w.clone().to(device=device, dtype=dtype))
+        enc_scale = float(cfg.enc_init_scale) if cfg.enc_init == "decoder_scaled" else 1.0
+        self.W_enc = nn.Parameter((w * enc_scale).to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
         self.W_dec = nn.Parameter(w.to(device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
@@ -108,7 +129,14 @@ class SAE(nn.Module):
         sparsity = codes.penalty / n_tokens if codes.penalty is not None else fvu.new_zeros(())
         aux = self._auxk(codes.pre, e, dead_mask, total_var, x_c)
         loss = fvu + sparsity + self.cfg.auxk_alpha * aux
+        extra = self.extra_loss(codes, x, total_var)
+        if extra is not None:
+            loss = loss + extra
         return SAEOutput(recon, loss, fvu, aux, sparsity, active.sum() / b, fired)
+
+    def extra_loss(self, codes: TrainCodes, x: torch.Tensor, total_var: torch.Tensor) -> torch.Tensor | None:
+        """An architecture's own loss term beside FVU, sparsity and AuxK (None: none)."""
+        return None
 
     def _auxk(self, pre, e, dead_mask, total_var, x_c) -> torch.Tensor:
         """AuxK (Gao et al.): the top dead latents must predict the residual of the live ones."""
@@ -157,6 +185,35 @@ class SAE(nn.Module):
         if how == "geometric_median":
             m = geometric_median(x, m)
         self.b_dec.copy_(m.to(self.b_dec.dtype))
+
+
+@dataclass
+class KParams:
+    k: int | None = None      # active latents per token (on average for batch-level variants)
+
+
+class KSparseSAE(SAE):
+    """Base of the architectures whose sparsity knob is `k` (folder name `<arch>-k<k>`)."""
+
+    Params = KParams
+
+    @classmethod
+    def folder_name(cls, cfg: SAEConfig) -> str:
+        return f"{cls.arch}-k{cfg.k}"
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        try:
+            k = int(cfg.k)
+        except (TypeError, ValueError):
+            raise UserError(f"SAE architecture {cls.arch} needs k, an integer >= 1 (got {cfg.k!r}); set k in the "
+                            "sweep config.") from None
+        if k < 1:
+            raise UserError(f"SAE architecture {cls.arch} needs k >= 1 (got {k}); set k in the sweep config.")
+        if k > cfg.n_latents:
+            raise UserError(f"k={k} is larger than the SAE width ({cfg.n_latents} latents); "
+                            "choose a smaller k or a wider SAE.")
+        cfg.params["k"] = k
 
 
 def geometric_median(x: torch.Tensor, start: torch.Tensor | None = None, iters: int = 30) -> torch.Tensor:

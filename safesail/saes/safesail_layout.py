@@ -16,7 +16,7 @@ import torch
 
 from safesail.errors import UserError
 from safesail.saes.base import SAE
-from safesail.saes.config import SAEConfig
+from safesail.saes.config import SAEConfig, k_archs
 from safesail.saes.registry import build_sae
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def load_safesail_checkpoint(path: str | Path, arch: str = "topk", k: int | None
     n, d = w_enc.shape
     if "encoder.theta" in ckpt:
         arch = "jumprelu"
-    cfg = SAEConfig(arch=arch, d_in=d, n_latents=n, k=k if arch in ("topk", "batchtopk") else None,
+    cfg = SAEConfig(arch=arch, d_in=d, n_latents=n, k=k if arch in k_archs() else None,
                     hook=hook, model=model, normalize=False, b_dec_init="zeros")
     sae = build_sae(cfg)
 

@@ -1,6 +1,7 @@
 """The sweep: which SAEs `safesail train` trains (configs/sae/*.yaml), and the sweep table.
 
-A sweep config lists entries; a list-valued key expands into a grid:
+A sweep config lists entries; a list-valued key expands into a grid (a list-valued setting
+such as matryoshka's `prefixes` grids only when given as a list of lists):
 ```yaml
 saes:
   - {arch: topk, k: [16, 32, 64]}      # three SAEs
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from safesail.errors import UserError
 from safesail.rundir import atomic_write_json
-from safesail.saes import K_ARCHS, SAEConfig, list_saes, read_cfg, read_metrics
+from safesail.saes import SAEConfig, k_archs, list_saes, read_cfg, read_metrics
 
 TABLE_COLUMNS = ("hook", "name", "arch", "k", "n_latents", "l0", "fvu", "dead_fraction", "ce_loss_recovered",
                  "kl_to_clean", "tokens_trained")
@@ -49,9 +50,10 @@ def sweep_entries(sae_cfg: DictConfig | dict) -> list[dict]:
         e = dict(e)
         if arch_keep and e.get("arch", "topk") not in arch_keep:
             continue
-        if k_over is not None and e.get("arch", "topk") in K_ARCHS:
+        if k_over is not None and e.get("arch", "topk") in k_archs():
             e["k"] = k_over
-        keys = [k for k, v in e.items() if isinstance(v, list)]
+        seq = SAEConfig.sequence_keys(e.get("arch", "topk"))
+        keys = [k for k, v in e.items() if isinstance(v, list) and (k not in seq or all(isinstance(x, list) for x in v))]
         for combo in itertools.product(*(e[k] for k in keys)):
             out.append({**e, **dict(zip(keys, combo))})
     if not out:
@@ -68,6 +70,22 @@ def sweep_hooks(cfg: DictConfig) -> list[str]:
     return [f"layers.{int(L)}.{site}" for L in sorted({int(x) for x in layers})]
 
 
+# train.* keys that are per-SAE defaults (an entry of the sweep may override each)
+TRAIN_DEFAULTS = ("lr", "optimizer", "seed", "enc_init", "enc_init_scale", "auxk_alpha", "k_aux", "b_dec_init",
+                  "normalize")
+
+
+def entry_config(entry: dict, defaults: dict) -> SAEConfig:
+    """One SAEConfig from `{**defaults, **entry}`, validated; an unknown entry key is one sentence."""
+    arch = entry.get("arch", "topk")
+    allowed = SAEConfig.entry_keys(arch)  # UserError for an unknown architecture
+    unknown = [k for k in entry if k not in allowed]
+    if unknown:
+        raise UserError(f"the sweep entry {entry} has an unknown key {unknown[0]!r} for architecture {arch}; "
+                        f"allowed keys: {', '.join(allowed)}.")
+    return SAEConfig(**{**defaults, **entry, "arch": arch}).validate()
+
+
 def make_configs(entries: list[dict], hook: str, d_in: int, model: str, cfg: DictConfig) -> list[SAEConfig]:
     """SAEConfigs for one hook: width from sae.n_latents or sae.expansion * d_in; training defaults from train.*."""
     sc, tc = cfg.sae, cfg.train
@@ -75,20 +93,10 @@ def make_configs(entries: list[dict], hook: str, d_in: int, model: str, cfg: Dic
     if expected and int(expected) != d_in:
         raise UserError(f"the activation cache of {hook} is {d_in} wide but sae.d_in={expected}; cache the "
                         "configured model again or fix sae.d_in.")
-    out = []
-    for e in entries:
-        n = e.get("n_latents") or sc.get("n_latents") or int(round(float(sc.get("expansion", 10)) * d_in))
-        c = SAEConfig(arch=e.get("arch", "topk"), d_in=d_in, n_latents=int(n), k=e.get("k"),
-                      l1_coef=e.get("l1_coef"), l0_coef=e.get("l0_coef"),
-                      bandwidth=float(e.get("bandwidth", 0.001)), init_threshold=float(e.get("init_threshold", 0.001)),
-                      hook=hook, model=model, lr=e.get("lr", tc.get("lr")),
-                      seed=int(e.get("seed", tc.get("seed", 0))),
-                      auxk_alpha=float(e.get("auxk_alpha", tc.get("auxk_alpha", 1 / 32))),
-                      k_aux=e.get("k_aux", tc.get("k_aux")),
-                      b_dec_init=str(e.get("b_dec_init", tc.get("b_dec_init", "geometric_median"))),
-                      normalize=bool(tc.get("normalize", True)))
-        out.append(c.validate())
-    return out
+    n = sc.get("n_latents") or int(round(float(sc.get("expansion", 10)) * d_in))
+    defaults = {k: _plain(tc.get(k)) for k in TRAIN_DEFAULTS if tc.get(k) is not None}
+    defaults.update(d_in=d_in, hook=hook, model=model, n_latents=int(n))
+    return [entry_config(e, defaults) for e in entries]
 
 
 def sweep_rows(saes_root: Path) -> list[dict]:

@@ -125,6 +125,7 @@ def test_stage_resumes_after_kill(run_cfg, tmp_path, cache_dir):
 
 
 def test_bad_input(run_cfg, tmp_path):
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from safesail.train.stage import run_train_stage
@@ -140,9 +141,11 @@ def test_bad_input(run_cfg, tmp_path):
     # NaN in the cache: reported with the batch and hook
     cfg = run_cfg(name="nan")
     for path in (tmp_path / "nan" / "activations" / "layers.1.mlp_out").glob("w*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
         t = load_file(str(path))
         t["activations"][:, 3] = float("nan")
-        save_file(t, str(path))
+        save_file(t, str(path), metadata=meta)  # same header, same size: the shard check passes
     with pytest.raises(UserError, match=r"NaN/inf \(batch 0 of hook layers.1.mlp_out"):
         run_train_stage(cfg, [])
     assert not (tmp_path / "nan" / "saes" / "layers.0.mlp_out" / "topk-k4").exists()

@@ -8,12 +8,15 @@ kernel of width `bandwidth`; the sparsity penalty is `l0_coef * L0`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safesail.errors import UserError
 from safesail.saes.base import SAE, TrainCodes
+from safesail.saes.registry import register_arch
 
 
 def _kernel(u: torch.Tensor) -> torch.Tensor:
@@ -51,8 +54,30 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(pre), grad_theta, None
 
 
+@dataclass
+class JumpReLUParams:
+    l0_coef: float = 0.001          # weight of the L0 penalty
+    bandwidth: float = 0.001        # width of the straight-through kernel (normalised units)
+    init_threshold: float = 0.001   # initial threshold (normalised units)
+
+
+@register_arch
 class JumpReLUSAE(SAE):
     arch = "jumprelu"
+    Params = JumpReLUParams
+
+    @classmethod
+    def folder_name(cls, cfg) -> str:
+        return f"jumprelu-l0_{float(cfg.l0_coef):g}"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        p = cfg.params
+        for key, default in (("l0_coef", 0.001), ("bandwidth", 0.001), ("init_threshold", 0.001)):
+            p[key] = float(p[key] if p[key] is not None else default)
+        if p["l0_coef"] < 0 or p["bandwidth"] <= 0 or p["init_threshold"] <= 0:
+            raise UserError(f"jumprelu needs l0_coef >= 0, bandwidth > 0 and init_threshold > 0 (got "
+                            f"{p['l0_coef']}, {p['bandwidth']}, {p['init_threshold']}).")
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device, dtype)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safesail.saes.base import SAE, TrainCodes
+from safesail.saes.base import KSparseSAE, TrainCodes
+from safesail.saes.registry import register_arch
 
 
-class BatchTopKSAE(SAE):
+@register_arch
+class BatchTopKSAE(KSparseSAE):
     arch = "batchtopk"
     threshold_momentum = 0.9   # EMA of the smallest kept activation (about the last 10 batches)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from safesail.saes.base import SAE, TrainCodes
+from safesail.saes.base import KSparseSAE, TrainCodes
+from safesail.saes.registry import register_arch
 from safesail.saes.sparse_ops import gather_preacts
 
 
-class TopKSAE(SAE):
+@register_arch
+class TopKSAE(KSparseSAE):
     arch = "topk"
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

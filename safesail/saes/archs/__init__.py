@@ -1,0 +1,1 @@
+"""One module per SAE architecture; each registers its class with `@register_arch` (safesail.saes.registry)."""
