@@ -19,6 +19,8 @@ import time
 from omegaconf import DictConfig, OmegaConf
 
 from safesail.cli import resolve_stage
+from safesail.interpret.scoring.records import read_scores
+from safesail.interpret.scoring.summary import summarize, summary_lines
 from safesail.jsonl import last_per_latent
 from safesail.rundir import RunDir, atomic_write_json
 
@@ -90,14 +92,17 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
                 figs.append(f"I_CDF={row['score']:.3g}")
             lines.append(f"  {hook}: chosen {info.get('sae')}" + (f" ({', '.join(figs)})" if figs else ""))
     expl = last_per_latent(rd.interpret / "explanations.jsonl")
-    scores = last_per_latent(rd.interpret / "scores.jsonl")
+    all_scores = read_scores(rd.interpret / "scores.jsonl")
+    scores = {(h, l): r for (h, l, kind), r in all_scores.items() if kind == "simulation"}
     tags = last_per_latent(rd.interpret / "tags.jsonl")
     ok_expl = sum(r.get("status") == "ok" for r in expl.values())
-    ok_scores = [r for r in scores.values() if r.get("status") == "ok" and r.get("score") is not None]
+    ok_scores = [r for r in scores.values() if r.ok]
     cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=0.2))
-    passing = {k for k, r in scores.items() if r.get("status") == "ok" and (r.get("score") or 0) >= cut}
-    lines.append(f"latents explained: {ok_expl} ok of {len(expl)}; scored: {len(ok_scores)} ok of {len(scores)}; "
-                 f"pass the {cut} cut: {len(passing)}")
+    passing = {k for k, r in scores.items() if r.ok and r.value >= cut}
+    lines.append(f"latents explained: {ok_expl} ok of {len(expl)}; scored by simulation: {len(ok_scores)} ok of "
+                 f"{len(scores)}; pass the {cut} cut: {len(passing)}")
+    score_stage = (rd.stage_record("score") or {}).get("summary") or {}
+    lines += summary_lines(summarize(list(all_scores.values()), float(score_stage.get("min_beats_rate", 0.8))))
     per_domain = {d: sum(1 for k, r in tags.items() if d in (r.get("tags") or []) and k in passing) for d in DOMAINS}
     lines.append("  passing per domain: " + ", ".join(f"{d} {n}" for d, n in per_domain.items()))
     if rd.neuron_db.exists():

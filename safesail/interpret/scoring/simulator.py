@@ -232,6 +232,40 @@ class Simulator:
         except LLMError as e:
             return SimResult(None, f"llm_error: {e.reason} {e.message}".strip(), llm_calls=1)
 
+    async def simulate_many(self, explanation: str, segments: list[list[str]]) -> list[SimResult]:
+        """Several segments in one call (logprobs mode; json mode sends one call per segment).
+
+        The call's cost is carried by the first result. A batch that does not fit the
+        context window is sent again one segment per call."""
+        if self.mode != "logprobs" or len(segments) <= 1 or any(not t for t in segments):
+            return [await self.simulate(explanation, t) for t in segments]
+        prompt, n_before = prompts.logprob_prompt_many(explanation, segments, self.scale_max)
+        if self.client.count_tokens(prompt) >= self.client.context_window:
+            return [await self.simulate(explanation, t) for t in segments]
+        candidates = [str(v) for v in range(self.scale_max + 1)]
+        try:
+            res = await self.client.prompt_logprobs(prompt, candidates)
+        except LLMError as e:
+            fail = f"llm_error: {e.reason} {e.message}".strip()
+            return [SimResult(None, fail, llm_calls=int(i == 0)) for i in range(len(segments))]
+        out = [SimResult(None) for _ in segments]
+        out[0].llm_calls, out[0].cached_calls, out[0].prompt_tokens = 1, int(bool(res.cached)), res.prompt_tokens
+        try:
+            slots = find_slots(res.tokens, n_before, sum(len(t) for t in segments))
+        except SimulationFailure as f:
+            for r in out:
+                r.failure = str(f)
+            return out
+        pos = 0
+        for r, tokens in zip(out, segments):
+            mine = slots[pos:pos + len(tokens)]
+            pos += len(tokens)
+            try:
+                r.pred = expected_values([res.next_logprobs[i] for i in mine], self.scale_max)
+            except SimulationFailure as f:
+                r.failure = str(f)
+        return out
+
     async def _simulate_logprobs(self, explanation: str, tokens: list[str]) -> SimResult:
         prompt, n_before = prompts.logprob_prompt(explanation, tokens, self.scale_max)
         n_prompt = self.client.count_tokens(prompt)

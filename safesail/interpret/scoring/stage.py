@@ -1,157 +1,80 @@
-"""`safesail score`: score every explanation by simulation (writes interpret/scores.jsonl).
+"""`safesail score`: every explained latent scored by each scorer in `score.scorers`, with controls.
 
-For each explained latent, the simulator (`simulate.Simulator`) predicts the latent's
-activation on every token of its held-out score segments (activating + random), and
-the score is the Pearson correlation with the true activations (`scoring`). Latents
-run concurrently (bounded); every record is appended as soon as it is done, and LLM
-replies live in the response cache `interpret/llm_cache.sqlite`, so a killed run
-continues where it stopped and a re-run repeats no call. Format: docs/scoring.md.
+For each explained latent and each scorer (registry: simulation, detection, fuzzing) the
+scorer runs on the latent's held-out score segments three times: with the latent's own
+explanation, with another latent's (`controls.shuffled_partners`) and with a constant,
+content-free one; a bootstrap over the scored items gives the interval. One
+`records.ScoreRecord` per (hook, latent, kind) is appended to interpret/scores.jsonl as
+soon as it is done; LLM replies live in the response cache interpret/llm_cache.sqlite. A
+killed run continues where it stopped, a re-run repeats no call, and a record with items
+that failed with a retryable error (`protocol.item_status`) is redone: every such item is
+sent again. Format: docs/scoring.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-import time
-from collections import Counter
-from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from safesail.errors import UserError
-from safesail.interpret.scoring.inputs import WindowLookup, explanation_key, load_explanations, load_score_segments
-from safesail.interpret.scoring.correlation import SegmentSim, score_segments
-from safesail.interpret.scoring.simulator import Simulator
-from safesail.jsonl import append_jsonl, last_per_latent, open_append
+from safesail.interpret.scoring import controls as ctl
+from safesail.interpret.scoring.inputs import explanation_key, load_explanations, load_score_segments
+from safesail.interpret.scoring.metrics import bootstrap_interval
+from safesail.interpret.scoring.protocol import Example, ScorerRun
+from safesail.interpret.scoring.records import ScoreRecord, ScoreWriter, read_scores
+from safesail.interpret.scoring.registry import check_names, make_scorers
+from safesail.interpret.scoring.simulation import GRANULARITIES
+from safesail.interpret.scoring.summary import summarize
 from safesail.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-GRANULARITIES = ("segment", "query")
-INCLUSION_CUT = 0.2  # Safe-SAIL keeps explanations scoring at least this
+_COMPACT = ("segment_id", "id", "pred", "p_yes", "status", "failure")
 
 
-@dataclass
-class LatentRun:
-    """The simulation of one latent: what goes into its scores.jsonl record."""
-    score: float | None
-    failure: str | None
-    segments: list[SegmentSim]
-    n_tokens: int
-    llm_calls: int
-    cached_calls: int
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-
-
-async def simulate_latent(sim: Simulator, explanation: str, segments: list[dict], granularity: str = "segment",
-                          window_lookup: WindowLookup | None = None, sem: asyncio.Semaphore | None = None,
-                          min_ok_fraction: float = 1.0) -> LatentRun:
-    """Simulate a latent's score segments (each alone, or inside its whole source query) and score them."""
-    t0 = time.perf_counter()
-    sem = sem or asyncio.Semaphore(1)
-    sims = [SegmentSim(str(s["segment_id"]), str(s.get("kind", "")), list(s["tokens"]),
-                       [float(a) for a in s["acts"]]) for s in segments]
-    totals = Counter()
-
-    async def run(tokens: list[str]):
-        async with sem:
-            res = await sim.simulate(explanation, tokens)
-        totals.update(llm_calls=res.llm_calls, cached_calls=res.cached_calls, prompt_tokens=res.prompt_tokens,
-                      completion_tokens=res.completion_tokens)
-        return res
-
-    if granularity == "segment":
-        results = await asyncio.gather(*(run(s.tokens) for s in sims))
-        for s, res in zip(sims, results):
-            s.pred, s.failure = res.pred, res.failure
-    elif granularity == "query":
-        if window_lookup is None:
-            raise UserError("score.granularity=query needs the segments' source windows, which this run does not "
-                            "provide; use score.granularity=segment.")
-        placed = []  # (sim, window key, offset)
-        windows: dict[tuple, list[str]] = {}
-        for s, rec in zip(sims, segments):
-            wtoks, off = window_lookup(rec)
-            key = tuple(wtoks)
-            windows[key] = list(wtoks)
-            placed.append((s, key, off))
-        keys = list(windows)
-        results = dict(zip(keys, await asyncio.gather(*(run(windows[k]) for k in keys))))
-        for s, key, off in placed:
-            res = results[key]
-            if windows[key][off:off + len(s.tokens)] != s.tokens:
-                s.failure = "token_mismatch: the source window does not hold the segment at its offset"
-            elif res.failure:
-                s.failure = res.failure
-            else:
-                s.pred = res.pred[off:off + len(s.tokens)]
-    else:
-        raise UserError(f"unknown score.granularity {granularity!r}; use segment or query.")
-    ls = score_segments(sims, min_ok_fraction)
-    return LatentRun(ls.score, ls.failure, sims, ls.n_tokens, totals["llm_calls"], totals["cached_calls"],
-                     totals["prompt_tokens"], totals["completion_tokens"], time.perf_counter() - t0)
-
-
-def score_record(hook: str, layer, latent: int, expl: dict, sim: Simulator, granularity: str,
-                 run: LatentRun | None, failure: str | None = None) -> dict:
-    score = run.score if run else None
-    failure = run.failure if run else failure
-    return {
-        "hook": hook, "layer": layer, "latent": int(latent),
-        "status": "ok" if failure is None else "failed",
-        "score": score, "failure": failure,
-        "kind": "simulation", "mode": sim.mode, "granularity": granularity,
-        "simulator": sim.client.model_name, "prompt_version": sim.prompt_version, "scale_max": sim.scale_max,
-        "explanation_key": explanation_key(expl),
-        "n_tokens": run.n_tokens if run else 0,
-        "llm_calls": run.llm_calls if run else 0,
-        "cached_calls": run.cached_calls if run else 0,
-        "prompt_tokens": run.prompt_tokens if run else 0,
-        "completion_tokens": run.completion_tokens if run else 0,
-        "seconds": round(run.seconds, 4) if run else 0.0,
-        "segments": [s.as_record() for s in run.segments] if run else [],
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-
-
-def _is_current(rec: dict, expl: dict, sim: Simulator, granularity: str) -> bool:
-    """A stored record stands unless settings or the explanation changed, or its LLM call failed."""
-    return (rec.get("explanation_key") == explanation_key(expl) and rec.get("mode") == sim.mode
-            and rec.get("granularity") == granularity and rec.get("simulator") == sim.client.model_name
-            and rec.get("prompt_version") == sim.prompt_version
-            and "llm_error" not in str(rec.get("failure") or ""))
-
-
-def summarize(records: list[dict]) -> dict:
-    ok = [r["score"] for r in records if r["status"] == "ok"]
-    fails = Counter(str(r["failure"]).split(":")[0] for r in records if r["status"] != "ok")
-    return {"latents": len(records), "scored": len(ok), "failed": sum(fails.values()), "failures": dict(fails),
-            "mean_score": (sum(ok) / len(ok)) if ok else None,
-            f"pass_{INCLUSION_CUT}": sum(1 for s in ok if s >= INCLUSION_CUT)}
-
-
-def _score_cfg(cfg: DictConfig) -> dict:
+def score_settings(cfg: DictConfig) -> dict:
+    """The `score` group with defaults, checked (one sentence per bad setting)."""
     sc = OmegaConf.to_container(cfg.get("score") or {}, resolve=True) or {}
-    return {"mode": sc.get("mode", "auto"), "granularity": sc.get("granularity", "segment"),
-            "max_value": int(sc.get("max_value", 10)), "min_ok_fraction": float(sc.get("min_ok_fraction", 1.0)),
-            "concurrency": int(sc.get("concurrency") or cfg.llm.get("concurrency", 4)),
-            "query_max_tokens": int(sc.get("query_max_tokens", 384)),
-            "json_tokens_per_token": int(sc.get("json_tokens_per_token", 24)),
-            "hooks": sc.get("hooks"), "max_latents": sc.get("max_latents")}
+    out = {"scorers": check_names(sc.get("scorers") or ["simulation"]),
+           "controls": [str(c) for c in (sc.get("controls") if sc.get("controls") is not None else ctl.CONTROLS)],
+           "constant_explanation": str(sc.get("constant_explanation") or ctl.CONSTANT_EXPLANATION),
+           "bootstrap": int(sc.get("bootstrap", 200)), "min_beats_rate": float(sc.get("min_beats_rate", 0.8)),
+           "mode": sc.get("mode", "auto"), "granularity": sc.get("granularity", "segment"),
+           "segments_per_call": int(sc.get("segments_per_call", 1)),
+           "max_value": int(sc.get("max_value", 10)), "min_ok_fraction": float(sc.get("min_ok_fraction", 1.0)),
+           "concurrency": int(sc.get("concurrency") or cfg.llm.get("concurrency", 4)),
+           "query_max_tokens": int(sc.get("query_max_tokens", 384)),
+           "json_tokens_per_token": int(sc.get("json_tokens_per_token", 24)),
+           "detection": {"batch_size": int((sc.get("detection") or {}).get("batch_size", 10))},
+           "fuzzing": {"batch_size": int((sc.get("fuzzing") or {}).get("batch_size", 10)),
+                       "max_marks": int((sc.get("fuzzing") or {}).get("max_marks", 3))},
+           "hooks": sc.get("hooks"), "max_latents": sc.get("max_latents")}
+    bad = [c for c in out["controls"] if c not in ctl.CONTROLS]
+    if bad:
+        raise UserError(f"unknown score.controls {bad!r}; use a subset of {list(ctl.CONTROLS)}.")
+    if out["granularity"] not in GRANULARITIES:
+        raise UserError(f"unknown score.granularity {out['granularity']!r}; use segment or query.")
+    if not 0.0 < out["min_ok_fraction"] <= 1.0:
+        raise UserError(f"score.min_ok_fraction={out['min_ok_fraction']} is outside (0, 1]; use e.g. 1.0.")
+    for name, v in (("segments_per_call", out["segments_per_call"]), ("bootstrap", out["bootstrap"] + 1),
+                    ("detection.batch_size", out["detection"]["batch_size"]),
+                    ("fuzzing.batch_size", out["fuzzing"]["batch_size"]),
+                    ("fuzzing.max_marks", out["fuzzing"]["max_marks"])):
+        if v < 1:
+            raise UserError(f"score.{name} must be at least 1 (bootstrap: 0 or more); got {v}.")
+    return out
 
 
 def run_score_stage(cfg: DictConfig, args: list[str]) -> None:
     if args:
         raise UserError(f"`safesail score` takes no arguments, got {' '.join(args)!r}; pass settings as "
                         "score.key=value.")
-    sc = _score_cfg(cfg)
-    if sc["granularity"] not in GRANULARITIES:
-        raise UserError(f"unknown score.granularity {sc['granularity']!r}; use segment or query.")
-    if not 0.0 < sc["min_ok_fraction"] <= 1.0:
-        raise UserError(f"score.min_ok_fraction={sc['min_ok_fraction']} is outside (0, 1]; use e.g. 1.0.")
+    sc = score_settings(cfg)
     rd = RunDir.from_cfg(cfg)
     expls = load_explanations(rd)
     keys = sorted(k for k in expls if sc["hooks"] is None or k[0] in set(sc["hooks"]))
@@ -159,7 +82,7 @@ def run_score_stage(cfg: DictConfig, args: list[str]) -> None:
         keys = keys[: int(sc["max_latents"])]
     fp = fingerprint({"score": {k: v for k, v in sc.items() if k != "concurrency"},
                       "llm": OmegaConf.to_container(cfg.llm, resolve=True),
-                      "explanations": [[h, l, explanation_key(expls[(h, l)])] for h, l in keys]})
+                      "explanations": [[h, l, explanation_key(r)] for (h, l), r in sorted(expls.items())]})
     if rd.stage_done("score", fp):
         log.info("score: already done for these explanations and settings; nothing to do")
         return
@@ -172,50 +95,118 @@ def run_score_stage(cfg: DictConfig, args: list[str]) -> None:
 
 async def _score_all(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict, keys: list, fp: str) -> None:
     try:
-        await _score_todo(rd, cfg, sc, client, expls, keys)
+        await score_latents(rd, cfg, sc, client, expls, keys)
     finally:
         await client.aclose()
-    final = last_per_latent(rd.interpret / "scores.jsonl")
-    summary = summarize([final[k] for k in keys if k in final])
-    log.info("score: %s", summary)
+    final = read_scores(rd.interpret / "scores.jsonl", sc["scorers"])
+    summary = summarize([r for (h, l, _), r in final.items() if (h, l) in set(keys)], sc["min_beats_rate"])
+    for kind, s in summary["kinds"].items():
+        log.info("score %s: %s", kind, {k: v for k, v in s.items() if k != "failures"})
+    for line in summary["warnings"]:
+        log.warning("score: %s", line)
     rd.mark_stage("score", fp, **summary)
 
 
-async def _score_todo(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict, keys: list) -> None:
-    sim = Simulator(client, sc["mode"], sc["max_value"], sc["json_tokens_per_token"])
-    log.info("score: simulator %s, mode %s (scale 0..%d), %s-level", client.model_name, sim.mode, sim.scale_max,
-             sc["granularity"])
-    out_path = rd.interpret / "scores.jsonl"
-    stored = last_per_latent(out_path)
+def _seed(*parts) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _compact(run: ScorerRun) -> dict:
+    return {"value": run.value, "status": "ok" if run.value is not None else "failed", "failure": run.failure,
+            **run.cost.as_dict(), "metrics": run.metrics,
+            "items": [{k: it[k] for k in _COMPACT if k in it} for it in run.items]}
+
+
+def _has_retryable(rec: ScoreRecord) -> bool:
+    items = list(rec.details.get("items") or [])
+    for c in (rec.details.get("controls") or {}).values():
+        items += list((c or {}).get("items") or [])
+    return any(it.get("status") == "retryable" for it in items) or "llm_error" in str(rec.failure or "")
+
+
+async def score_latents(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict, keys: list) -> None:
+    """Score `keys` with every configured scorer; skip records that stand (same identity, nothing retryable)."""
+    sem = asyncio.Semaphore(max(1, sc["concurrency"]))
     segs_by_hook = {h: load_score_segments(rd, h) for h in sorted({h for h, _ in keys})}
     windows = None
-    if sc["granularity"] == "query":
+    if sc["granularity"] == "query" and "simulation" in sc["scorers"]:
         from safesail.interpret.scoring.windows import window_lookup
 
         windows = {h: window_lookup(rd, cfg, h, [s for k in keys if k[0] == h for s in segs_by_hook[h].get(k[1], [])],
                                     sc["query_max_tokens"]) for h in segs_by_hook}
-    todo = [k for k in keys if not (k in stored and _is_current(stored[k], expls[k], sim, sc["granularity"]))]
-    log.info("score: %d explained latents, %d already scored, %d to do", len(keys), len(keys) - len(todo), len(todo))
-    sem = asyncio.Semaphore(max(1, sc["concurrency"]))
-    rd.interpret.mkdir(parents=True, exist_ok=True)
-    with open_append(out_path) as f, tqdm(total=len(todo), desc="score", unit="latent") as bar:
-        async def one(key):
-            hook, latent = key
-            expl = expls[key]
-            if expl.get("status") != "ok" or not str(expl.get("explanation") or "").strip():
-                rec = score_record(hook, expl.get("layer"), latent, expl, sim, sc["granularity"], None,
-                                   f"no_explanation: {expl.get('error') or 'the explanation is empty'}")
-            else:
-                segs = segs_by_hook[hook].get(latent, [])
-                if not segs:
-                    rec = score_record(hook, expl.get("layer"), latent, expl, sim, sc["granularity"], None,
-                                       "no_score_segments: collect kept no held-out segments for this latent")
-                else:
-                    run = await simulate_latent(sim, str(expl["explanation"]), segs, sc["granularity"],
-                                                windows[hook] if windows else None, sem, sc["min_ok_fraction"])
-                    rec = score_record(hook, expl.get("layer"), latent, expl, sim, sc["granularity"], run)
-            append_jsonl(f, rec)
-            bar.update(1)
-            return rec
+    scorers = make_scorers(sc["scorers"], client, sc, sem, windows)
+    partners = ctl.shuffled_partners(expls)
+    log.info("score: %s with %s; controls %s", ", ".join(scorers), client.model_name, ", ".join(sc["controls"]) or
+             "none")
 
-        await asyncio.gather(*(one(k) for k in todo))
+    def identity(key, kind) -> dict:
+        controls = {}
+        if "shuffled" in sc["controls"]:
+            p = partners.get(key)
+            controls["shuffled"] = None if p is None else [p[0], p[1], explanation_key(expls[p])]
+        if "constant" in sc["controls"]:
+            controls["constant"] = sc["constant_explanation"]
+        return _jsonable({"scorer": scorers[kind].identity(), "explanation_key": explanation_key(expls[key]),
+                          "controls": controls, "bootstrap": sc["bootstrap"]})
+
+    out_path = rd.interpret / "scores.jsonl"
+    stored = read_scores(out_path)
+    todo = [(key, kind) for key in keys for kind in scorers
+            if not ((s := stored.get((key[0], key[1], kind))) is not None
+                    and s.details.get("identity") == identity(key, kind) and not _has_retryable(s))]
+    log.info("score: %d explained latents x %d scorers, %d records stand, %d to do", len(keys), len(scorers),
+             len(keys) * len(scorers) - len(todo), len(todo))
+    rd.interpret.mkdir(parents=True, exist_ok=True)
+    with ScoreWriter(out_path) as w, tqdm(total=len(todo), desc="score", unit="record") as bar:
+        async def one(key, kind):
+            rec = await _score_one(key, kind, scorers[kind], expls, partners, segs_by_hook, sc, identity(key, kind))
+            w.write(rec)
+            bar.update(1)
+
+        await asyncio.gather(*(one(k, kind) for k, kind in todo))
+
+
+async def _score_one(key, kind, scorer, expls, partners, segs_by_hook, sc, ident) -> ScoreRecord:
+    hook, latent = key
+    expl = expls[key]
+    base = {"hook": hook, "layer": expl.get("layer"), "latent": latent, "kind": kind}
+    details = {"identity": ident}
+    if expl.get("status") != "ok" or not str(expl.get("explanation") or "").strip():
+        return ScoreRecord(**base, status="failed", details=details,
+                           failure=f"no_explanation: {expl.get('error') or 'the explanation is empty'}")
+    examples = [Example.from_segment(s) for s in segs_by_hook[hook].get(latent, [])]
+    if not examples:
+        return ScoreRecord(**base, status="failed", details=details,
+                           failure="no_score_segments: collect kept no held-out segments for this latent")
+    text = str(expl["explanation"])
+    partner = partners.get(key) if "shuffled" in sc["controls"] else None
+    jobs = {"own": scorer.score(text, examples)}
+    if partner is not None:
+        jobs["shuffled"] = scorer.score(str(expls[partner]["explanation"]), examples)
+    if "constant" in sc["controls"]:
+        jobs["constant"] = scorer.score(sc["constant_explanation"], examples)
+    runs = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    own = runs["own"]
+    lo, hi = (None, None)
+    if own.value is not None and own.resample is not None:
+        lo, hi = bootstrap_interval(own.resample, len(own.items), sc["bootstrap"], seed=_seed(hook, latent, kind))
+    controls = {}
+    if "shuffled" in sc["controls"]:
+        controls["shuffled"] = (None if partner is None else
+                                {"from": [partner[0], partner[1]], "explanation": str(expls[partner]["explanation"]),
+                                 **_compact(runs["shuffled"])})
+    if "constant" in runs:
+        controls["constant"] = {"explanation": sc["constant_explanation"], **_compact(runs["constant"])}
+    shuf = runs["shuffled"].value if "shuffled" in runs else None
+    details.update(explanation=text, metrics=own.metrics, cached_calls=own.cost.cached_calls,
+                   seconds=round(own.seconds, 4), items=own.items, controls=controls)
+    return ScoreRecord(**base, value=own.value, ci_low=lo, ci_high=hi, control_shuffled=shuf,
+                       control_constant=runs["constant"].value if "constant" in runs else None,
+                       beats_shuffled=ctl.beats(own.value, shuf), n_examples=own.n_examples,
+                       llm_calls=own.cost.llm_calls, prompt_tokens=own.cost.prompt_tokens,
+                       completion_tokens=own.cost.completion_tokens,
+                       status="ok" if own.value is not None else "failed", failure=own.failure, details=details)

@@ -1,5 +1,5 @@
-"""`safesail score` and `safesail tag` end to end on a hand-made run directory, with the real
-local transformers back end on the tiny model (logprobs mode and JSON mode)."""
+"""`safesail score` end to end on a hand-made run directory, with the real local transformers back
+end on the tiny model (logprobs mode and JSON mode), every scorer and both controls."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from safesail.errors import UserError
+from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.stage import run_score_stage
 from safesail.interpret.scoring.simulator import FAILURE_CODES
-from safesail.interpret.tag import run_tag_stage
 from safesail.rundir import RunDir
 
 HOOK = "layers.1.mlp_out"
@@ -54,29 +54,50 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_score_and_tag_stages_on_the_tiny_model(smoke_cfg, tiny_model):
-    cfg = _cfg(smoke_cfg)
+def test_score_stage_on_the_tiny_model(smoke_cfg, tiny_model):
+    cfg = _cfg(smoke_cfg, "score.segments_per_call=1")
     rd = _write_run(cfg, tiny_model.tokenizer)
     run_score_stage(cfg, [])
-    recs = {r["latent"]: r for r in _records(rd.interpret / "scores.jsonl")}
-    assert set(recs) == {3, 4, 8}
-    assert recs[8]["status"] == "failed" and recs[8]["failure"].startswith("no_explanation")
+    recs = read_scores(rd.interpret / "scores.jsonl")
+    kinds = ("simulation", "detection", "fuzzing")
+    assert set(recs) == {(HOOK, lat, k) for lat in (3, 4, 8) for k in kinds}
+    for k in kinds:
+        r8 = recs[(HOOK, 8, k)]
+        assert r8.status == "failed" and r8.failure.startswith("no_explanation")
     for lat in (3, 4):
-        r = recs[lat]
-        assert r["mode"] == "logprobs" and r["granularity"] == "segment" and r["simulator"] == "tiny"
-        assert r["llm_calls"] == 3 and r["prompt_tokens"] > 0 and r["n_tokens"] > 0
-        assert len(r["segments"]) == 3
+        r = recs[(HOOK, lat, "simulation")]
+        ident = r.details["identity"]
+        assert ident["scorer"]["mode"] == "logprobs" and ident["scorer"]["granularity"] == "segment"
+        assert ident["scorer"]["llm"] == "tiny"
+        assert r.llm_calls == 3 and r.prompt_tokens > 0 and r.details["metrics"]["n_tokens"] > 0
+        assert len(r.details["items"]) == 3
         # a real number or a named failure, never a disguised 0/NaN
-        if r["status"] == "ok":
-            assert -1.0 <= r["score"] <= 1.0 and r["failure"] is None
-            assert all(0 <= p <= r["scale_max"] for s in r["segments"] for p in s["pred"])
+        if r.status == "ok":
+            assert -1.0 <= r.value <= 1.0 and r.failure is None
+            assert all(0 <= p <= r.details["metrics"]["scale_max"] for s in r.details["items"] for p in s["pred"])
         else:
-            assert r["score"] is None and r["failure"].split(":")[0] in {"constant_prediction", "segments_failed"}
+            assert r.value is None and r.failure_code in {"constant_prediction", "segments_failed"}
+        # the controls: latents 3 and 4 are each other's shuffled partner, the constant one is fixed
+        for k in kinds:
+            rk = recs[(HOOK, lat, k)]
+            shuf = rk.details["controls"]["shuffled"]
+            assert shuf["from"] == [HOOK, 7 - lat] and shuf["explanation"] == {3: "cats", 4: "weapons"}[lat]
+            assert rk.control_shuffled == shuf["value"]
+            assert rk.details["controls"]["constant"]["explanation"] == "ordinary text with nothing in particular"
+            assert rk.beats_shuffled == (None if rk.value is None or shuf["value"] is None
+                                         else rk.value > shuf["value"])
+        for k in ("detection", "fuzzing"):
+            rk = recs[(HOOK, lat, k)]
+            assert rk.llm_calls == 1  # every item in one batch
+            assert all(it["status"] == "ok" and 0.0 <= it["p_yes"] <= 1.0 for it in rk.details["items"])
+            if rk.ok:
+                assert 0.0 <= rk.value <= 1.0 and rk.details["metrics"]["auroc"] is not None
     summary = RunDir(rd.root).stage_record("score")["summary"]
-    assert summary["latents"] == 3 and summary["failures"].get("no_explanation") == 1
+    assert summary["kinds"]["simulation"]["latents"] == 3
+    assert summary["kinds"]["detection"]["failures"].get("no_explanation") == 1
 
     # Re-running a finished stage does nothing; after a "kill" (stage record and last line lost)
-    # it redoes only the lost latent, from the response cache: no new rows in the cache.
+    # it redoes only the lost record, from the response cache: no new rows in the cache.
     n_lines = len(_records(rd.interpret / "scores.jsonl"))
     run_score_stage(cfg, [])
     assert len(_records(rd.interpret / "scores.jsonl")) == n_lines
@@ -88,22 +109,10 @@ def test_score_and_tag_stages_on_the_tiny_model(smoke_cfg, tiny_model):
     (rd.interpret / "scores.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # torn line
     run_score_stage(cfg, [])
     redo = _records_tolerant(rd.interpret / "scores.jsonl")[-1]
-    assert redo["latent"] == lost["latent"] and redo["score"] == lost["score"]
+    assert (redo["latent"], redo["kind"], redo["value"]) == (lost["latent"], lost["kind"], lost["value"])
     if redo["llm_calls"]:
-        assert redo["cached_calls"] == redo["llm_calls"]
+        assert redo["details"]["cached_calls"] == redo["llm_calls"]
     assert db.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == n_cached
-
-    # Tags: no select stage here, so LLM evidence only, recorded as such.
-    run_tag_stage(cfg, [])
-    tags = {r["latent"]: r for r in _records(rd.interpret / "tags.jsonl")}
-    assert set(tags) == {3, 4, 8}
-    assert all(t["evidence"]["pairs"] is None for t in tags.values())
-    assert tags[8]["evidence"]["llm"]["status"] == "no_explanation"
-    for lat in (3, 4):
-        llm = tags[lat]["evidence"]["llm"]
-        assert llm["status"] in {"ok", "unparsable", "llm_error"}
-        assert set(tags[lat]["tags"]) <= {"politics", "pornography", "violence", "terror"}
-        assert "no pair statistics" in tags[lat]["basis"]
 
 
 def _records_tolerant(path):
@@ -117,25 +126,36 @@ def _records_tolerant(path):
 
 
 def test_json_mode_records_each_failure(smoke_cfg, tiny_model):
-    cfg = _cfg(smoke_cfg, "score.mode=json", "score.max_latents=1",
-               "score.json_tokens_per_token=4")
+    cfg = _cfg(smoke_cfg, "score.mode=json", "score.max_latents=1", "score.json_tokens_per_token=4",
+               "score.controls=[]")
     cfg.llm.context_window = 2048  # the JSON prompt is long in the tiny model's small vocabulary
     rd = _write_run(cfg, tiny_model.tokenizer)
     run_score_stage(cfg, [])
-    (r,) = _records(rd.interpret / "scores.jsonl")
-    assert r["mode"] == "json" and r["scale_max"] == 10 and r["llm_calls"] == 3
+    recs = read_scores(rd.interpret / "scores.jsonl")
+    r = recs[(HOOK, 3, "simulation")]
+    assert r.details["identity"]["scorer"]["mode"] == "json" and r.details["metrics"]["scale_max"] == 10
+    assert r.llm_calls == 3 and r.details["controls"] == {}
     # a random-weight model cannot write the JSON: every segment says why, the latent fails honestly
-    if r["status"] == "failed":
-        assert r["score"] is None and r["failure"].startswith("segments_failed")
-        failed = [s for s in r["segments"] if s["pred"] is None]
+    if r.status == "failed":
+        assert r.value is None and r.failure.startswith("segments_failed")
+        failed = [s for s in r.details["items"] if s["pred"] is None]
         assert failed and all(s["failure"].split(":")[0] in FAILURE_CODES for s in failed)
+    for k in ("detection", "fuzzing"):
+        rk = recs[(HOOK, 3, k)]
+        assert rk.llm_calls == 1
+        if rk.status == "failed":
+            assert rk.value is None and rk.failure_code in {"items_failed", "one_class"}
+            assert all(it["failure"].split(":")[0] in FAILURE_CODES for it in rk.details["items"] if it["failure"])
 
 
 def test_bad_settings_are_user_errors(smoke_cfg, tiny_model):
-    cfg = _cfg(smoke_cfg, "score.granularity=document")
-    _write_run(cfg, tiny_model.tokenizer)
-    with pytest.raises(UserError):
-        run_score_stage(cfg, [])
+    for bad in ("score.granularity=document", "score.scorers=[simulation,embedding]", "score.controls=[random]",
+                "score.segments_per_call=0"):
+        cfg = _cfg(smoke_cfg, bad)
+        if bad.startswith("score.granularity"):
+            _write_run(cfg, tiny_model.tokenizer)
+        with pytest.raises(UserError):
+            run_score_stage(cfg, [])
     with pytest.raises(UserError):
         run_score_stage(_cfg(smoke_cfg), ["--fast"])
     empty = _cfg(smoke_cfg, "run.name=empty")

@@ -11,7 +11,8 @@ from sim_fakes import FakeClient
 
 from safesail.errors import UserError
 from safesail.interpret.scoring.prompts import simulation as prompts
-from safesail.interpret.scoring.stage import simulate_latent
+from safesail.interpret.scoring.protocol import Example
+from safesail.interpret.scoring.simulation import SimulationScorer
 from safesail.interpret.scoring.simulator import (SimulationFailure, Simulator, expected_values, find_slots,
                                          parse_json_prediction, single_token_scale)
 
@@ -167,24 +168,39 @@ def _segments():
     return segs, (lambda s: (windows[s["doc_id"]], s["start"]))
 
 
+def _run(client, mode, segs, granularity="segment", lookup=None, per_call=1):
+    scorer = SimulationScorer(Simulator(client, mode), granularity, per_call,
+                              windows=None if lookup is None else {"h": lookup})
+    return asyncio.run(scorer.score("pizza", [Example.from_segment({**s, "hook": "h"}) for s in segs]))
+
+
 @pytest.mark.parametrize("mode", ["logprobs", "json"])
 def test_segment_vs_query_call_counts(mode):
     segs, lookup = _segments()
     seg_client = FakeClient()
-    seg = asyncio.run(simulate_latent(Simulator(seg_client, mode), "pizza", segs, "segment"))
+    seg = _run(seg_client, mode, segs)
     q_client = FakeClient()
-    whole = asyncio.run(simulate_latent(Simulator(q_client, mode), "pizza", segs, "query", lookup))
-    assert seg.llm_calls == len(seg_client.calls) == 4       # one per segment
-    assert whole.llm_calls == len(q_client.calls) == 2       # one per distinct source query
+    whole = _run(q_client, mode, segs, "query", lookup)
+    assert seg.cost.llm_calls == len(seg_client.calls) == 4       # one per segment
+    assert whole.cost.llm_calls == len(q_client.calls) == 2       # one per distinct source query
     assert seg.failure is None and whole.failure is None
-    assert seg.score == pytest.approx(whole.score)           # the fake ignores context
-    assert seg.score > 0.9
+    assert seg.value == pytest.approx(whole.value)                # the fake ignores context
+    assert seg.value > 0.9
     # predictions land on the right tokens in both modes
-    assert [round(p) for p in whole.segments[2].pred] == [round(p) for p in seg.segments[2].pred]
+    assert [round(p) for p in whole.items[2]["pred"]] == [round(p) for p in seg.items[2]["pred"]]
+
+
+def test_several_segments_per_call_give_the_same_predictions():
+    segs, _ = _segments()
+    one, many = FakeClient(), FakeClient()
+    a = _run(one, "logprobs", segs)
+    b = _run(many, "logprobs", segs, per_call=3)
+    assert len(one.calls) == 4 and len(many.calls) == b.cost.llm_calls == 2   # 3 + 1 segments
+    assert all(x["pred"] == pytest.approx(y["pred"]) for x, y in zip(a.items, b.items))
+    assert a.value == pytest.approx(b.value)
 
 
 def test_query_mode_detects_a_window_that_does_not_hold_the_segment():
     segs, _ = _segments()
-    run = asyncio.run(simulate_latent(Simulator(FakeClient(), "logprobs"), "pizza", segs, "query",
-                                      lambda s: (["x"] * 8, 0)))
-    assert run.score is None and "token_mismatch" in run.failure
+    run = _run(FakeClient(), "logprobs", segs, "query", lambda s: (["x"] * 8, 0))
+    assert run.value is None and "token_mismatch" in run.failure

@@ -53,12 +53,23 @@ def logprob_prompt(explanation: str, tokens: list[str], scale_max: int) -> tuple
     Slot i (the i-th SEPARATOR counted from that number) is where the model would write
     the activation of `tokens[i]`.
     """
+    return logprob_prompt_many(explanation, [tokens], scale_max)
+
+
+def logprob_prompt_many(explanation: str, segments: list[list[str]], scale_max: int) -> tuple[str, int]:
+    """One completion prompt for several segments of one latent (each its own <start>..<end> block).
+
+    The slots of all segments follow each other in order after the first `n_before`
+    SEPARATORs; with one segment the prompt is exactly `logprob_prompt`'s."""
     lines = [_INTRO.format(top=scale_max), "", "Latent A", f"Explanation: {_EXAMPLE_EXPLANATION}",
              "Activations:", "<start>"]
     lines += [f"{render_token(t)}{SEPARATOR}{_scaled(v, scale_max)}" for t, v in _EXAMPLE]
-    lines += ["<end>", "", "Latent B", f"Explanation: {_one_line(explanation)}", "Activations:", "<start>"]
-    lines += [f"{render_token(t)}{SEPARATOR}{PLACEHOLDER}" for t in tokens]
-    lines += ["<end>", ""]
+    lines += ["<end>", "", "Latent B", f"Explanation: {_one_line(explanation)}", "Activations:"]
+    for tokens in segments:
+        lines.append("<start>")
+        lines += [f"{render_token(t)}{SEPARATOR}{PLACEHOLDER}" for t in tokens]
+        lines.append("<end>")
+    lines += [""]
     return "\n".join(lines), len(_EXAMPLE)
 
 
