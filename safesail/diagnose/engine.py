@@ -134,8 +134,8 @@ class DiagnoseEngine:
         if not db_path.exists():
             raise UserError(f"there is no neuron database at {db_path}; build one with `safesail db build`, "
                             "import Safe-SAIL's with `safesail db import`, or point diagnose.db=... at one.")
+        db = NeuronDB.open(db_path, readonly=True, check=True)  # integrity first, before the model loads
         lm = load_model(cfg.model, cfg.get("device", "auto"), cache_dir=cfg.get("cache_dir"))
-        db = NeuronDB.open(db_path, readonly=True)
         info = db.model_info() or {}
         if info.get("model") and info["model"] not in (lm.name, lm.path):
             log.warning("the neuron database was built for model %r, serving it with %r", info["model"], lm.name)

@@ -5,7 +5,7 @@
     safesail db import --from RELEASE_DIR | --en-db FILE --cn-db FILE [--indices F...] [--quantiles F...]
                        [--ckpt F...] [--model NAME] [--num-tokens N] [--lang en,cn]
     safesail db stats [--json]
-    safesail db search [TEXT] [--domain D] [--min-score X] [--max-score Y] [--layer L] [--limit N] [--json]
+    safesail db search [TEXT] [--domain D] [--min-score X] [--max-score Y] [--kind K] [--layer L] [--limit N] [--json]
     safesail db show LAYER INDEX [--hook HOOK] [--examples N] [--json]
 Every command takes --db FILE (default: db.path, else runs/<name>/neurons.sqlite).
 """
@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--domain")
     q.add_argument("--min-score", type=float)
     q.add_argument("--max-score", type=float)
+    q.add_argument("--kind", default="simulation",
+                   help="the scorer whose score --min-score/--max-score filter and the list shows "
+                        "(simulation, detection, fuzzing; default simulation)")
     q.add_argument("--layer", type=int)
     q.add_argument("--limit", type=int, default=20)
     q.add_argument("--json", action="store_true")
@@ -127,8 +130,9 @@ def _export(cfg: DictConfig, ns) -> None:
         s = export_release(db, out, score_cut=ns.score_cut if ns.score_cut is not None else ecfg.get("score_cut", 0.2),
                            indices_mode=ns.indices or ecfg.get("indices", "explained"),
                            jsonl=not ns.no_jsonl and ecfg.get("jsonl", True))
-    print(f"exported {s['entries']} entries ({s['tagged']} tagged) and {len(s['layers'])} layers of "
-          f"indices/quantiles to {out}")
+    print(f"exported {s['entries']} entries ({s['tagged']} tagged; {', '.join(s['files'])}) and "
+          f"{len(s['layers'])} layers of indices/quantiles to {out}"
+          + (f", {s['verify_effects']} causal-check results" if s.get("verify_effects") else ""))
 
 
 def _import_layers(cfg: DictConfig, icfg, model: str) -> int | None:
@@ -208,8 +212,11 @@ def _search(cfg: DictConfig, ns) -> None:
     from safesail.neurondb.store import NeuronDB
 
     with NeuronDB.open(db_path(cfg, ns.db)) as db:
+        kinds = db.score_kinds()
+        if kinds and ns.kind not in kinds:
+            raise UserError(f"the neuron database has no {ns.kind!r} scores; --kind takes one of {', '.join(kinds)}.")
         rows = db.search(" ".join(ns.text) or None, domain=ns.domain, min_score=ns.min_score,
-                         max_score=ns.max_score, layer=ns.layer, limit=ns.limit)
+                         max_score=ns.max_score, layer=ns.layer, limit=ns.limit, kind=ns.kind)
     if ns.json:
         print(json.dumps(rows, indent=2, ensure_ascii=False))
         return
@@ -218,6 +225,36 @@ def _search(cfg: DictConfig, ns) -> None:
     for r in rows:
         expl = (r["explanation"] or "(no explanation)").replace("\n", " ")
         print(f"{r['layer']}_{r['index']:<6} {_fmt_score(r['score'])}  [{','.join(r['tags'])}]  {expl[:100]}")
+
+
+def _fmt_opt(x, fmt="{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _print_scores(scores: dict) -> None:
+    if not scores:
+        print("scores: none")
+        return
+    print("scorer       value   95% interval      shuffled  constant  beats   n  calls  tokens(p/c)  status")
+    for kind, sc in scores.items():
+        ci = f"[{_fmt_opt(sc['ci_low'])}, {_fmt_opt(sc['ci_high'])}]" if sc["ci_low"] is not None else "-"
+        beats = {True: "yes", False: "no", None: "-"}[sc["beats_shuffled"]]
+        print(f"{kind:<11} {_fmt_opt(sc['value']):>6}   {ci:<16} {_fmt_opt(sc['control_shuffled']):>8}  "
+              f"{_fmt_opt(sc['control_constant']):>8}  {beats:>5} {_fmt_opt(sc['n_examples'], '{}'):>3}  "
+              f"{_fmt_opt(sc['llm_calls'], '{}'):>5}  {_fmt_opt(sc['prompt_tokens'], '{}')}/"
+              f"{_fmt_opt(sc['completion_tokens'], '{}')}  {sc['status'] or '-'}"
+              + (f" ({sc['failure']})" if sc["failure"] else ""))
+
+
+def _print_effects(effects: list[dict]) -> None:
+    if not effects:
+        return
+    print("causal checks:")
+    for e in effects:
+        ci = f" [{_fmt_opt(e['ci_low'])}, {_fmt_opt(e['ci_high'])}]" if e["ci_low"] is not None else ""
+        where = ", ".join(x for x in (e["domain"], e["lang"]) if x)
+        print(f"  {e['check']:<13} {e['metric']}{' (' + where + ')' if where else ''}"
+              f"{' vs ' + e['target'] if e['target'] != 'latent' else ''}: {_fmt_opt(e['value'])}{ci}  n={e['n']}")
 
 
 def _show(cfg: DictConfig, ns) -> None:
@@ -232,8 +269,15 @@ def _show(cfg: DictConfig, ns) -> None:
         print(json.dumps(rec, indent=2, ensure_ascii=False))
         return
     print(f"{hook} latent {rec['index']}  (neuron {rec['layer']}_{rec['index']})")
-    print(f"explanation: {rec['explanation']}")
-    print(f"score: {_fmt_score(rec['score'])}  tags: {', '.join(rec['tags']) or 'general'}")
+    langs = rec.get("explanations") or {}
+    if len(langs) > 1:
+        for lang, text in langs.items():
+            print(f"explanation ({lang}): {text}")
+    else:
+        print(f"explanation: {rec['explanation']}")
+    print(f"tags: {', '.join(rec['tags']) or 'general'}")
+    _print_scores(rec.get("scores") or {})
+    _print_effects(rec.get("verify_effects") or [])
     print(f"density: {rec['density']}  0.999 quantile: {rec['quantile_999']} ({rec['quantile_source']})  "
           f"max: {rec['max_act']}")
     for ex in rec["examples"]:

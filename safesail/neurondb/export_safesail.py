@@ -1,15 +1,20 @@
-"""`safesail db export`: write Safe-SAIL's release layout (and a JSONL dump) from a neuron DB.
+"""`safesail db export`: write Safe-SAIL's release layout (and JSONL dumps) from a neuron DB.
 
 Into `<out>/`:
-- `en_db.json`: {"{layer}_{index}": {explanation, correlation_score, tag_list}} for latents whose
-  score is >= the cut (default 0.2, as Safe-SAIL's release);
+- `en_db.json` (and `cn_db.json`, ... for every other language the DB holds explanations in):
+  {"{layer}_{index}": {explanation, correlation_score, tag_list}} for latents whose simulation
+  score (`correlation_score`) is >= the cut (default 0.2, as Safe-SAIL's release). Entries
+  imported from a release are written in that file's own bytes: its entry order, each entry's
+  key order and number spelling, and its layout (`json.dumps(d)`, one ASCII line, for the
+  published files). Entries of our own runs use the readable layout (`indent=1`, UTF-8,
+  sorted by layer and index);
 - `indices_layer{L}.pt`: 1-D int64 tensor of the latents kept for layer L (a DB imported from a
-  release keeps that release's exact order, duplicates included);
+  release keeps that release's exact order, duplicates included, with or without tables);
 - `quantile_layer{L}.pt`: {"top_neuron_activations", "bottom_neuron_activations"}, each [k, n],
-  column j belonging to indices[j]. Tables built by this project are written in ascending order
-  along k, the order Safe-SAIL's quantile interpolation expects; imported tables are written
-  exactly as they were read;
-- `neurons.jsonl`: everything, one latent per line.
+  column j belonging to indices[j], when every indexed latent has tables. Tables built by this
+  project are written in ascending order along k, the order Safe-SAIL's quantile interpolation
+  expects; imported tables are written exactly as they were read;
+- `neurons.jsonl`: everything, one latent per line; `verify.jsonl`: every causal-check result.
 Each file is written to a temporary name and renamed, so a killed export leaves no torn file.
 """
 
@@ -24,27 +29,58 @@ import numpy as np
 import torch
 
 from safesail.errors import UserError
+from safesail.neurondb import load_verify
 from safesail.neurondb.jsonl_dump import dump_jsonl
+from safesail.neurondb.rows import DEFAULT_KIND
 from safesail.neurondb.store import NeuronDB
 from safesail.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 INDEX_MODES = ("explained", "exported", "all")
+LAYOUTS = {"dumps": lambda d: json.dumps(d),                                     # Safe-SAIL's published files
+           "readable": lambda d: json.dumps(d, indent=1, ensure_ascii=False)}   # our own runs
 
 
-def en_db_entries(db: NeuronDB, score_cut: float) -> dict[str, dict]:
-    rows = db._all("SELECT l.layer, l.idx, l.hook, e.text, s.value, t.tag_list FROM latents l "
-                   "JOIN explanations e ON e.latent_id = l.id JOIN scores s ON s.latent_id = l.id "
+def _entry(raw: str | None, text, value, tags: list) -> dict:
+    """An entry with the current values; an imported entry keeps its own key order and, where the
+    values are unchanged, its own spelling (an integer score stays an integer)."""
+    now = {"explanation": text, "correlation_score": value, "tag_list": tags}
+    if raw is None:
+        return now
+    old = json.loads(raw)
+    if set(old) != set(now):
+        return now
+    return {k: old[k] if old[k] == now[k] else now[k] for k in old}
+
+
+def db_langs(db: NeuronDB) -> list[str]:
+    langs = [r[0] for r in db._all("SELECT DISTINCT lang FROM explanation_langs")]
+    return sorted(langs, key=lambda x: (x != "en", x)) or ["en"]
+
+
+def lang_entries(db: NeuronDB, score_cut: float, lang: str = "en") -> tuple[dict[str, dict], str]:
+    """(entries in file order, layout) of `{lang}_db.json`."""
+    rows = db._all("SELECT l.layer, l.idx, x.text, s.value, t.tag_list, r.position, r.raw FROM latents l "
+                   "JOIN explanation_langs x ON x.latent_id = l.id AND x.lang = ? "
+                   "JOIN scores s ON s.latent_id = l.id AND s.kind = ? "
                    "LEFT JOIN tag_records t ON t.latent_id = l.id "
-                   "WHERE s.value IS NOT NULL AND s.value >= ? ORDER BY l.layer, l.idx", (float(score_cut),))
+                   "LEFT JOIN release_entries r ON r.latent_id = l.id AND r.lang = x.lang "
+                   "WHERE s.value IS NOT NULL AND s.value >= ? "
+                   "ORDER BY r.position IS NULL, r.position, l.layer, l.idx", (lang, DEFAULT_KIND, float(score_cut)))
     out: dict[str, dict] = {}
-    for layer, idx, hook, text, value, tags in rows:
+    for layer, idx, text, value, tags, _pos, raw in rows:
         key = f"{layer}_{idx}"
         if key in out:
             raise UserError(f"layer {layer} has several hook points in this DB, which Safe-SAIL's "
                             "\"{layer}_{index}\" keys cannot tell apart; export from a DB with one hook per layer.")
-        out[key] = {"explanation": text, "correlation_score": value, "tag_list": json.loads(tags) if tags else []}
-    return out
+        out[key] = _entry(raw, text, value, json.loads(tags) if tags else [])
+    imported = bool(rows) and all(r[6] is not None for r in rows)
+    layout = (db.model_info().get(f"release_layout_{lang}") or "dumps") if imported else "readable"
+    return out, layout
+
+
+def en_db_entries(db: NeuronDB, score_cut: float) -> dict[str, dict]:
+    return lang_entries(db, score_cut, "en")[0]
 
 
 def _save_torch(obj, path: Path) -> None:
@@ -54,12 +90,13 @@ def _save_torch(obj, path: Path) -> None:
 
 
 def _layer_tables(db: NeuronDB, hook: str, indices_mode: str, exported: set[int]):
-    """(indices list, top [k, n], bottom [k, n]) for one hook, or None when it has no tables."""
+    """(indices, top [k, n], bottom [k, n]) for one hook (tables None: indices only), or None for nothing."""
     rows = db._all("SELECT idx, top_acts, bottom_acts, quantile_source, "
                    "EXISTS (SELECT 1 FROM explanations e WHERE e.latent_id = latents.id) FROM latents "
                    "WHERE hook = ? AND top_acts IS NOT NULL ORDER BY idx", (hook,))
     tables = {r[0]: r for r in rows}
     order = [r[0] for r in db._all("SELECT idx FROM release_indices WHERE hook = ? ORDER BY position", (hook,))]
+    from_release = bool(order)
     if not order:
         if indices_mode == "all":
             order = sorted(tables)
@@ -68,6 +105,10 @@ def _layer_tables(db: NeuronDB, hook: str, indices_mode: str, exported: set[int]
         else:
             order = sorted(i for i, r in tables.items() if r[4])
     missing = [i for i in order if i not in tables]
+    if missing and from_release:
+        log.info("%s: %d of the release's indexed latents have no activation tables (e.g. %d); writing the "
+                 "indices as imported, without a quantile file", hook, len(missing), missing[0])
+        return np.asarray(order, dtype=np.int64), None, None
     if missing:
         log.warning("%s: %d indexed latents have no activation tables (e.g. %d); left out", hook, len(missing),
                     missing[0])
@@ -96,21 +137,38 @@ def export_release(db: NeuronDB, out_dir: Path, score_cut: float = 0.2, indices_
         raise UserError(f"indices mode {indices_mode!r} is unknown; use one of {', '.join(INDEX_MODES)}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = en_db_entries(db, score_cut)
-    atomic_write_text(out_dir / "en_db.json", json.dumps(entries, indent=1, ensure_ascii=False))
-    os.chmod(out_dir / "en_db.json", 0o644)
-    summary = {"entries": len(entries), "tagged": sum(1 for e in entries.values() if e["tag_list"]), "layers": {}}
+    summary = {"entries": 0, "tagged": 0, "files": [], "layers": {}}
+    exported: dict[int, set[int]] = {}
+    for lang in db_langs(db):
+        entries, layout = lang_entries(db, score_cut, lang)
+        if not entries and lang != "en":
+            continue
+        name = f"{lang}_db.json"
+        atomic_write_text(out_dir / name, LAYOUTS[layout](entries))
+        os.chmod(out_dir / name, 0o644)
+        summary["files"].append(name)
+        for k in entries:
+            layer, idx = map(int, k.split("_"))
+            exported.setdefault(layer, set()).add(idx)
+        if lang == "en" or not summary["entries"]:
+            summary["entries"] = len(entries)
+            summary["tagged"] = sum(1 for e in entries.values() if e["tag_list"])
     for sae in db.saes():
         layer = sae["layer"]
-        exported = {int(k.split("_")[1]) for k in entries if int(k.split("_")[0]) == layer}
-        t = _layer_tables(db, sae["hook"], indices_mode, exported)
+        t = _layer_tables(db, sae["hook"], indices_mode, exported.get(layer, set()))
         if t is None:
             continue
         idx, top, bot = t
         _save_torch(torch.from_numpy(idx), out_dir / f"indices_layer{layer}.pt")
-        _save_torch({"top_neuron_activations": torch.from_numpy(top),
-                     "bottom_neuron_activations": torch.from_numpy(bot)}, out_dir / f"quantile_layer{layer}.pt")
-        summary["layers"][layer] = {"indices": int(len(idx)), "k": int(top.shape[0])}
+        summary["layers"][layer] = {"indices": int(len(idx)), "k": None if top is None else int(top.shape[0])}
+        if top is not None:
+            _save_torch({"top_neuron_activations": torch.from_numpy(top),
+                         "bottom_neuron_activations": torch.from_numpy(bot)}, out_dir / f"quantile_layer{layer}.pt")
+    effects = list(load_verify.all_effects(db.conn))
+    if effects:
+        atomic_write_text(out_dir / "verify.jsonl",
+                          "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in effects))
+        summary["verify_effects"] = len(effects)
     if jsonl:
         summary["jsonl_lines"] = dump_jsonl(db, out_dir / "neurons.jsonl")
     log.info("exported %s to %s", summary, out_dir)

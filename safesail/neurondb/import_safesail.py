@@ -50,6 +50,7 @@ class LangEntries:
     file: str
     entries: dict[tuple[int, int], dict] = field(default_factory=dict)
     raw: dict[tuple[int, int], str] = field(default_factory=dict)   # json.dumps of each entry as read
+    layout: str = "dumps"       # how the file was written: "dumps" (json.dumps(d), the release) or "readable"
 
 
 @dataclass
@@ -114,7 +115,8 @@ def read_db_file(path: Path, lang: str) -> LangEntries:
     if path.is_file():
         refuse_lfs_pointer(path, "neuron DB (en_db.json / cn_db.json)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates(path))
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text, object_pairs_hook=_no_duplicates(path))
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; pass the path of Safe-SAIL's en_db.json or cn_db.json.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -122,7 +124,7 @@ def read_db_file(path: Path, lang: str) -> LangEntries:
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path} is not a Safe-SAIL neuron DB (expected a non-empty object keyed "
                         "\"{layer}_{index}\"); pass Safe-SAIL's en_db.json or cn_db.json.")
-    out = LangEntries(file=path.name)
+    out = LangEntries(file=path.name, layout=file_layout(data, text))
     for key, entry in data.items():
         m = _KEY.match(key)
         bad = None
@@ -144,6 +146,16 @@ def read_db_file(path: Path, lang: str) -> LangEntries:
         out.entries[k] = {"explanation": entry["explanation"], "correlation_score": float(entry["correlation_score"]),
                           "tag_list": list(entry["tag_list"])}
     return out
+
+
+def file_layout(data: dict, text: str) -> str:
+    """Which of the two layouts (`export_safesail.LAYOUTS`) wrote `text`; "dumps" when neither did exactly."""
+    from safesail.neurondb.export_safesail import LAYOUTS
+
+    for name, dump in LAYOUTS.items():
+        if dump(data) == text:
+            return name
+    return "dumps"
 
 
 def _torch_load(path: Path, what: str):
@@ -317,6 +329,7 @@ def _write_entries(c, sae_ids: dict[int, int], hook_site: str, lang: str, le: La
     """One language's entries: its explanation beside the other languages', the score (kind simulation:
     Safe-SAIL's correlation_score), the tags, and the entry's place and bytes in the file (for export)."""
     c.execute("DELETE FROM release_entries WHERE lang = ?", (lang,))
+    c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (f"release_layout_{lang}", le.layout))
     for pos, ((layer, idx), entry) in enumerate(le.entries.items()):
         lid = _latent_row(c, sae_ids[layer], f"layers.{layer}.{hook_site}", layer, idx)
         rows.write_explanation_lang(c, lid, lang, entry["explanation"], le.file)
