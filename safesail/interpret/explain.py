@@ -25,18 +25,21 @@ from tqdm import tqdm
 
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
-from safesail.interpret.prompts.explain import (EXAMPLES, PROMPT_VERSION, ExplanationError, build_explain_messages,
-                                                copied_reason, parse_explanation)
+from safesail.interpret.prompts.explain import (EXAMPLES, N_SHOWN, PROMPT_VERSION, ExplanationError,
+                                                build_explain_messages, copied_reason, parse_explanation)
 from safesail.rundir import RunDir, fingerprint
 from safesail.jsonl import append_jsonl, last_per_latent, open_append
 
 log = logging.getLogger(__name__)
 
 
-# Failures a retry would repeat (the LLM answered, or the prompt cannot fit): a re-run skips them.
-# The others (timeout, rate_limited, server_error, connection, bad_request, auth, other) are retried.
-PERMANENT = {"too_few_examples", "context_overflow", "wrong_language", "malformed_reply", "empty_reply",
-             "copied_example"}
+# Failures a retry would repeat (the prompt cannot be made, or a copy was already asked again): a re-run skips them.
+PERMANENT = {"too_few_examples", "context_overflow", "copied_example"}
+# The model answered, but nothing usable: a re-run asks once more (past the response cache), then skips them.
+# Transport failures (clients.base.TRANSPORT_FAILURES: truncated or empty replies, 5xx, timeouts, ...) and
+# the rest (bad_request, auth, other) are asked again by every re-run.
+MODEL_FAILURES = {"wrong_language", "malformed_reply"}
+MODEL_RETRIES = 1
 
 
 @dataclass
@@ -47,6 +50,7 @@ class LatentTask:
     max_act: float
     segments: list[dict]          # explain-split activating segments, highest peak first
     too_few: str | None = None    # collect's reason, when it listed the latent as too_few
+    attempt: int = 0              # 1, 2, ...: asked again by a re-run after a model-level failure
 
 
 # ---- reading collect's output ----------------------------------------------------------------------
@@ -119,13 +123,18 @@ class JsonlAppender:
 
 def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tokens: int,
                rotation: int = 0) -> tuple[list[dict], int]:
-    """Messages that fit the context window: fewer segments first, then shorter ones around their peak."""
+    """Messages that fit the context window: fewer segments first, then shorter ones around their peak;
+    in a small window (a tiny test model) fewer worked examples before giving up."""
     budget = client.context_window - reply_tokens
     segs = task.segments[:max_segments]
     n = len(segs)
+    shown = N_SHOWN
+    while shown > 0 and client.count_message_tokens(
+            build_explain_messages([around_peak(s, 8) for s in segs[:1]], task.max_act, rotation, shown)) > budget:
+        shown -= 1
 
     def build(ss):
-        return build_explain_messages(ss, task.max_act, rotation)
+        return build_explain_messages(ss, task.max_act, rotation, shown)
 
     while n > 1 and client.count_message_tokens(build(segs[:n])) > budget:
         n -= 1
@@ -161,7 +170,7 @@ async def _ask(client: LLMClient, task: LatentTask, ecfg: DictConfig, rotation: 
     rec["segments"] = n
     comp = await client.chat(ChatRequest(messages=msgs, max_tokens=reply_tokens,
                                          temperature=float(ecfg.get("temperature", 0.0)),
-                                         stop=list(ecfg.get("stop") or []) or None))
+                                         stop=list(ecfg.get("stop") or []) or None, attempt=task.attempt))
     rec.update(raw=comp.text, prompt_tokens=rec["prompt_tokens"] + comp.prompt_tokens, cached=comp.cached,
                model=client.model_name or comp.model, llm_calls=rec["llm_calls"] + 1, rotation=rotation)
     text = parse_explanation(comp.text, int(ecfg.get("max_chars", 200)), ecfg.get("language"))
@@ -179,7 +188,8 @@ async def explain_latent(client: LLMClient, task: LatentTask, ecfg: DictConfig) 
     t0 = time.monotonic()
     rec = {"hook": task.hook, "layer": task.layer, "latent": task.latent, "status": "failed", "explanation": None,
            "error": None, "reason": None, "model": client.model_name, "prompt_version": PROMPT_VERSION,
-           "raw": None, "prompt_tokens": 0, "segments": 0, "cached": False, "llm_calls": 0, "copied": []}
+           "raw": None, "prompt_tokens": 0, "segments": 0, "cached": False, "llm_calls": 0, "copied": [],
+           "attempt": task.attempt}
     try:
         if not task.segments:
             raise ExplanationError("too_few_examples", task.too_few or "no activating segment in the explain split")
@@ -267,7 +277,9 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
                              device=cfg.get("device", "auto"))
     summary = asyncio.run(_explain_run(client, tasks, ecfg, explanations_path(rd)))
     failed = {k: v for k, v in summary.items() if k.startswith("failed:") and k[7:] not in PERMANENT}
-    status = "done" if not failed else "partial"
+    after = read_explanations(explanations_path(rd))
+    status = "partial" if any(not _already(after.get((t.hook, t.latent)), t, client.model_name) for t in tasks) \
+        else "done"
     rd.mark_stage("explain", fp, status=status, **summary)
     msg = ", ".join(f"{k} {v}" for k, v in sorted(summary.items())) or "nothing to do"
     log.info("explain: %s (%s)", msg, explanations_path(rd))
@@ -284,6 +296,10 @@ async def _explain_run(client: LLMClient, tasks: list[LatentTask], ecfg: DictCon
             log.warning("the LLM is not reachable (%s); every latent will be recorded as failed", e)
         existing = read_explanations(path)
         todo = [t for t in tasks if not _already(existing.get((t.hook, t.latent)), t, client.model_name)]
+        for t in todo:
+            old = existing.get((t.hook, t.latent)) or {}
+            if old.get("reason") in MODEL_FAILURES:
+                t.attempt = int(old.get("attempt") or 0) + 1
         skipped = len(tasks) - len(todo)
         if skipped:
             log.info("explain: %d latents already explained with %s / %s; %d to go", skipped, client.model_name,
@@ -300,9 +316,13 @@ async def _explain_run(client: LLMClient, tasks: list[LatentTask], ecfg: DictCon
 
 
 def _already(rec: dict | None, task: LatentTask, model: str) -> bool:
-    """Explained with this model and prompt, or failed in a way a retry would repeat."""
+    """Explained with this model and prompt, or failed in a way a retry would repeat (or was retried for)."""
     if not rec or rec.get("prompt_version") != PROMPT_VERSION:
         return False
     if rec.get("reason") == "too_few_examples":
         return not task.segments
-    return rec.get("model") == model and (rec.get("status") == "ok" or rec.get("reason") in PERMANENT)
+    if rec.get("model") != model:
+        return False
+    if rec.get("reason") in MODEL_FAILURES:
+        return int(rec.get("attempt") or 0) >= MODEL_RETRIES
+    return rec.get("status") == "ok" or rec.get("reason") in PERMANENT

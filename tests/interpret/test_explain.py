@@ -155,11 +155,11 @@ def test_faults_are_recorded_per_latent_and_counted(smoke_cfg, tiny_model):
     assert stage["status"] == "partial"
     assert stage["summary"]["ok"] == 2 and stage["summary"]["failed:rate_limited"] == 1
     assert stage["summary"]["failed:too_few_examples"] == 1
-    # A re-run retries only the transient failures (429, 500, timeout); the too-few latent stays
-    # recorded once, and replies a retry would repeat (empty, wrong language) are not asked again.
+    # A re-run retries the transport failures (429, 500, empty reply, timeout) and, once, the model-level
+    # one (wrong language); the too-few latent stays recorded once.
     llm2 = ScriptedLLM(["a better answer"])
     run_explain_stage(cfg, [], client=llm2)
-    assert len(llm2.calls) == 3
+    assert len(llm2.calls) == 5
     assert rd.stage_record("explain")["status"] == "done"
     recs = _records(rd)
     assert sum(r["latent"] == 0 for r in recs) == 1
