@@ -55,10 +55,10 @@ class LoadedModel:
 def model_folder(cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
     """Where the weights come from: a local folder or a hub id (only for source=hf)."""
     source = cfg.get("source", "hf")
-    if source == "smollm2":
-        from safesail.models.smollm2 import ensure_smollm2
+    from safesail.models.embedded import EMBEDDED, ensure_embedded
 
-        return str(ensure_smollm2(Path(cache_dir)))
+    if source in EMBEDDED:
+        return str(ensure_embedded(source, cache_dir))
     if source == "tiny":
         from safesail.models.tiny import ensure_tiny_model
 
@@ -67,7 +67,8 @@ def model_folder(cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
         if not cfg.get("path"):
             raise UserError("model.path is empty; set it to a Hugging Face hub id or a local model folder.")
         return str(cfg.path)
-    raise UserError(f"unknown model.source {source!r}; use hf, smollm2 or tiny.")
+    raise UserError(f"unknown model.source {source!r}; use hf, tiny or one of the embedded models "
+                    f"({', '.join(EMBEDDED)}).")
 
 
 def load_model(cfg: DictConfig, device: str | torch.device = "auto", cache_dir: str | os.PathLike | None = None,

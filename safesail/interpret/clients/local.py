@@ -1,17 +1,27 @@
-"""Local in-process back end through transformers (the default: embedded SmolLM2-135M-Instruct).
+"""Local in-process back end through transformers (the embedded models, or any HF causal LM folder).
 
-Chat requests arriving together are batched: a worker collects up to
-`batch_size` requests (waiting at most `batch_wait_ms` for more), left-pads
-them and runs one `generate` call in a worker thread. `prompt_logprobs` runs
-one forward pass and returns exact log-probabilities of every candidate at
-every position (candidates must be single tokens of the model's vocabulary;
-others are left out, as an API leaves out candidates outside its top-N).
+Requests arriving together are batched: a worker collects up to `batch_size`
+requests (waiting at most `batch_wait_ms` for more) and hands them to the process's
+shared `LocalEngine` (`local_engine.py`), which reuses the keys/values of any prompt
+prefix it has already computed (system prompt, worked examples, explanation), computes
+a batch's common prefix once and the rest of each prompt in one padded batch.
+`prompt_logprobs` returns exact log-probabilities of every candidate at every position
+(candidates must be single tokens of the model's vocabulary; others are left out, as
+an API leaves out candidates outside its top-N).
+
+One model per process: every `LocalClient.from_cfg` with the same model folder, dtype
+and device shares one loaded model and one prefix cache (explain, score and tag in
+`safesail run`). `threads` sets torch's intra-op threads for the process: "auto" takes
+the cores the load average leaves free (on a shared 2-core machine 1 thread was 3-5x
+faster than 2 under load; BENCHMARKS.md, "Local LLM back end").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,23 +29,55 @@ from typing import Any
 
 import torch
 
+from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, Completion, LLMClient, LLMError, PromptLogprobs
+from safesail.interpret.clients.local_engine import LocalEngine, shared_engine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Pending:
-    req: ChatRequest
+    kind: str                      # "chat" | "logprobs"
     ids: list[int]
     future: asyncio.Future = field(repr=False)
+    req: ChatRequest | None = None
+    cand_ids: tuple[int, ...] = ()
+
+    @property
+    def group_key(self) -> tuple:
+        if self.kind == "logprobs":
+            return ("logprobs", self.cand_ids)
+        r = self.req
+        return ("chat", r.max_tokens, r.temperature, tuple(r.stop or ()))
+
+
+def pick_threads(setting: Any) -> int | None:
+    """torch threads for a `threads` setting: an int, "auto" (cores the load average leaves free), or null."""
+    if setting in (None, "", "keep"):
+        return None
+    cores = os.cpu_count() or 1
+    if str(setting) == "auto":
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        return max(1, min(cores, math.floor(cores - load + 0.5)))
+    try:
+        n = int(setting)
+    except (TypeError, ValueError):
+        raise UserError(f"llm.threads={setting!r} is not a number; use a positive integer, auto or null.") from None
+    if n < 1:
+        raise UserError(f"llm.threads={n} must be at least 1 (or auto / null).")
+    return n
 
 
 class LocalClient(LLMClient):
     supports_prompt_logprobs = True
 
     def __init__(self, model, tokenizer, model_name: str, context_window: int = 2048, batch_size: int = 4,
-                 batch_wait_ms: float = 20, identity: dict | None = None):
+                 batch_wait_ms: float = 20, identity: dict | None = None, engine: LocalEngine | None = None,
+                 prefix_cache_mb: float = 512):
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -43,22 +85,36 @@ class LocalClient(LLMClient):
         self.batch_size = max(1, int(batch_size))
         self.batch_wait_s = float(batch_wait_ms) / 1000
         self._identity = identity or {}
+        self.engine = engine or LocalEngine(model, tokenizer, int(float(prefix_cache_mb) * (1 << 20)))
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
-        self._model_lock: asyncio.Lock | None = None
-        self.batches: list[int] = []  # sizes of the generate() batches run (for logs and tests)
+        self.batches: list[int] = []  # sizes of the engine batches run (for logs and tests)
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self._stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
 
     @classmethod
     def from_cfg(cls, cfg, cache_dir: str | Path | None = None, device: str = "cpu") -> "LocalClient":
         from safesail.models import load_model
+        from safesail.models.loading import model_folder, resolve_device, resolve_dtype
 
-        loaded = load_model(cfg.model, device, cache_dir=cache_dir)
+        threads = pick_threads(cfg.get("threads", "auto"))
+        if threads is not None and threads != torch.get_num_threads():
+            log.info("local LLM: %d torch thread(s) (llm.threads=%s)", threads, cfg.get("threads", "auto"))
+            torch.set_num_threads(threads)
+        cache_dir = cache_dir or os.environ.get("SAFESAIL_CACHE", Path.home() / ".cache" / "safesail")
+        dev = resolve_device(device)
+        folder = model_folder(cfg.model, cache_dir)
+        key = (str(Path(folder).resolve()) if Path(folder).exists() else folder,
+               str(resolve_dtype(cfg.model.get("dtype"), dev)), str(dev))
+        mb = float(cfg.get("prefix_cache_mb", 512))
+        loaded, engine = shared_engine(key, lambda: load_model(cfg.model, dev, cache_dir=cache_dir), int(mb * (1 << 20)))
         name = str(cfg.get("name") or loaded.name)
         window = int(cfg.get("context_window") or cfg.model.get("max_length") or 2048)
         ident = {"backend": "local", "model": name, "path": Path(loaded.path).name, "dtype": str(loaded.dtype)}
         return cls(loaded.model, loaded.tokenizer, name, context_window=window,
                    batch_size=int(cfg.get("batch_size", 4)), batch_wait_ms=float(cfg.get("batch_wait_ms", 20)),
-                   identity=ident)
+                   identity=ident, engine=engine)
 
     def cache_identity(self) -> dict[str, Any]:
         return {"backend": "local", "model": self.model_name, **self._identity}
@@ -73,137 +129,102 @@ class LocalClient(LLMClient):
     def count_message_tokens(self, messages: list[dict]) -> int:
         return len(self.encode_messages(messages))
 
-    # ---- chat: batched generation ---------------------------------------------
+    # ---- requests ----------------------------------------------------------------
     async def chat(self, req: ChatRequest) -> Completion:
         ids = self.encode_messages(req.messages)
         if len(ids) + req.max_tokens > self.context_window:
             raise LLMError("context_overflow", f"prompt of {len(ids)} tokens + {req.max_tokens} reply tokens "
                                                f"exceeds the context window of {self.context_window}")
-        self._start()
-        fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(req, ids, fut))
-        return await fut
+        text, n_out = await self._submit(_Pending("chat", ids, self._future(), req=req))
+        text = _apply_stop(text, req.stop)
+        if not text.strip():
+            raise LLMError("empty_reply", "the model generated no text")
+        return Completion(text=text, model=self.model_name, prompt_tokens=len(ids), completion_tokens=n_out)
 
-    def _bind(self) -> None:
-        """Queue, lock and batching worker belong to the running event loop (a new one per asyncio.run)."""
-        loop = asyncio.get_running_loop()
-        if getattr(self, "_loop", None) is not loop:
-            self._loop = loop
-            self._queue = asyncio.Queue()
-            self._model_lock = asyncio.Lock()
-            self._worker = None
-
-    def _start(self) -> None:
-        self._bind()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        assert self._queue is not None
-        while True:
-            first = await self._queue.get()
-            batch = [first]
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(batch) < self.batch_size:
-                # Requests that share generation settings go into one generate() call.
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
-                try:
-                    nxt = await asyncio.wait_for(self._queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
-                batch.append(nxt)
-            groups: dict[tuple, list[_Pending]] = {}
-            for p in batch:
-                groups.setdefault((p.req.max_tokens, p.req.temperature, tuple(p.req.stop or ())), []).append(p)
-            for group in groups.values():
-                live = [p for p in group if not p.future.cancelled()]
-                if not live:
-                    continue
-                try:
-                    async with self._model_lock:
-                        results = await asyncio.to_thread(self._generate, [p.ids for p in live], live[0].req)
-                    self.batches.append(len(live))
-                except Exception as e:  # noqa: BLE001 - handed to every waiter
-                    err = e if isinstance(e, LLMError) else LLMError("other", f"{type(e).__name__}: {e}")
-                    for p in live:
-                        if not p.future.done():
-                            p.future.set_exception(err)
-                    continue
-                for p, (text, n_out) in zip(live, results):
-                    if p.future.done():
-                        continue
-                    text = _apply_stop(text, p.req.stop)
-                    if not text.strip():
-                        p.future.set_exception(LLMError("empty_reply", "the model generated no text"))
-                    else:
-                        p.future.set_result(Completion(text=text, model=self.model_name, prompt_tokens=len(p.ids),
-                                                       completion_tokens=n_out))
-
-    def _generate(self, batch_ids: list[list[int]], req: ChatRequest) -> list[tuple[str, int]]:
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        width = max(len(x) for x in batch_ids)
-        dev = next(self.model.parameters()).device
-        input_ids = torch.full((len(batch_ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-        for i, ids in enumerate(batch_ids):  # left padding
-            input_ids[i, width - len(ids):] = torch.tensor(ids)
-            mask[i, width - len(ids):] = 1
-        kw: dict[str, Any] = dict(max_new_tokens=int(req.max_tokens), pad_token_id=pad)
-        if req.stop:  # each sequence of the batch stops at its first stop string (text after it is cut below)
-            kw.update(stop_strings=list(req.stop), tokenizer=tok)
-        if req.temperature and req.temperature > 0:
-            kw.update(do_sample=True, temperature=float(req.temperature), top_p=1.0, top_k=0)
-        else:
-            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids.to(dev), attention_mask=mask.to(dev), **kw)
-        gen = out[:, width:].cpu()
-        results = []
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
-        for row in gen.tolist():
-            n = 0
-            for t in row:
-                if t in eos or t == pad:
-                    break
-                n += 1
-            results.append((tok.decode(row[:n], skip_special_tokens=True), n))
-        return results
-
-    # ---- prompt log-probabilities: one forward pass ------------------------------
     async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.context_window:
             raise LLMError("context_overflow", f"prompt of {len(ids)} tokens exceeds the context window "
                                                f"of {self.context_window}")
-        cand_ids = {}
+        if not ids:
+            raise LLMError("bad_request", "the prompt is empty")
+        cand_ids: dict[str, int] = {}
         for c in candidates:
             toks = self.tokenizer(c, add_special_tokens=False)["input_ids"]
-            if not toks:
-                continue
-            if len(toks) > 1:  # only single-token candidates have a next-token probability
+            if len(toks) == 1:  # only single-token candidates have a next-token probability
+                cand_ids[c] = toks[0]
+            elif toks:
                 log.debug("candidate %r is %d tokens, not one; left out", c, len(toks))
-                continue
-            cand_ids[c] = toks[0]
-        self._bind()
-        async with self._model_lock:
-            logp = await asyncio.to_thread(self._forward_logprobs, ids)
         names = list(cand_ids)
-        col = torch.tensor([cand_ids[c] for c in names], dtype=torch.long)
-        picked = logp[:, col] if names else torch.empty((len(ids), 0))
-        nxt = [{c: float(v) for c, v in zip(names, row)} for row in picked.tolist()]
-        tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        tokens = [self.tokenizer.convert_tokens_to_string([t]) for t in tokens]
+        logp = await self._submit(_Pending("logprobs", ids, self._future(),
+                                           cand_ids=tuple(cand_ids[c] for c in names)))
+        nxt = [{c: float(v) for c, v in zip(names, row)} for row in logp.tolist()] if names \
+            else [{} for _ in ids]
+        tokens = [self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)]
         return PromptLogprobs(tokens=tokens, next_logprobs=nxt, prompt_tokens=len(ids))
 
-    def _forward_logprobs(self, ids: list[int]) -> torch.Tensor:
-        dev = next(self.model.parameters()).device
-        with torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+    # ---- the batching worker ---------------------------------------------------------
+    def _future(self) -> asyncio.Future:
+        self._start()
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, p: _Pending):
+        await self._queue.put(p)
+        return await p.future
+
+    def _start(self) -> None:
+        """Queue and batching worker belong to the running event loop (a new one per asyncio.run)."""
+        loop = asyncio.get_running_loop()
+        if getattr(self, "_loop", None) is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = None
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.batch_size:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[tuple, list[_Pending]] = {}
+            for p in batch:  # requests that share settings go into one engine call
+                groups.setdefault(p.group_key, []).append(p)
+            for group in groups.values():
+                live = [p for p in group if not p.future.cancelled()]
+                if live:
+                    await self._serve(live)
+
+    async def _serve(self, live: list[_Pending]) -> None:
+        try:
+            results = await asyncio.to_thread(self._compute, live)
+            self.batches.append(len(live))
+        except Exception as e:  # noqa: BLE001 - handed to every waiter
+            err = e if isinstance(e, LLMError) else LLMError("other", f"{type(e).__name__}: {e}")
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        for p, res in zip(live, results):
+            if not p.future.done():
+                p.future.set_result(res)
+
+    def _compute(self, live: list[_Pending]) -> list:
+        if live[0].kind == "logprobs":
+            return self.engine.logprobs([p.ids for p in live], list(live[0].cand_ids))
+        req = live[0].req
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        gen = self.engine.generate([p.ids for p in live], int(req.max_tokens), float(req.temperature or 0.0),
+                                   stop=list(req.stop or []), eos_ids=self._stop_ids, pad=pad)
+        return [(self.tokenizer.decode(g, skip_special_tokens=True), len(g)) for g in gen]
 
     async def aclose(self) -> None:
         if self._worker is not None:

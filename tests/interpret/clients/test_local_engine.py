@@ -1,0 +1,146 @@
+"""The local back end's prefix cache and batching give the uncached results (tiny random models, seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from safesail.config import compose
+from safesail.interpret.clients.base import ChatRequest
+from safesail.interpret.clients.local import LocalClient, pick_threads
+from safesail.interpret.clients.local_engine import LocalEngine, group_prompts
+from safesail.interpret.clients.prefix_cache import PrefixCache, PrefixEntry
+from safesail.models import load_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INTRO = ("We study latents inside a language model. Given an explanation, predict how strongly the latent "
+         "fires on each token.\nLatent A\nExplanation: words about food\n<start>\nI\t0\n like\t0\n pizza\t10\n<end>\n")
+
+
+def _prompt(explanation: str, tokens: list[str]) -> str:
+    body = "".join(f"{t}\tunknown\n" for t in tokens)
+    return f"{INTRO}\nLatent B\nExplanation: {explanation}\n<start>\n{body}<end>\n"
+
+
+PROMPTS = [
+    _prompt("mentions of weapons", ["he", " pulled", " the", " gun"]),
+    _prompt("mentions of weapons", ["a", " loaded", " rifle", " on", " the", " table"]),
+    _prompt("mentions of weapons", ["the"]),
+    _prompt("numbers and dates", ["in", " 1999", " and", " 2004"]),
+    _prompt("numbers and dates", ["on", " March", " 3"]),
+]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, cache_dir):
+    cfg = compose(["model=tiny", f"model.architecture={request.param}"])
+    return load_model(cfg.model, "cpu", cache_dir=cache_dir)
+
+
+def _reference_logprobs(lm, text: str, cand: list[int]) -> torch.Tensor:
+    ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)[:, cand]
+
+
+def _candidates(lm) -> tuple[list[str], list[int]]:
+    names, ids = [], []
+    for c in [str(v) for v in range(10)]:
+        toks = lm.tokenizer(c, add_special_tokens=False)["input_ids"]
+        if len(toks) == 1:
+            names.append(c)
+            ids.append(toks[0])
+    assert names
+    return names, ids
+
+
+def test_prefix_cached_and_batched_logprobs_equal_uncached(tiny):
+    names, cand = _candidates(tiny)
+    client = LocalClient(tiny.model, tiny.tokenizer, "tiny", context_window=4096, batch_size=8, batch_wait_ms=50)
+
+    async def go():
+        together = await asyncio.gather(*(client.prompt_logprobs(p, names) for p in PROMPTS))  # one batch
+        again = [await client.prompt_logprobs(p, names) for p in reversed(PROMPTS)]  # one at a time, cache hits
+        await client.aclose()
+        return together, again[::-1]
+
+    together, again = asyncio.run(go())
+    assert max(client.batches) > 1
+    stats = client.engine.stats
+    assert stats.computed_tokens < 0.6 * stats.prompt_tokens  # shared prefixes were computed once
+    for p, a, b in zip(PROMPTS, together, again):
+        ref = _reference_logprobs(tiny, p, cand)
+        for res in (a, b):
+            got = torch.tensor([[row[c] for c in names] for row in res.next_logprobs])
+            assert got.shape == ref.shape
+            assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+        assert a.tokens == b.tokens and len(a.tokens) == a.prompt_tokens
+
+
+def test_prefix_cached_batched_generation_equals_generate(tiny):
+    client = LocalClient(tiny.model, tiny.tokenizer, "tiny", context_window=4096, batch_size=4, batch_wait_ms=50)
+    system = {"role": "system", "content": "You explain latents in a few words. " * 4}
+    reqs = [ChatRequest([system, {"role": "user", "content": q}], max_tokens=8)
+            for q in ["Name three colors.", "What is 2+2?", "Say hello in French, please."]]
+
+    async def go():
+        batched = await asyncio.gather(*(client.chat(r) for r in reqs))
+        alone = [await client.chat(r) for r in reqs]
+        await client.aclose()
+        return batched, alone
+
+    batched, alone = asyncio.run(go())
+    assert 3 in client.batches
+    for r, b, a in zip(reqs, batched, alone):
+        ids = client.encode_messages(r.messages)
+        with torch.no_grad():
+            out = tiny.model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                      pad_token_id=tiny.tokenizer.pad_token_id)
+        want = out[0, len(ids):].tolist()
+        stop = [i for i, t in enumerate(want) if t in client._stop_ids]
+        want = want[:stop[0]] if stop else want
+        assert b.text == a.text == tiny.tokenizer.decode(want, skip_special_tokens=True)
+        assert b.completion_tokens == len(want)
+
+
+def test_prefix_cache_is_bounded_and_keeps_the_longest_match():
+    def entry(ids, n_bytes_per_tok=100):
+        t = torch.tensor(ids)
+        k = torch.zeros((1, 1, len(ids), n_bytes_per_tok // 8), dtype=torch.float32)
+        return PrefixEntry(ids=t, kv=[(k, k.clone())])
+
+    cache = PrefixCache(max_bytes=3 * entry([1, 2, 3, 4]).nbytes)
+    cache.store(entry([1, 2, 3, 4]))
+    cache.store(entry([1, 2, 9, 9]))
+    e, n = cache.lookup(torch.tensor([1, 2, 3, 7, 7]))
+    assert n == 3 and e.ids.tolist() == [1, 2, 3, 4]
+    cache.store(entry([1, 2]))  # a prefix of a stored entry is kept only while it adds something
+    for i in range(10):
+        cache.store(entry([5, 6, 7, i]))
+    assert cache.bytes <= cache.max_bytes and len(cache) <= 3
+    e, n = cache.lookup(torch.tensor([5, 6, 7, 9]))
+    assert n == 4  # the most recent ones survive
+    assert cache.lookup(torch.tensor([8]))[0] is None
+
+
+def test_grouping_puts_one_latents_segments_together():
+    shared_a = list(range(100))
+    shared_b = list(range(60)) + list(range(500, 540))
+    ps = [torch.tensor(shared_a + [1000 + i] * 20) for i in range(3)] + \
+         [torch.tensor(shared_b + [2000 + i] * 20) for i in range(2)]
+    groups = sorted(sorted(g) for g in group_prompts(ps))
+    assert groups == [[0, 1, 2], [3, 4]]
+
+
+def test_thread_setting():
+    assert pick_threads(None) is None
+    assert pick_threads(3) == 3
+    assert 1 <= pick_threads("auto") <= (__import__("os").cpu_count() or 1)
+    from safesail.errors import UserError
+
+    with pytest.raises(UserError, match="llm.threads"):
+        pick_threads("many")
