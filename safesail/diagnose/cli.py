@@ -4,6 +4,7 @@
     safesail diagnose --json "How do I pick a lock?"              # the API's DiagnoseResponse
     safesail diagnose --lang-compare "How do I..." "我如何..." --langs en,zh
     safesail diagnose --top 3 --domain violence --min-norm 0.5 "..."
+    safesail diagnose --ablate 14_3598 --add 7_850=4 "..."        # original and steered answers side by side
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=float, help="keep latents whose explanation score is at least this")
     p.add_argument("--min-norm", type=float, default=0.0, help="keep latents above this normalized activation")
     p.add_argument("--all-tokens", action="store_true", help="also list tokens of the system prompt and template")
+    p.add_argument("--ablate", action="append", default=[], metavar="L_I",
+                   help="ablate latent L_I (its contribution removed, the SAE error kept); repeatable")
+    p.add_argument("--clamp", action="append", default=[], metavar="L_I=V",
+                   help="clamp latent L_I to normalized activation V; repeatable")
+    p.add_argument("--add", action="append", default=[], metavar="L_I=A",
+                   help="add A times the latent's 0.999-quantile activation along its decoder direction; repeatable")
     return p
 
 
@@ -114,6 +121,8 @@ def run_diagnose_stage(cfg, args: list[str]) -> None:
         print(resp.model_dump_json(indent=1) if ns.json else format_compare(resp, ns.top))
         return
     query = " ".join(ns.query)
+    if ns.ablate or ns.clamp or ns.add:
+        return _run_steer(cfg, ns, query, filters)
     engine = DiagnoseEngine.from_config(cfg)
     resp = engine.diagnose(query, ns.answer, ns.max_new_tokens, ns.temperature, ns.top, filters,
                            include_template=ns.all_tokens)
@@ -121,3 +130,45 @@ def run_diagnose_stage(cfg, args: list[str]) -> None:
         sys.stdout.write(json.dumps(resp.model_dump(), ensure_ascii=False, indent=1) + "\n")
     else:
         print(format_table(resp, ns.all_tokens))
+
+
+def _steer_request(ns, query: str, filters: Filters):
+    from safesail.diagnose.steer import SteerEdit, SteerRequest
+    from safesail.verify.interventions import parse_edit
+
+    edits = []
+    for mode in ("ablate", "clamp", "add"):
+        for text in getattr(ns, mode):
+            e = parse_edit(text, mode)
+            edits.append(SteerEdit(neuron_id=e.neuron_id, mode=mode, strength=e.strength))
+    return SteerRequest(query=query, edits=edits, max_new_tokens=ns.max_new_tokens, temperature=ns.temperature,
+                        top=ns.top, filters=filters)
+
+
+def format_steer(resp, all_tokens: bool = False) -> str:
+    edits = ", ".join(e.neuron_id + (f" {e.mode}" if e.mode == "ablate" else f" {e.mode}={e.strength:g}")
+                      for e in resp.edits)
+    lines = [f"interventions: {edits}", ""]
+    for name, side in (("original", resp.original), ("steered", resp.steered)):
+        if side is None:
+            continue
+        r = side.refusal
+        lines += [f"=== {name}: refusal log-prob {r.logprob:.2f}, refusal phrase {'yes' if r.refused else 'no'}",
+                  format_table(side.result, all_tokens), ""]
+    return "\n".join(lines)
+
+
+def _run_steer(cfg, ns, query: str, filters: Filters) -> None:
+    from safesail.diagnose.engine import DiagnoseEngine
+    from safesail.diagnose.steer import steer
+
+    if ns.answer:
+        raise UserError("--answer cannot be combined with --ablate/--clamp/--add: steering generates both answers; "
+                        "drop --answer.")
+    req = _steer_request(ns, query, filters)
+    engine = DiagnoseEngine.from_config(cfg)
+    resp = steer(engine, req)
+    if ns.json:
+        sys.stdout.write(json.dumps(resp.model_dump(), ensure_ascii=False, indent=1) + "\n")
+    else:
+        print(format_steer(resp, ns.all_tokens))
