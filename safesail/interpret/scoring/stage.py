@@ -40,7 +40,7 @@ _COMPACT = ("segment_id", "id", "pred", "p_yes", "status", "failure")
 def score_settings(cfg: DictConfig) -> dict:
     """The `score` group with defaults, checked (one sentence per bad setting)."""
     sc = OmegaConf.to_container(cfg.get("score") or {}, resolve=True) or {}
-    out = {"scorers": check_names(sc.get("scorers") or ["simulation"]),
+    out = {"scorers": check_names(sc["scorers"] if "scorers" in sc else ["simulation"]),
            "controls": [str(c) for c in (sc.get("controls") if sc.get("controls") is not None else ctl.CONTROLS)],
            "constant_explanation": str(sc.get("constant_explanation") or ctl.CONSTANT_EXPLANATION),
            "bootstrap": int(sc.get("bootstrap", 200)), "min_beats_rate": float(sc.get("min_beats_rate", 0.8)),
@@ -104,6 +104,11 @@ async def _score_all(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict,
         log.info("score %s: %s", kind, {k: v for k, v in s.items() if k != "failures"})
     for line in summary["warnings"]:
         log.warning("score: %s", line)
+    retry = sum(1 for (h, l, _), r in final.items() if (h, l) in set(keys) and _has_retryable(r))
+    if retry:  # not marked done: the next `safesail score` re-sends every item that failed retryably
+        log.warning("score: %d records hold items whose LLM call failed; run `safesail score` again to retry them "
+                    "(answered items come from the response cache)", retry)
+        return
     rd.mark_stage("score", fp, **summary)
 
 
