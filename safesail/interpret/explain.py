@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
-from safesail.interpret.prompts.explain import (EXAMPLES, PROMPT_VERSION, ExplanationError, build_explain_messages,
-                                                copied_reason, parse_explanation)
+from safesail.interpret.prompts.explain import (EXAMPLES, N_SHOWN, PROMPT_VERSION, ExplanationError,
+                                                build_explain_messages, copied_reason, parse_explanation)
 from safesail.rundir import RunDir, fingerprint
 from safesail.jsonl import append_jsonl, last_per_latent, open_append
 
@@ -123,13 +123,18 @@ class JsonlAppender:
 
 def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tokens: int,
                rotation: int = 0) -> tuple[list[dict], int]:
-    """Messages that fit the context window: fewer segments first, then shorter ones around their peak."""
+    """Messages that fit the context window: fewer segments first, then shorter ones around their peak;
+    in a small window (a tiny test model) fewer worked examples before giving up."""
     budget = client.context_window - reply_tokens
     segs = task.segments[:max_segments]
     n = len(segs)
+    shown = N_SHOWN
+    while shown > 0 and client.count_message_tokens(
+            build_explain_messages([around_peak(s, 8) for s in segs[:1]], task.max_act, rotation, shown)) > budget:
+        shown -= 1
 
     def build(ss):
-        return build_explain_messages(ss, task.max_act, rotation)
+        return build_explain_messages(ss, task.max_act, rotation, shown)
 
     while n > 1 and client.count_message_tokens(build(segs[:n])) > budget:
         n -= 1

@@ -107,13 +107,27 @@ def load_excerpts(rd: RunDir, hook: str, s: dict) -> dict[int, list[str]]:
 
 # ---- LLM evidence -------------------------------------------------------------------------
 
+def fit_tag_prompt(client: LLMClient, explanation: str, excerpts: list[str], max_tokens: int) -> list[dict]:
+    """The tag messages, with fewer excerpts and then fewer worked examples until they fit the window."""
+    budget = client.context_window - max_tokens
+    n_ex = prompts.N_EXAMPLES
+    msgs = prompts.tag_messages(explanation, excerpts, n_ex)
+    while client.count_message_tokens(msgs) > budget and (excerpts or n_ex):
+        if excerpts:
+            excerpts = excerpts[:-1]
+        else:
+            n_ex -= 1
+        msgs = prompts.tag_messages(explanation, excerpts, n_ex)
+    return msgs
+
+
 async def llm_evidence(client: LLMClient, explanation: str, excerpts: list[str] | None = None,
                        max_tokens: int = 16) -> dict:
     """{"domains", "raw", "status"}: status ok | unparsable | llm_error | no_explanation."""
     if not explanation.strip():
         return {"domains": [], "raw": None, "status": "no_explanation"}
-    req = ChatRequest(messages=prompts.tag_messages(explanation, excerpts), max_tokens=max_tokens,
-                      temperature=0.0, stop=["\n"])
+    req = ChatRequest(messages=fit_tag_prompt(client, explanation, list(excerpts or []), max_tokens),
+                      max_tokens=max_tokens, temperature=0.0, stop=["\n"])
     try:
         comp = await client.chat(req)
     except LLMError as e:

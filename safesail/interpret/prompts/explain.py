@@ -137,10 +137,11 @@ def examples_for(rotation: int, n: int = N_SHOWN) -> list[Example]:
     return [EXAMPLES[(rotation + i) % k] for i in range(min(n, k))]
 
 
-def build_explain_messages(segments: list[dict], max_act: float, rotation: int = 0) -> list[dict]:
+def build_explain_messages(segments: list[dict], max_act: float, rotation: int = 0,
+                           n_examples: int = N_SHOWN) -> list[dict]:
     """Chat messages asking what the latent's active tokens share, given segments with `tokens` and `acts`."""
     msgs = [{"role": "system", "content": SYSTEM}]
-    for ex in examples_for(rotation):
+    for ex in examples_for(rotation, n_examples):
         msgs.append({"role": "user", "content": _example_text(ex) + "\n\n" + QUESTION})
         msgs.append({"role": "assistant", "content": ex.answer})
     body = "\n\n".join(format_segment(i + 1, s["tokens"], s["acts"], max_act) for i, s in enumerate(segments))

@@ -56,9 +56,12 @@ def excerpt_texts(segments: list[dict], max_act: float) -> list[str]:
     return [bracketed_text(s["tokens"], s["acts"], max_act).replace("⏎", " ").strip() for s in segments]
 
 
-def tag_messages(explanation: str, excerpts: list[str] | None = None) -> list[dict]:
+N_EXAMPLES = len(_EXAMPLES)
+
+
+def tag_messages(explanation: str, excerpts: list[str] | None = None, n_examples: int = N_EXAMPLES) -> list[dict]:
     msgs = [{"role": "system", "content": SYSTEM}]
-    for expl, exc, answer in _EXAMPLES:
+    for expl, exc, answer in _EXAMPLES[:n_examples]:
         msgs += [{"role": "user", "content": _user(expl, exc)}, {"role": "assistant", "content": answer}]
     msgs.append({"role": "user", "content": _user(explanation, list(excerpts or []))})
     return msgs
