@@ -21,68 +21,13 @@ from safesail.diagnose.api import ROUTERS
 from safesail.diagnose.api.common import ApiError, ServerSettings, error_json
 from safesail.diagnose.api.presets import load_presets
 from safesail.diagnose.gate import ModelGate
+from safesail.diagnose.guard import BodyTooLarge, GuardMiddleware, allowed_host_names
 from safesail.errors import UserError
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 REPO = Path(__file__).resolve().parents[2]
 API_VERSION = "1"
-
-SECURITY_HEADERS = [
-    (b"content-security-policy", b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                 b"connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
-                                 b"form-action 'self'"),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-]
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class GuardMiddleware:
-    """Refuse request bodies over `max_bytes` (413) and add security headers to every answer."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started = False
-
-        async def send_with_headers(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-                msg = dict(msg)
-                msg["headers"] = list(msg.get("headers", [])) + SECURITY_HEADERS
-            await send(msg)
-
-        too_large = error_json(413, "too_large", f"the request body is over {self.max_bytes} bytes; send a "
-                                                 "shorter query.")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send_with_headers)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return msg
-
-        try:
-            await self.app(scope, limited_receive, send_with_headers)
-        except _TooLarge:
-            if not started:
-                await too_large(scope, receive, send_with_headers)
-
 
 def _resolve_file(path: str | None) -> str | None:
     if not path:
@@ -111,6 +56,10 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def _api_error(_request: Request, exc: ApiError):
         return error_json(exc.status, exc.code, exc.message)
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_request: Request, exc: BodyTooLarge):
+        return error_json(413, "too_large", exc.detail)
+
     @app.exception_handler(UserError)
     async def _user_error(_request: Request, exc: UserError):
         return error_json(400, "bad_request", str(exc))
@@ -127,7 +76,8 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(GuardMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, max_bytes=settings.max_body_bytes,
+                       allowed_hosts=allowed_host_names(settings.host, settings.allowed_hosts))
     return app
 
 

@@ -35,7 +35,7 @@ def client(engine, tmp_path_factory):
     presets.write_text('{"id": "p1", "domain": "violence", "en": "How?", "zh": "怎么？", "hi": "कैसे?"}\n'
                        'not json\n{"id": "one-language", "en": "only English"}\n', encoding="utf-8")
     app = create_app(engine, ServerSettings(queue_size=2, max_body_bytes=4096, compare_file=str(presets)))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 

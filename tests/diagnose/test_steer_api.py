@@ -28,7 +28,7 @@ def engine(tiny_model, db_path):
 
 @pytest.fixture(scope="module")
 def client(engine):
-    with TestClient(create_app(engine, ServerSettings(queue_size=2))) as c:
+    with TestClient(create_app(engine, ServerSettings(queue_size=2)), base_url="http://127.0.0.1") as c:
         yield c
 
 

@@ -25,13 +25,15 @@ class ServerSettings:
     request_timeout_s: float = 120.0
     max_body_bytes: int = 65536
     compare_file: str | None = None
+    allowed_hosts: list[str] | None = None  # Host names served; None: the names of the bound address
 
     @classmethod
     def from_cfg(cls, cfg) -> "ServerSettings":
         d = cfg.diagnose
+        hosts = d.get("allowed_hosts")
         return cls(host=str(d.host), port=int(d.port), queue_size=int(d.queue_size),
                    request_timeout_s=float(d.request_timeout_s), max_body_bytes=int(d.max_body_bytes),
-                   compare_file=d.get("compare_file"))
+                   compare_file=d.get("compare_file"), allowed_hosts=[str(h) for h in hosts] if hosts else None)
 
 
 class ApiError(Exception):

@@ -1,5 +1,7 @@
 """GET /api/info: the model, the database's SAEs, the limits."""
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 
 from safesail.diagnose.api.common import engine_of
@@ -20,5 +22,7 @@ def info(request: Request) -> InfoResponse:
                     max_new_tokens=s.max_new_tokens, max_new_tokens_limit=s.max_new_tokens_limit,
                     max_body_bytes=st.max_body_bytes, queue_size=st.queue_size,
                     request_timeout_s=st.request_timeout_s)
-    return InfoResponse(model=engine.lm.name, db_model=mi.get("model"), db_path=engine.db_path, saes=saes,
+    # The file name only: the absolute path would tell any page that can reach the API the user's folders.
+    db_name = Path(engine.db_path).name if engine.db_path else ""
+    return InfoResponse(model=engine.lm.name, db_model=mi.get("model"), db_path=db_name, saes=saes,
                         domains=list(DOMAINS), limits=limits, temperature=s.temperature, top=s.top)

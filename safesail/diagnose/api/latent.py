@@ -1,6 +1,6 @@
 """GET /api/latents/{layer}/{index}: one latent's explanation, score, tags, histogram, examples."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
 from safesail.diagnose.api.common import ApiError, engine_of
 from safesail.diagnose.schemas import ErrorResponse, ExampleOut, HistogramOut, LatentResponse
@@ -54,7 +54,8 @@ def to_latent_response(row: dict, hook: str, layer: int, index: int) -> LatentRe
 @router.get("/api/latents/{layer}/{index}", response_model=LatentResponse,
             responses={404: {"model": ErrorResponse, "description": "no such latent in the database"}},
             tags=["diagnose"])
-def latent(layer: int, index: int, request: Request) -> LatentResponse:
+def latent(request: Request, layer: int = Path(ge=0, le=100_000),
+           index: int = Path(ge=0, le=2**63 - 1)) -> LatentResponse:  # SQLite integers are 64-bit
     engine = engine_of(request)
     hooks = [b.hook.name for b in engine.saes if b.layer == layer]
     if not hooks:
