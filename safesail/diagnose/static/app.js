@@ -136,9 +136,9 @@ function renderResult() {
 }
 
 // POST the query to the streaming endpoint: the answer text grows while the model writes it,
-// then the full per-token result arrives as the last event.
-async function diagnoseStreaming(body, onText) {
-  const r = await fetch("/api/diagnose/stream", {
+// then the full per-token result arrives as the last event (also used by steer.js for /api/steer/stream).
+async function diagnoseStreaming(body, onText, path = "/api/diagnose/stream") {
+  const r = await fetch(path, {
     method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
   if (!r.ok) {
     let data = null;
@@ -162,7 +162,7 @@ async function diagnoseStreaming(body, onText) {
         else if (line.startsWith("data: ")) data += line.slice(6);
       }
       const obj = JSON.parse(data);
-      if (kind === "token") onText(obj.text);
+      if (kind === "token") onText(obj.text, obj);
       else if (kind === "result") return obj;
       else if (kind === "error") throw new Error(obj.message);
     }
