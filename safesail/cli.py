@@ -1,66 +1,32 @@
 """The `safesail` command: `safesail <stage> [args] [hydra overrides]`.
 
-Every stage is a function `fn(cfg: DictConfig, args: list[str]) -> None` named in
-STAGES. Arguments that look like Hydra overrides (`key=value`, `+key=value`,
+Every stage is a function `fn(cfg: DictConfig, args: list[str]) -> None` named in the
+table of stages (`safesail/stages.py`). Arguments that look like Hydra overrides (`key=value`, `+key=value`,
 `~key`) or Hydra flags (`-m`, `--cfg job`, ...) go to Hydra; the rest (for
 example `safesail db search "violence"` or `safesail diagnose --json "..."`) are
-handed to the stage as `args`.
+handed to the stage as `args`. `safesail <stage> --help` prints the stage's purpose, main
+keys and an example without running it; overrides are checked before anything is written
+(`safesail.config.check_overrides`); Ctrl-C prints one line and exits 130.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import logging
-import os
 import re
 import sys
-from pathlib import Path
 
+from safesail.config import CONFIG_DIR, check_overrides
 from safesail.errors import UserError
+from safesail.stages import BY_NAME, STAGES, stage_help
 
 log = logging.getLogger("safesail")
-
-# stage name -> "module:function"; `run` runs the pipeline stages in order.
-STAGES: dict[str, str] = {
-    "cache": "safesail.train.cache:run_cache_stage",
-    "train": "safesail.train.stage:run_train_stage",
-    "select": "safesail.train.select_stage:run_select_stage",
-    "collect": "safesail.interpret.collect:run_collect_stage",
-    "explain": "safesail.interpret.explain:run_explain_stage",
-    "score": "safesail.interpret.scoring.stage:run_score_stage",
-    "tag": "safesail.interpret.tag:run_tag_stage",
-    "verify": "safesail.verify.stage:run_verify_stage",
-    "db": "safesail.neurondb.cli:run_db_command",
-    "serve": "safesail.diagnose.server:run_serve_stage",
-    "diagnose": "safesail.diagnose.cli:run_diagnose_stage",
-    "run": "safesail.pipeline:run_pipeline",
-}
-
-STAGE_HELP = {
-    "cache": "cache MLP-output activations of the source model",
-    "train": "train the SAE sweep on the activation cache",
-    "select": "choose the most interpretable SAE per hook with contrastive pairs",
-    "collect": "collect per-latent statistics and example segments",
-    "explain": "explain latents with an LLM",
-    "score": "score explanations by simulation",
-    "tag": "tag latents with safety domains",
-    "verify": "causal checks: steer and ablate tagged latents, refusal effects",
-    "db": "build / export / import / query the neuron database",
-    "serve": "serve the diagnose web page and JSON API",
-    "diagnose": "print per-token safety latents for a query",
-    "run": "run every stage in order (skipping finished ones)",
-}
 
 # Hydra flags that take a value in the next argument.
 _HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp",
                            "--config-name", "-cn", "--config-dir", "-cd", "--info", "-i"}
 _HYDRA_FLAGS = {"-m", "--multirun", "--resolve", "--hydra-help", "--run", "-r"}
 _OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][\w.@/\-]*(=|$)")
-
-# The config folder lives next to the package in the source tree (editable install).
-CONFIG_DIR = Path(os.environ.get("SAFESAIL_CONFIG_DIR",
-                                 Path(__file__).resolve().parents[1] / "configs"))
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -101,20 +67,37 @@ def disk_error_message(e: OSError) -> str | None:
             "finished work is kept and the stage continues where it stopped.")
 
 
-def resolve_stage(name: str):
-    target = STAGES[name]
-    module_name, fn_name = target.split(":")
-    module = importlib.import_module(module_name)
-    return getattr(module, fn_name)
+INTERRUPTED = "interrupted; re-run the same command to resume"
 
 
 def _usage() -> str:
     lines = ["usage: safesail <stage> [args] [key=value ...] [-m]", "", "stages:"]
-    lines += [f"  {name:<9} {STAGE_HELP[name]}" for name in STAGES]
-    lines += ["", "Examples:", "  safesail run", "  safesail cache experiment=smoke",
-              "  safesail train -m sae.k=32,64",
+    lines += [f"  {s.name:<9} {s.help}" for s in STAGES]
+    lines += ["", "`safesail <stage> --help` shows a stage's main keys and an example.", "", "Examples:",
+              "  safesail run", "  safesail cache experiment=smoke", "  safesail train -m sae.k=32,64",
               "  safesail db search violence", "  safesail diagnose \"How do I ...?\""]
     return "\n".join(lines)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _run_stage(fn, cfg, stage_args: list[str]) -> None:
+    """Call a stage; expected mistakes and Ctrl-C become one line."""
+    try:
+        fn(cfg, stage_args)
+    except UserError as e:
+        _fail(str(e))  # one clear sentence, no traceback, exit 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        message = disk_error_message(e)
+        if message is None:
+            raise
+        _fail(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,15 +105,30 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
         sys.exit(0 if argv else 2)
-    stage = argv[0]
-    if stage not in STAGES:
-        print(f"error: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}.", file=sys.stderr)
-        sys.exit(2)
+    name = argv[0]
+    if name not in BY_NAME:
+        _fail(f"unknown stage {name!r}; choose one of: {', '.join(BY_NAME)}.")
+    stage = BY_NAME[name]
     if not (CONFIG_DIR / "config.yaml").is_file():
-        print(f"error: the config folder {CONFIG_DIR} is missing; install Safe-SAIL from its source "
-              "tree with `pip install -e .` or set SAFESAIL_CONFIG_DIR.", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"the config folder {CONFIG_DIR} is missing; install Safe-SAIL from its source "
+              "tree with `pip install -e .` or set SAFESAIL_CONFIG_DIR.")
     hydra_args, stage_args = split_args(argv[1:])
+    if "-h" in stage_args or "--help" in stage_args:
+        print(stage_help(stage))
+        sys.exit(0)
+    if stage_args and not stage.takes_args:
+        _fail(f"`safesail {name}` takes no arguments besides key=value overrides, not {' '.join(stage_args)!r}; "
+              f"see `safesail {name} --help`.")
+    overrides = [a for a in hydra_args if "=" in a or a.startswith("~")]
+    flags = [a for a in hydra_args if a.startswith("-")]
+    if set(flags) <= {"-m", "--multirun"}:
+        try:
+            check_overrides(overrides)  # one sentence for a bad key or value; nothing written yet
+        except UserError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(130)
 
     import hydra
     from omegaconf import DictConfig
@@ -140,24 +138,15 @@ def main(argv: list[str] | None = None) -> None:
         from safesail.logging_setup import setup_logging
 
         setup_logging()
-        fn = resolve_stage(stage)
-        try:
-            fn(cfg, stage_args)
-        except UserError as e:
-            # One clear sentence, no traceback, exit non-zero.
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as e:
-            message = disk_error_message(e)
-            if message is None:
-                raise
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(2)
+        _run_stage(stage.resolve(), cfg, stage_args)
 
     saved = sys.argv
-    sys.argv = [f"safesail {stage}"] + hydra_args
+    sys.argv = [f"safesail {name}"] + hydra_args
     try:
         _entry()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
     finally:
         sys.argv = saved
 

@@ -18,26 +18,16 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
-from safesail.cli import resolve_stage
 from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.summary import summarize, summary_lines
 from safesail.jsonl import last_per_latent
 from safesail.rundir import RunDir, atomic_write_json
+from safesail.stages import PIPELINE as PIPELINE_STAGES
 
 log = logging.getLogger(__name__)
 
-# (stage name in cli.STAGES, extra args)
-PIPELINE: list[tuple[str, list[str]]] = [
-    ("cache", []),
-    ("train", []),
-    ("select", []),
-    ("collect", []),
-    ("explain", []),
-    ("score", []),
-    ("tag", []),
-    ("verify", []),
-    ("db", ["build"]),
-]
+# (stage name, the words passed to it), in order: the stages of safesail/stages.py marked in_run
+PIPELINE: list[tuple[str, list[str]]] = [(s.name, list(s.run_args)) for s in PIPELINE_STAGES]
 DOMAINS = ("politics", "pornography", "violence", "terror")
 
 
@@ -59,12 +49,13 @@ def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
             raise UserError(f"unknown stage(s) {sorted(unknown)} for `safesail run`; choose among "
                             f"{', '.join(n for n, _ in PIPELINE)} or give none to run all.")
     timings = []
-    for name, extra in PIPELINE:
+    for stage in PIPELINE_STAGES:
+        name = stage.name
         if only and name not in only:
             continue
         log.info("=== stage %s ===", name)
         t0 = time.perf_counter()
-        resolve_stage(name)(cfg, list(extra))
+        stage.resolve()(cfg, list(stage.run_args))
         timings.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
                         "peak_rss_mib_so_far": round(_peak_rss_mib(), 1)})
     atomic_write_json(rd.root / "pipeline.json", {"stages": timings})

@@ -6,7 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from safesail.cli import STAGES, main, split_args
+from safesail.cli import main, split_args
+from safesail.stages import BY_NAME as STAGES
 from safesail.config import compose
 
 
@@ -70,3 +71,84 @@ def test_multirun_runs_each_job_into_its_run_dir(tmp_path, cache_dir):
         meta = json.loads((tmp_path / name / "activations" / "layers.1.mlp_out" / "meta.json").read_text())
         assert meta["status"] == "complete" and meta["num_tokens"] == 640
         assert OmegaConf.load(tmp_path / name / "config.yaml").run.name == name
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_answers_help_without_running(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help", f"run.root={tmp_path / 'runs'}"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert out.startswith(f"usage: safesail {name}") and STAGES[name].help in out and "example:" in out
+    assert not (tmp_path / "runs").exists(), "--help ran the stage"
+
+
+@pytest.mark.parametrize("override, words", [
+    ("modle=tiny", ["'modle'", "did you mean model"]),
+    ("sae.k=abc", ["sae.k must be an integer or null", "'abc'"]),
+    ("model=tnyi", ["unknown model 'tnyi'", "tiny", "smollm2-135m-instruct"]),
+    ("sae.kk=3", ["'sae.kk'", "did you mean sae.k", "expansion"]),
+    ("cache.dtype=int8", ["cache.dtype must be one of bfloat16, float16, float32"]),
+    ("train.restart=true", ["'train.restart'", "overwrite"]),
+    ("explain.max_tokens=many", ["explain.max_tokens must be an integer"]),
+])
+def test_bad_override_is_one_line_and_writes_nothing(override, words, tmp_path, capsys):
+    run_dir = tmp_path / "runs" / "smoke"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("experiment_name: smoke\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "experiment=smoke", override, f"run.root={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert all(w in err[0] for w in words), err[0]
+    assert "+modle" not in err[0] and "Traceback" not in err[0]
+    assert (run_dir / "config.yaml").read_text() == "experiment_name: smoke\n"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
+def test_multirun_sweep_values_are_each_checked(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "-m", "experiment=smoke", "sae.k=8,x", f"run.root={tmp_path}"])
+    assert e.value.code == 2 and "sae.k must be an integer" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_experiment_and_group_option_passes_the_type_check():
+    from safesail.config import check_overrides, config_groups
+    from safesail.config_types import GROUPS
+
+    check_overrides([])
+    for group, options in config_groups().items():
+        if group in GROUPS or group == "experiment":  # groups of one option are checked by the line above
+            for option in options[1:] if len(options) > 1 else []:
+                check_overrides([f"{group}={option}"])
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", SAFESAIL_CACHE=str(cache_dir), HF_HUB_OFFLINE="1",
+               WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "safesail", "cache", "experiment=smoke", "device=cpu",
+                                 f"run.root={tmp_path / 'runs'}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+        deadline = time.monotonic() + 120
+        while "Loading weights" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+            time.sleep(0.02)
+            if proc.poll() is not None:
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    err = log.read_text(errors="replace")
+    if proc.returncode == 0:
+        pytest.skip("the cache finished before the interrupt arrived")
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted; re-run the same command to resume"
+    assert "Traceback" not in err

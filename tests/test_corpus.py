@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from cache_helpers import assert_one_sentence, write_corpus
 from safesail.chat import encode_chat
-from safesail.cli import CONFIG_DIR
+from safesail.config import CONFIG_DIR
 from safesail.corpus import Document, iter_documents, pack_windows, separator_id, tokenize_document
 from safesail.errors import UserError
 
