@@ -50,6 +50,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str
+    paths: Optional[list[str]]
+    hub: Optional[str]
+    hub_config: Optional[str]
+    split: str
+    text_field: Optional[str]
+    messages_field: Optional[str]
+    query_field: Optional[str]
+    answer_field: Optional[str]
+    text_sample_by: str
     ctx_len: int
     max_tokens: Optional[int]
 
@@ -156,6 +165,7 @@ class DiagnoseConfig:
     db: Optional[str]
     host: str
     port: int
+    allowed_hosts: Optional[list[str]]
     max_new_tokens: int
     max_new_tokens_limit: int
     temperature: float
