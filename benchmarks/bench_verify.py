@@ -1,0 +1,223 @@
+"""Causal checks (issue 15): refusal baselines, /api/steer latency, and the verify stage's figures.
+
+Parts (run one or several with --parts):
+
+* ``refusal``: the source model's refusal rate on the bundled concept queries (phrase check on a
+  greedy answer, and the mean log-probability of a refusal opening), per domain and language, beside
+  the same figures on their neutral twins; ``--models`` adds other models (e.g. the embedded
+  Qwen2.5-Coder explainer: ``--models smollm2 qwen-coder-0.5b``).
+* ``steer``: `/api/steer` latency over HTTP against plain `/api/diagnose` on the same query and answer
+  length, interleaved; "cold" asks for the original side afresh (a new query each time, both answers
+  generated), "warm" is the page's flow (the original side cached from an earlier steer of that query),
+  "steered only" leaves the original out. The DB is the random-SAE one of bench_diagnose.py.
+* ``stage``: summarises a finished `safesail verify` run directory (``--run runs/demo``): wall time,
+  per tagged latent whether steering is judged on-concept more often than the random-latent control
+  (95% interval of the paired difference above 0), ablation effects on refusal, the diff-in-means
+  direction beside the best single latents.
+
+    python benchmarks/bench_verify.py --parts refusal steer --threads 1
+    python benchmarks/bench_verify.py --parts stage --run runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+MODEL_OVERRIDES = {"smollm2": [], "qwen-coder-0.5b": ["llm=qwen-coder-0.5b"],
+                   "qwen-coder-1.5b": ["llm=qwen-coder-1.5b"]}
+
+
+def load(name: str):
+    from safesail.config import compose
+    from safesail.models import load_model
+
+    cfg = compose(MODEL_OVERRIDES[name])
+    model_cfg = cfg.model if name == "smollm2" else cfg.llm.model
+    return cfg, load_model(model_cfg, "cpu", cache_dir=cfg.get("cache_dir"))
+
+
+def refusal_part(args) -> dict:
+    from safesail.chat import encode_chat
+    from safesail.train.pairs import load_pairs
+    from safesail.verify.generation import generate_batch
+    from safesail.verify.refusal import is_refusal, refusal_logprob
+
+    pairs = load_pairs(None)
+    if args.per_group:
+        kept, count = [], defaultdict(int)
+        for p in pairs:
+            if count[(p.domain, p.lang)] < args.per_group:
+                kept.append(p)
+                count[(p.domain, p.lang)] += 1
+        pairs = kept
+    out = {}
+    for name in args.models:
+        cfg, lm = load(name)
+        sysp = cfg.model.get("system_prompt")
+        t0 = time.perf_counter()
+        fig: dict = {"n": len(pairs), "groups": {}}
+        for side in ("concept", "neutral"):
+            prompts = [encode_chat(lm.tokenizer, getattr(p, f"{side}_query"), sysp) for p in pairs]
+            answers = generate_batch(lm, prompts, args.new_tokens, args.batch)
+            texts = [lm.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+            lps = refusal_logprob(lm, prompts, [p.lang for p in pairs])
+            for p, t, lp in zip(pairs, texts, lps):
+                g = fig["groups"].setdefault(f"{p.domain}/{p.lang}", {"n": 0, "concept_refused": 0,
+                                                                      "neutral_refused": 0, "concept_lp": [],
+                                                                      "neutral_lp": []})
+                if side == "concept":
+                    g["n"] += 1
+                g[f"{side}_refused"] += int(is_refusal(t))
+                g[f"{side}_lp"].append(lp)
+            fig[f"{side}_refusal_rate"] = sum(is_refusal(t) for t in texts) / len(texts)
+            fig[f"{side}_mean_refusal_logprob"] = statistics.fmean(lps)
+            fig[f"{side}_examples"] = texts[:3]
+        for g in fig["groups"].values():
+            for side in ("concept", "neutral"):
+                g[f"{side}_refusal_rate"] = g.pop(f"{side}_refused") / g["n"]
+                g[f"{side}_mean_refusal_logprob"] = round(statistics.fmean(g.pop(f"{side}_lp")), 3)
+        fig["seconds"] = round(time.perf_counter() - t0, 1)
+        out[lm.name] = fig
+        print(f"{lm.name}: concept refusal {fig['concept_refusal_rate']:.3f}, neutral {fig['neutral_refusal_rate']:.3f}"
+              f" ({len(pairs)} pairs, {fig['seconds']} s)")
+        for k, g in sorted(fig["groups"].items()):
+            print(f"  {k:<18} n={g['n']:<3} concept {g['concept_refusal_rate']:.2f} (lp {g['concept_mean_refusal_logprob']:.2f})"
+                  f"  neutral {g['neutral_refusal_rate']:.2f} (lp {g['neutral_mean_refusal_logprob']:.2f})")
+        del lm
+    return out
+
+
+def steer_part(args) -> dict:
+    import httpx
+
+    from bench_diagnose import build_random_db
+    from diagnose_helpers import LiveServer, make_engine
+    from safesail.diagnose.api.common import ServerSettings
+    from safesail.diagnose.server import create_app
+
+    cfg, lm = load("smollm2")
+    db_path = args.db or build_random_db(lm, list(cfg.model.layers), REPO / "runs" / "bench-diagnose",
+                                         10 * lm.hidden_size, 32)
+    engine = make_engine(lm, db_path, max_new_tokens=args.new_tokens, max_new_tokens_limit=256, top=30,
+                         system_prompt=cfg.model.system_prompt, threads=args.threads)
+    b = engine.saes[len(engine.saes) // 2]
+    lid = f"{b.layer}_{int(b.latent_ids[0])}"
+    edits = [{"neuron_id": lid, "mode": "add", "strength": 4.0}]
+    queries = [f"Write a short story about a cat who learns to fly, number {i}." for i in range(args.runs + 2)]
+    res = defaultdict(list)
+    with LiveServer(create_app(engine, ServerSettings(request_timeout_s=600))) as srv:
+        def post(path, body):
+            t = time.perf_counter()
+            r = httpx.post(srv.url + path, json=body, timeout=600)
+            r.raise_for_status()
+            return time.perf_counter() - t, r.json()
+
+        post("/api/diagnose", {"query": queries[-1]})  # warm-up
+        post("/api/steer", {"query": queries[-1], "edits": edits})
+        for q in queries[:args.runs]:
+            dt, d = post("/api/diagnose", {"query": q})
+            res["diagnose"].append(dt)
+            dt, s = post("/api/steer", {"query": q, "edits": edits})          # cold: both sides generated
+            res["steer_cold"].append(dt)
+            dt, s2 = post("/api/steer", {"query": q, "edits": edits})         # warm: original side cached
+            assert s2["original"]["cached"]
+            res["steer_warm"].append(dt)
+            dt, _ = post("/api/steer", {"query": q, "edits": edits, "include_original": False})
+            res["steer_only"].append(dt)
+            res["answer_tokens"].append(sum(t["role"] == "answer" for t in d["tokens"]))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    fig = {"latent": lid, "runs": args.runs, "new_tokens": args.new_tokens, "db": str(db_path),
+           **{f"{k}_p50_s": round(v, 3) for k, v in med.items() if k != "answer_tokens"},
+           "answer_tokens_p50": med["answer_tokens"],
+           "ratio_cold": round(med["steer_cold"] / med["diagnose"], 3),
+           "ratio_warm": round(med["steer_warm"] / med["diagnose"], 3),
+           "ratio_steered_only": round(med["steer_only"] / med["diagnose"], 3)}
+    print(json.dumps(fig, indent=1))
+    return fig
+
+
+def stage_part(args) -> dict:
+    from safesail.verify.records import effects_path, read_effects
+
+    root = Path(args.run)
+    rec = json.loads((root / "stages" / "verify.json").read_text())
+    effects = read_effects(effects_path(root))
+    by = defaultdict(dict)
+    for e in effects:
+        if e.lang is None:
+            by[(e.hook, e.latent, e.target)][e.metric] = e
+    tagged = [k for k in by if k[2] == "latent"]
+    wins, rows = 0, []
+    for k in sorted(tagged, key=lambda k: (k[0], k[1])):
+        m = by[k]
+        d = m.get("on_concept_vs_random")
+        win = d is not None and d.ci_low is not None and d.ci_low > 0
+        wins += win
+        rows.append({"latent": f"{k[0]}:{k[1]}", "domain": m["on_concept_rate"].domain if "on_concept_rate" in m else None,
+                     "on_concept": getattr(m.get("on_concept_rate"), "value", None),
+                     "vs_random": getattr(d, "value", None), "vs_random_ci": [getattr(d, "ci_low", None),
+                                                                              getattr(d, "ci_high", None)],
+                     "win": win,
+                     "refusal_lp_ablate": _fig(m.get("refusal_logprob_change_ablate")),
+                     "refusal_rate_ablate": _fig(m.get("refusal_rate_change_ablate")),
+                     "refusal_lp_steer": _fig(m.get("refusal_logprob_change_steer")),
+                     "answer_changed": _fig(m.get("answer_changed")),
+                     "segment_loss_change": _fig(m.get("segment_loss_change"))})
+    refs = [{"direction": f"{k[0]}:{m['answer_changed'].domain}",
+             "on_concept": getattr(m.get("on_concept_rate"), "value", None),
+             "vs_unsteered": _fig(m.get("on_concept_vs_unsteered")),
+             "refusal_lp_ablate": _fig(m.get("refusal_logprob_change_ablate")),
+             "refusal_lp_steer": _fig(m.get("refusal_logprob_change_steer")),
+             "answer_changed": _fig(m.get("answer_changed"))}
+            for k, m in by.items() if k[2] == "diff_in_means" and "answer_changed" in m]
+    fig = {"run": str(root), "seconds": rec["summary"].get("seconds"), "latents": len(tagged),
+           "steer_on_concept_wins": wins, "win_share": round(wins / len(tagged), 3) if tagged else None,
+           "latents_detail": rows, "diff_in_means": refs}
+    print(json.dumps(fig, indent=1, ensure_ascii=False))
+    return fig
+
+
+def _fig(e):
+    return None if e is None else [round(e.value, 4) if e.value is not None else None,
+                                   None if e.ci_low is None else round(e.ci_low, 4),
+                                   None if e.ci_high is None else round(e.ci_high, 4)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "stage"])
+    ap.add_argument("--models", nargs="+", default=["smollm2"], choices=list(MODEL_OVERRIDES))
+    ap.add_argument("--per-group", type=int, default=0, help="at most this many pairs per (domain, language); 0: all")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--runs", type=int, default=6)
+    ap.add_argument("--db", type=Path)
+    ap.add_argument("--run", help="run directory for --parts stage")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    fig = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads", "load": os.getloadavg()}
+    for part in args.parts:
+        fig[part] = {"refusal": refusal_part, "steer": steer_part, "stage": stage_part}[part](args)
+    fig["load_after"] = os.getloadavg()
+    if args.out:
+        args.out.write_text(json.dumps(fig, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
