@@ -74,6 +74,34 @@ def hook_points(layers: Iterable[int], site: str, num_layers: int) -> list[HookP
     return sorted({HookPoint(x, site) for x in layers})
 
 
+def configured_hooks(cfg, num_layers: int | None = None) -> list[HookPoint]:
+    """The hook points a run works on, for every stage: `sae.hooks` when set, else each layer
+    of `model.layers` at `model.hook_site`; sorted, validated against the model when its
+    layer count is given."""
+    from omegaconf import OmegaConf
+
+    names = OmegaConf.select(cfg, "sae.hooks", default=None)
+    if names is not None and not isinstance(names, str):
+        names = list(OmegaConf.to_container(names, resolve=True)) if OmegaConf.is_config(names) else list(names)
+    if names:
+        points = sorted({HookPoint.parse(n) for n in ([names] if isinstance(names, str) else names)})
+    else:
+        site = str(OmegaConf.select(cfg, "model.hook_site", default="mlp_out") or "mlp_out")
+        layers = OmegaConf.select(cfg, "model.layers", default=None) or []
+        if site not in SITES:
+            raise UserError(f"hook site {site!r} is unknown; use mlp_out or resid.")
+        points = sorted({HookPoint(int(x), site) for x in layers})
+    if not points:
+        raise UserError("no hook points are configured; list layers in model.layers (e.g. model.layers=[0,8]) "
+                        "or hooks in sae.hooks.")
+    if num_layers is not None:
+        bad = [hp for hp in points if not 0 <= hp.layer < num_layers]
+        if bad:
+            raise UserError(f"hook {bad[0]} is out of range: the model has {num_layers} layers (0..{num_layers - 1}); "
+                            "fix model.layers or sae.hooks.")
+    return points
+
+
 def hook_module(model: nn.Module, hp: HookPoint) -> nn.Module:
     block = decoder_layers(model)[hp.layer]
     if hp.site == "resid":

@@ -61,10 +61,15 @@ def corpus_fingerprint(data_cfg) -> str:
 def stage_fingerprint(cfg: DictConfig, corpus_fp: str | None = None) -> str:
     """What decides the cache's contents (not batch size or device)."""
     c = cfg.get("cache") or {}
-    return fingerprint({"model": OmegaConf.to_container(cfg.model, resolve=True),
-                        "data": OmegaConf.to_container(cfg.data, resolve=True),
-                        "corpus": corpus_fp or corpus_fingerprint(cfg.data),
-                        "dtype": str(c.get("dtype", "bfloat16")), "eval_every": int(c.get("eval_every", 20))})
+    parts = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+             "data": OmegaConf.to_container(cfg.data, resolve=True),
+             "corpus": corpus_fp or corpus_fingerprint(cfg.data),
+             "dtype": str(c.get("dtype", "bfloat16")), "eval_every": int(c.get("eval_every", 20))}
+    if OmegaConf.select(cfg, "sae.hooks", default=None):  # a subset of hooks (model.layers alone: as before)
+        from safesail.hooks import configured_hooks
+
+        parts["hooks"] = [hp.name for hp in configured_hooks(cfg)]
+    return fingerprint(parts)
 
 
 def _distributed(device_name: str):
@@ -101,11 +106,11 @@ def run_cache_stage(cfg: DictConfig, args: list[str]) -> None:
         log.warning("cache: finished before, but a shard is missing or damaged; checking and recomputing")
 
     from safesail.corpus import iter_documents, pack_windows
-    from safesail.hooks import capture_activations, hook_points, special_token_mask
+    from safesail.hooks import capture_activations, configured_hooks, special_token_mask
     from safesail.models import load_model
 
     lm = load_model(cfg.model, device, cache_dir=cfg.get("cache_dir"))
-    points = hook_points(cfg.model.layers, str(cfg.model.get("hook_site", "mlp_out")), lm.num_layers)
+    points = configured_hooks(cfg, lm.num_layers)
     ctx_len = int(cfg.data.ctx_len)
     if ctx_len > int(cfg.model.get("max_length") or ctx_len):
         raise UserError(f"data.ctx_len={ctx_len} exceeds model.max_length={cfg.model.max_length}; lower data.ctx_len.")

@@ -97,10 +97,9 @@ class SAEEntry:
 
 
 def configured_hooks(cfg: DictConfig) -> list[str]:
-    from safesail.hooks import HookPoint
+    from safesail.hooks import configured_hooks as hook_points_of
 
-    site = cfg.model.get("hook_site", "mlp_out")
-    return [hp.name for hp in sorted({HookPoint(int(L), site) for L in cfg.model.layers})]
+    return [hp.name for hp in hook_points_of(cfg)]
 
 
 def _read_metrics(folder: Path) -> dict:
@@ -136,7 +135,10 @@ def discover_saes(rd: RunDir, hooks: list[str], model_name: str) -> dict[str, li
     for hook in hooks:
         folders = list_saes(rd.saes(hook)) if rd.saes(hook).is_dir() else []
         if not folders:
-            raise UserError(f"no SAEs found under {rd.saes(hook)}; run `safesail train` first, or drop "
+            trained = sorted(p.name for p in rd.saes().iterdir() if p.is_dir() and list_saes(p)) \
+                if rd.saes().is_dir() else []
+            also = f" (SAEs exist for {', '.join(trained)}: pass sae.hooks=[{','.join(trained)}])" if trained else ""
+            raise UserError(f"no SAEs found under {rd.saes(hook)}{also}; run `safesail train` first, or drop "
                             "that layer from model.layers.")
         entries = []
         for folder in sorted(Path(f) for f in folders):

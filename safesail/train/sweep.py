@@ -62,12 +62,9 @@ def sweep_entries(sae_cfg: DictConfig | dict) -> list[dict]:
 
 
 def sweep_hooks(cfg: DictConfig) -> list[str]:
-    hooks = _plain(cfg.sae.get("hooks"))
-    if hooks:
-        return [str(h) for h in ([hooks] if isinstance(hooks, str) else hooks)]
-    site = cfg.model.get("hook_site", "mlp_out")
-    layers = _plain(cfg.model.layers)
-    return [f"layers.{int(L)}.{site}" for L in sorted({int(x) for x in layers})]
+    from safesail.hooks import configured_hooks
+
+    return [hp.name for hp in configured_hooks(cfg)]
 
 
 # train.* keys that are per-SAE defaults (an entry of the sweep may override each)
