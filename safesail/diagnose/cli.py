@@ -37,6 +37,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="latents shown per token (default 5)")
     p.add_argument("--domain", action="append", choices=DOMAINS, default=[], help="keep latents of this domain (repeatable)")
     p.add_argument("--min-score", type=float, help="keep latents whose explanation score is at least this")
+    p.add_argument("--score-kind", default="simulation",
+                   help="the scorer --min-score applies to (simulation, detection, fuzzing; default simulation)")
     p.add_argument("--min-norm", type=float, default=0.0, help="keep latents above this normalized activation")
     p.add_argument("--all-tokens", action="store_true", help="also list tokens of the system prompt and template")
     p.add_argument("--ablate", action="append", default=[], metavar="L_I",
@@ -104,7 +106,8 @@ def run_diagnose_stage(cfg, args: list[str]) -> None:
     from safesail.diagnose.engine import DiagnoseEngine
 
     ns = parser().parse_args(args)
-    filters = Filters(domains=ns.domain, min_score=ns.min_score, min_norm=max(ns.min_norm, 0.0))
+    filters = Filters(domains=ns.domain, min_score=ns.min_score, score_kind=ns.score_kind,
+                      min_norm=max(ns.min_norm, 0.0))
     if ns.lang_compare:
         langs = [x.strip() for x in ns.langs.split(",") if x.strip()]
         if not 2 <= len(ns.query) <= 3:

@@ -72,8 +72,11 @@ class Annotated:
 
 
 def _keep(info: dict, filters: Filters) -> bool:
-    if filters.min_score is not None and (info.get("score") is None or info["score"] < filters.min_score):
-        return False
+    if filters.min_score is not None:
+        score = info.get("score") if filters.score_kind == "simulation" else (info.get("scores") or {}).get(
+            filters.score_kind)
+        if score is None or score < filters.min_score:
+            return False
     if filters.domains and not set(info.get("tags") or ()) & set(filters.domains):
         return False
     return True
@@ -298,7 +301,7 @@ class DiagnoseEngine:
                 hits.append(LatentHit(neuron_id=f"{layer}_{index}", hook=a.col_hook[int(a.col_sae[c])], layer=layer,
                                       index=index, activation=float(a.raw[t, c]), norm_activation=v,
                                       explanation=row.get("explanation"), score=row.get("score"),
-                                      tags=list(row.get("tags") or [])))
+                                      scores=dict(row.get("scores") or {}), tags=list(row.get("tags") or [])))
             mn = float(max_norm[t])
             tokens.append(TokenInfo(position=t, token_id=int(tid), text=pieces[t], role=a.roles[t],
                                     special=bool(a.special[t]), max_norm=mn,

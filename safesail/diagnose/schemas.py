@@ -29,6 +29,8 @@ class Filters(_Model):
 
     domains: list[Domain] = Field(default_factory=list, description="keep latents tagged with any of these; empty keeps all")
     min_score: Optional[float] = Field(default=None, description="keep latents whose explanation score is at least this")
+    score_kind: str = Field(default="simulation", description="the scorer min_score applies to: simulation, "
+                                                              "detection or fuzzing")
     min_norm: float = Field(default=0.0, ge=0.0, description="keep latents whose normalized activation is above this")
 
 
@@ -59,7 +61,8 @@ class LatentHit(_Model):
     activation: float = Field(description="raw SAE activation")
     norm_activation: float = Field(description="activation / the latent's 0.999 quantile")
     explanation: Optional[str] = None
-    score: Optional[float] = None
+    score: Optional[float] = Field(default=None, description="the simulation score (Safe-SAIL's correlation_score)")
+    scores: dict[str, float] = Field(default_factory=dict, description="scorer kind -> its score")
     tags: list[str] = Field(default_factory=list)
 
 
@@ -178,6 +181,12 @@ class LatentResponse(_Model):
     examples: list[ExampleOut] = Field(default_factory=list)
     score_details: Optional[dict] = None
     tag_evidence: Optional[dict] = None
+    explanations: dict[str, Optional[str]] = Field(default_factory=dict, description="language -> explanation "
+                                                   "(e.g. Safe-SAIL's en and cn), side by side")
+    scores: dict[str, dict] = Field(default_factory=dict, description="scorer kind -> value, ci_low, ci_high, "
+                                    "control_shuffled, control_constant, beats_shuffled, n_examples, costs, status")
+    verify_effects: list[dict] = Field(default_factory=list, description="causal checks of this latent "
+                                       "(check, metric, target, domain, lang, value, interval, n)")
 
 
 class ComparePreset(_Model):

@@ -1,4 +1,5 @@
-"""GET /api/latents/{layer}/{index}: one latent's explanation, score, tags, histogram, examples."""
+"""GET /api/latents/{layer}/{index}: one latent's explanations (every language), scores (every scorer kind
+with its interval and controls), tags, histogram, examples and causal checks."""
 
 from fastapi import APIRouter, Path, Request
 
@@ -48,7 +49,9 @@ def to_latent_response(row: dict, hook: str, layer: int, index: int) -> LatentRe
         histogram_source=hist_source,
         examples=[_example(s) for s in (row.get("examples") or row.get("segments") or [])],
         score_details=details if isinstance(details, dict) or details is None else {"value": details},
-        tag_evidence=evidence if isinstance(evidence, dict) or evidence is None else {"value": evidence})
+        tag_evidence=evidence if isinstance(evidence, dict) or evidence is None else {"value": evidence},
+        explanations=dict(row.get("explanations") or {}), scores=dict(row.get("scores") or {}),
+        verify_effects=list(row.get("verify_effects") or []))
 
 
 @router.get("/api/latents/{layer}/{index}", response_model=LatentResponse,

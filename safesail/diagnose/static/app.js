@@ -43,11 +43,12 @@ async function api(path, body) {
 // ---- filters ----------------------------------------------------------------------
 function filters() {
   const domains = DOMAINS.filter((d) => $("f-" + d).checked);
-  return { domains, minScore: Number($("min-score").value) || 0, minNorm: Number($("min-norm").value) || 0 };
+  return { domains, minScore: Number($("min-score").value) || 0, minNorm: Number($("min-norm").value) || 0,
+           scoreKind: $("score-kind") ? $("score-kind").value : "simulation" };
 }
 function passes(lat, f) {
   if (f.domains.length && !lat.tags.some((t) => f.domains.includes(t))) return false;
-  if (f.minScore > 0 && (lat.score === null || lat.score < f.minScore)) return false;
+  if (f.minScore > 0) { const sc = scoreOf(lat, f.scoreKind); if (sc === null || sc < f.minScore) return false; }
   return lat.norm_activation > f.minNorm;
 }
 function safetyDomain(tags) { return (tags || []).find((t) => DOMAINS.includes(t)) || null; }
@@ -87,14 +88,16 @@ function renderTokens(container, tokens, onPick, f) {
 function latentTable(token, f) {
   const rows = token.latents.filter((l) => passes(l, f));
   if (!rows.length) return el("p", { class: "muted", text: "No database latent passes the filters on this token." });
-  const head = el("tr", {}, ...["neuron", "layer", "index", "normalized", "explanation", "score", "tags"]
+  const kind = f.scoreKind || "simulation";
+  const head = el("tr", {}, ...["neuron", "layer", "index", "normalized", "explanation",
+                                kind === "simulation" ? "score" : `${kind} score`, "tags"]
     .map((h) => el("th", { text: h })));
   const body = rows.map((l) => el("tr", {},
     el("td", {}, el("a", { href: `#/latent/${l.layer}/${l.index}`, class: "mono", text: l.neuron_id })),
     el("td", { text: l.layer }), el("td", { text: l.index }),
     el("td", { class: "num", text: fmt(l.norm_activation) }),
     el("td", { class: "explanation", text: l.explanation === null ? "(no explanation)" : l.explanation }),
-    el("td", { class: "num", text: fmt(l.score) }),
+    el("td", { class: "num", text: fmt(scoreOf(l, kind)) }),
     el("td", {}, ...l.tags.map((t) => el("span", { class: "tag d-" + t, text: t })))));
   return el("table", { class: "latents" }, el("thead", {}, head), el("tbody", {}, ...body));
 }
@@ -348,6 +351,7 @@ async function showLatent(layer, index) {
     else $("latent-hist").appendChild(el("p", { class: "muted", text: "No histogram in the database." }));
     if (l.examples.length) l.examples.forEach((ex) => $("latent-examples").appendChild(example(ex)));
     else $("latent-examples").appendChild(el("p", { class: "muted", text: "No example segments in the database." }));
+    renderLatentV3(l);
   } catch (e) {
     $("latent-explanation").textContent = "";
     showError(e.message);
@@ -372,7 +376,7 @@ function buildFilters() {
     legend.appendChild(el("span", { class: "swatch d-" + d, title: d }));
   }
   legend.appendChild(el("span", { class: "muted small", text: " colour = strongest safety latent" }));
-  document.querySelectorAll("#filters input").forEach((i) => i.addEventListener("input", renderResult));
+  document.querySelectorAll("#filters input, #filters select").forEach((i) => i.addEventListener("input", renderResult));
 }
 
 async function start() {
