@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from safesail.chat import encode_chat
+from safesail.domains import DOMAINS
 from safesail.errors import UserError
 from safesail.hooks import HookPoint, capture_activations
 from safesail.jsonl import append_jsonl, iter_jsonl, last_per_latent, open_append
@@ -90,8 +91,6 @@ def _pair_domain(tag_rec: dict | None) -> str | None:
 
 def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> list[dict]:
     """[{hook, latent, domain, explanation, tagged}] in (hook, latent) order, at most max_latents."""
-    from safesail.train.pairs import DOMAINS
-
     tags = last_per_latent(rd.interpret / "tags.jsonl")
     expls = last_per_latent(rd.interpret / "explanations.jsonl")
     if not tags and not expls:
