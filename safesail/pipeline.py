@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.summary import summarize, summary_lines
+from safesail.domains import DOMAINS, SCORE_CUT
 from safesail.jsonl import last_per_latent
 from safesail.rundir import RunDir, atomic_write_json
 from safesail.stages import PIPELINE as PIPELINE_STAGES
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 
 # (stage name, the words passed to it), in order: the stages of safesail/stages.py marked in_run
 PIPELINE: list[tuple[str, list[str]]] = [(s.name, list(s.run_args)) for s in PIPELINE_STAGES]
-DOMAINS = ("politics", "pornography", "violence", "terror")
 
 
 def _peak_rss_mib() -> float:
@@ -88,7 +88,7 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
     tags = last_per_latent(rd.interpret / "tags.jsonl")
     ok_expl = sum(r.get("status") == "ok" for r in expl.values())
     ok_scores = [r for r in scores.values() if r.ok]
-    cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=0.2))
+    cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=SCORE_CUT))
     passing = {k for k, r in scores.items() if r.ok and r.value >= cut}
     lines.append(f"latents explained: {ok_expl} ok of {len(expl)}; scored by simulation: {len(ok_scores)} ok of "
                  f"{len(scores)}; pass the {cut} cut: {len(passing)}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safesail.domains import SAFESAIL_K
 from safesail.errors import UserError
 from safesail.hooks import HookPoint
 
@@ -59,7 +60,7 @@ def load_one_sae(entry: dict, db_path: Path) -> nn.Module:
     if layout == "safesail-ckpt":
         from safesail.saes.safesail_layout import load_safesail_checkpoint
 
-        return load_safesail_checkpoint(path, arch=entry.get("arch") or "topk", k=int(entry.get("k") or 200),
+        return load_safesail_checkpoint(path, arch=entry.get("arch") or "topk", k=int(entry.get("k") or SAFESAIL_K),
                                         hook=entry["hook"])
     if layout == "safesail":
         from safesail.saes import load_sae

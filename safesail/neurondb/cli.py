@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from safesail.domains import (SAFESAIL_ARCH, SAFESAIL_HOOK_SITE, SAFESAIL_K, SAFESAIL_MODEL, SAFESAIL_NUM_TOKENS,
+                              SAFESAIL_QUANTILE, SCORE_CUT)
 from safesail.errors import UserError
 from safesail.rundir import RunDir, fingerprint
 
@@ -127,7 +129,7 @@ def _export(cfg: DictConfig, ns) -> None:
     ecfg = _db_cfg(cfg).get("export") or {}
     out = ns.out or (Path(ecfg["dir"]) if ecfg.get("dir") else RunDir.from_cfg(cfg, create=False).export)
     with NeuronDB.open(db_path(cfg, ns.db)) as db:
-        s = export_release(db, out, score_cut=ns.score_cut if ns.score_cut is not None else ecfg.get("score_cut", 0.2),
+        s = export_release(db, out, score_cut=ns.score_cut if ns.score_cut is not None else ecfg.get("score_cut", SCORE_CUT),
                            indices_mode=ns.indices or ecfg.get("indices", "explained"),
                            jsonl=not ns.no_jsonl and ecfg.get("jsonl", True))
     print(f"exported {s['entries']} entries ({s['tagged']} tagged; {', '.join(s['files'])}) and "
@@ -172,14 +174,14 @@ def _import(cfg: DictConfig, ns) -> None:
             raise UserError(f"--lang names {', '.join(unknown)}, but no {unknown[0]}_db.json was given or found; "
                             f"pick from {', '.join(db_files) or 'none'}.")
         db_files = {k: v for k, v in db_files.items() if k in langs}
-    model = ns.model or icfg.get("model", "qwen2.5-3b-instruct")
+    model = ns.model or icfg.get("model", SAFESAIL_MODEL)
     rel = imp.read_release(db_files or None, indices, quantiles, ckpts, num_layers=_import_layers(cfg, icfg, model),
                            model=model)
     path = db_path(cfg, ns.db)
     s = imp.import_release(path, rel, model, cfg.run.get("name"),
-                           num_tokens=ns.num_tokens or icfg.get("num_tokens", 200_000),
-                           q=icfg.get("quantile", 0.999), sae_k=icfg.get("sae_k", 200),
-                           sae_arch=icfg.get("sae_arch", "topk"), hook_site=icfg.get("hook_site", "mlp_out"))
+                           num_tokens=ns.num_tokens or icfg.get("num_tokens", SAFESAIL_NUM_TOKENS),
+                           q=icfg.get("quantile", SAFESAIL_QUANTILE), sae_k=icfg.get("sae_k", SAFESAIL_K),
+                           sae_arch=icfg.get("sae_arch", SAFESAIL_ARCH), hook_site=icfg.get("hook_site", SAFESAIL_HOOK_SITE))
     if s.get("set_aside"):
         print(f"{path} was corrupt: kept it as {s['set_aside']} and imported into a fresh DB")
     print(f"imported {s['entries']} entries ({', '.join(s['langs']) or 'no explanations'}) on layers {s['layers']} "

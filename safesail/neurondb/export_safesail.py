@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safesail.domains import SCORE_CUT
 from safesail.errors import UserError
 from safesail.neurondb import load_verify
 from safesail.neurondb.jsonl_dump import dump_jsonl
@@ -131,7 +132,7 @@ def _layer_tables(db: NeuronDB, hook: str, indices_mode: str, exported: set[int]
             np.stack(bots, axis=1).astype(np.float32))
 
 
-def export_release(db: NeuronDB, out_dir: Path, score_cut: float = 0.2, indices_mode: str = "explained",
+def export_release(db: NeuronDB, out_dir: Path, score_cut: float = SCORE_CUT, indices_mode: str = "explained",
                    jsonl: bool = True) -> dict:
     if indices_mode not in INDEX_MODES:
         raise UserError(f"indices mode {indices_mode!r} is unknown; use one of {', '.join(INDEX_MODES)}.")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safesail.domains import SAFESAIL_ARCH, SAFESAIL_HOOK_SITE, SAFESAIL_K, SAFESAIL_NUM_TOKENS, SAFESAIL_QUANTILE
 from safesail.errors import UserError
 from safesail.neurondb.approx_quantile import approximate_upper_quantile
 from safesail.neurondb import rows
@@ -299,8 +300,9 @@ def _check_layers(rel: Release, files: dict, indices: dict, quantiles: dict, ckp
 
 
 # ---- writing --------------------------------------------------------------------
-def import_release(db_path: Path, rel: Release, model: str, run: str | None = None, *, num_tokens: int = 200_000,
-                   q: float = 0.999, sae_k: int = 200, sae_arch: str = "topk", hook_site: str = "mlp_out") -> dict:
+def import_release(db_path: Path, rel: Release, model: str, run: str | None = None, *,
+                   num_tokens: int = SAFESAIL_NUM_TOKENS, q: float = SAFESAIL_QUANTILE, sae_k: int = SAFESAIL_K, sae_arch: str = SAFESAIL_ARCH,
+                   hook_site: str = SAFESAIL_HOOK_SITE) -> dict:
     """Write a checked release into the DB at `db_path` (created if missing) in one transaction."""
     aside = set_aside_if_corrupt(Path(db_path))
     db = NeuronDB.create_or_open(db_path, model, run, "safesail-release")

@@ -27,7 +27,6 @@ from safesail.neurondb.rows import DEFAULT_KIND, SCORE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-DOMAINS = ("politics", "pornography", "violence", "terror")
 SCORE_BANDS = ((None, 0.0, "<0"), (0.0, 0.2, "0-0.2"), (0.2, 0.4, "0.2-0.4"), (0.4, 0.6, "0.4-0.6"),
                (0.6, 0.8, "0.6-0.8"), (0.8, None, ">=0.8"))
 

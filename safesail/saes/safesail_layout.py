@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from safesail.domains import SAFESAIL_K
 from safesail.errors import UserError
 from safesail.saes.base import SAE
 from safesail.saes.config import SAEConfig, k_archs
@@ -38,7 +39,7 @@ def save_safesail_checkpoint(sae: SAE, path: str | Path) -> Path:
     return path
 
 
-def load_safesail_checkpoint(path: str | Path, arch: str = "topk", k: int | None = 200,
+def load_safesail_checkpoint(path: str | Path, arch: str = "topk", k: int | None = SAFESAIL_K,
                              hook: str | None = None, model: str | None = None) -> SAE:
     """Read a Safe-SAIL checkpoint into an SAE (`arch` topk/relu/jumprelu; jumprelu if `encoder.theta` exists)."""
     path = Path(path)

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from safesail.domains import DOMAINS
 from safesail.errors import UserError
 
-DOMAINS: tuple[str, ...] = ("politics", "pornography", "violence", "terror")
 REQUIRED_FIELDS: tuple[str, ...] = ("id", "domain", "concept", "lang", "concept_query", "neutral_query")
 DEFAULT_PAIRS = "data/pairs/contrastive_pairs.jsonl"
 

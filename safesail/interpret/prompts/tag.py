@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import re
 
+from safesail.domains import DOMAINS
 from safesail.interpret.prompts.explain import bracketed_text
 
 PROMPT_VERSION = "tag-v2"
-DOMAINS = ("politics", "pornography", "violence", "terror")
 _DESCRIPTIONS = {
     "politics": "political figures, parties, governments, elections, protests, sensitive political events",
     "pornography": "sexual content, explicit descriptions, sexual services",

@@ -10,9 +10,10 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
+from safesail.domains import SCORE_CUT
 from safesail.interpret.scoring.records import ScoreRecord
 
-INCLUSION_CUT = 0.2  # Safe-SAIL keeps explanations whose simulation score is at least this
+INCLUSION_CUT = SCORE_CUT  # Safe-SAIL keeps explanations whose simulation score is at least this
 
 
 def _mean(xs):
