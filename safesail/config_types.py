@@ -179,10 +179,42 @@ class DiagnoseConfig:
     compare_file: Optional[str]
 
 
+@dataclass
+class DetectionConfig:
+    batch_size: int
+
+
+@dataclass
+class FuzzingConfig:
+    batch_size: int
+    max_marks: int
+
+
+@dataclass
+class ScoreConfig:
+    scorers: list[str]
+    controls: list[str]
+    constant_explanation: str
+    bootstrap: int
+    min_beats_rate: float
+    mode: Literal["auto", "logprobs", "json"]
+    min_ok_fraction: float
+    granularity: Literal["segment", "query"]
+    segments_per_call: int
+    query_max_tokens: int
+    max_value: int
+    json_tokens_per_token: int
+    detection: DetectionConfig
+    fuzzing: FuzzingConfig
+    concurrency: Optional[int]
+    hooks: Optional[list[str]]
+    max_latents: Optional[int]
+
+
 # config group (top-level key) -> its dataclass
 GROUPS: dict[str, type] = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "cache": CacheConfig,
                            "train": TrainConfig, "sae": SweepConfig, "select": SelectConfig,
-                           "collect": CollectConfig, "diagnose": DiagnoseConfig}
+                           "collect": CollectConfig, "score": ScoreConfig, "diagnose": DiagnoseConfig}
 
 _NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
           dict: "a mapping", type(None): "null"}
