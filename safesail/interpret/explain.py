@@ -97,6 +97,28 @@ def load_tasks(rd: RunDir, hook: str, latents: list[int] | None = None) -> list[
     return tasks
 
 
+def strongest_candidates(rd: RunDir, hooks: list[str], per_domain: int) -> dict[str, list[int]]:
+    """Per hook, the latents to explain: for each domain, the `per_domain` candidates (over all hooks) with the
+    largest chance-corrected distinguishing frequency on that domain's pairs (select's `candidates`), the
+    strongest pair evidence there is; ties go to the larger mean activation gap."""
+    from safesail.train.selection import load_selection
+
+    cands = load_selection(rd.root).get("candidates", {})
+    by_domain: dict[str, list[tuple]] = {}
+    for hook in hooks:
+        for group, lst in (cands.get(hook) or {}).items():
+            if group == "all":
+                continue
+            for c in lst:
+                by_domain.setdefault(group, []).append((-float(c["freq"]), -float(c.get("mean_act_diff", 0.0)),
+                                                        hook, int(c["latent"])))
+    out: dict[str, set[int]] = {}
+    for group in sorted(by_domain):
+        for _, _, hook, latent in sorted(by_domain[group])[:per_domain]:
+            out.setdefault(hook, set()).add(latent)
+    return {h: sorted(v) for h, v in out.items()}
+
+
 # ---- the explanations file -----------------------------------------------------------------------
 
 def explanations_path(rd: RunDir) -> Path:
@@ -271,7 +293,13 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
     if rd.stage_done("explain", fp):
         log.info("explain: already done for these settings (%s); nothing to do", explanations_path(rd))
         return
-    tasks = [t for h in hooks for t in load_tasks(rd, h, latents)]
+    top = ecfg.get("top_per_domain")
+    if top is not None and latents is None:
+        chosen = strongest_candidates(rd, hooks, int(top))
+        tasks = [t for h in hooks if h in chosen for t in load_tasks(rd, h, chosen[h])]
+        log.info("explain: the %d latents with the strongest pair evidence (%d per domain)", len(tasks), int(top))
+    else:
+        tasks = [t for h in hooks for t in load_tasks(rd, h, latents)]
     if client is None:
         client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
                              device=cfg.get("device", "auto"))

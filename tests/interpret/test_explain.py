@@ -250,3 +250,18 @@ def test_explain_with_the_local_default_model(smoke_cfg, tiny_model, cache_dir):
     assert all(r["model"] == "smollm2-135m-instruct" and r["raw"] for r in recs)
     assert any(r["status"] == "ok" and r["explanation"] for r in recs)
     assert (Path(cfg.run.dir) / "interpret" / "llm_cache.sqlite").exists()
+
+
+def test_the_strongest_pair_candidates_are_chosen_over_all_hooks(tmp_path):
+    from safesail.interpret.explain import strongest_candidates
+    from safesail.train.selection import SELECTION_VERSION, write_selection
+
+    rd = RunDir(tmp_path / "run")
+    c = lambda j, f, gap=0.0: {"latent": j, "freq": f, "mean_act_diff": gap}  # noqa: E731
+    write_selection(rd.root, {"version": SELECTION_VERSION, "chosen": {}, "candidates": {
+        "layers.1.mlp_out": {"violence": [c(3, 0.4), c(4, 0.1)], "terror": [c(3, 0.2)], "all": [c(9, 0.9)]},
+        "layers.2.mlp_out": {"violence": [c(7, 0.3)], "terror": [c(8, 0.2, 1.0), c(5, 0.05)]}}})
+    got = strongest_candidates(rd, ["layers.1.mlp_out", "layers.2.mlp_out"], 2)
+    # violence: 3 (0.4) and 7 (0.3); terror: 8 (0.2, larger gap) and 3 (0.2); "all" is not a domain
+    assert got == {"layers.1.mlp_out": [3], "layers.2.mlp_out": [7, 8]}
+    assert strongest_candidates(rd, ["layers.2.mlp_out"], 1) == {"layers.2.mlp_out": [7, 8]}
