@@ -92,12 +92,9 @@ def _batches(windows: Iterable, size: int) -> Iterator[list]:
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from safesail.atomic import atomic_save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    atomic_save_safetensors(path, tensors)
 
 
 def encode_shards(loaded, hooks: list[HookInputs], windows: Iterable, scratch: Path, batch_size: int,

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from safesail.atomic import atomic_torch_save
 from safesail.domains import SCORE_CUT
 from safesail.errors import UserError
 from safesail.neurondb import load_verify
@@ -85,9 +86,7 @@ def en_db_entries(db: NeuronDB, score_cut: float) -> dict[str, dict]:
 
 
 def _save_torch(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(obj, path)
 
 
 def _layer_tables(db: NeuronDB, hook: str, indices_mode: str, exported: set[int]):

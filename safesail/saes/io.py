@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from safesail.errors import UserError
-from safesail.rundir import atomic_write_json
+from safesail.atomic import atomic_save_safetensors, atomic_write_json
 from safesail.saes.base import SAE
 from safesail.saes.config import SAEConfig
 from safesail.saes.registry import build_sae
@@ -28,14 +26,7 @@ def save_sae(sae: SAE, folder: str | Path, metrics: dict[str, Any] | None = None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sae.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, "arch": sae.cfg.arch})
-        os.replace(tmp, folder / "sae.safetensors")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_save_safetensors(folder / "sae.safetensors", tensors, metadata={"format": FORMAT, "arch": sae.cfg.arch})
     if metrics is not None:
         atomic_write_json(folder / "metrics.json", metrics)
     atomic_write_json(folder / "cfg.json", {"format": FORMAT, **sae.cfg.to_dict()})

@@ -40,10 +40,10 @@ def plot_selection(selection: dict, path: Path) -> Path:
     axes[0][0].set_ylabel("specificity: I_CDF (macro over domains)")
     fig.suptitle("SAE choice: red = chosen, blue = eligible, gray x = excluded by guardrails", fontsize=9)
     fig.tight_layout()
+    from safesail.atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path

@@ -57,13 +57,9 @@ def write_selection(run_dir: RunDir | str | Path, selection: dict) -> Path:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (a killed write leaves the old file or none)."""
-    from safetensors.torch import save_file
+    from safesail.atomic import atomic_save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
+    atomic_save_safetensors(path, tensors, {k: str(v) for k, v in (metadata or {}).items()})
 
 
 # ---- readers for later stages ------------------------------------------------------
