@@ -68,3 +68,87 @@ def export_saelens(sae: SAE, folder: str | Path, context_size: int | None = None
     }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
+
+
+# ---- import ---------------------------------------------------------------------------------------------
+
+_FROM_ARCH = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}
+WEIGHTS = "sae_weights.safetensors"
+
+
+def is_saelens_folder(folder: Path) -> bool:
+    return (folder / "cfg.json").is_file() and (folder / WEIGHTS).is_file()
+
+
+def load_saelens(folder: str | Path, hook: str | None = None, model: str | None = None) -> SAE:
+    """Read a SAELens folder (`cfg.json` + `sae_weights.safetensors`, 5.x flat or 6.x config) into our SAE.
+
+    topk, jumprelu and standard (ReLU) SAEs import with the same codes and reconstruction;
+    `apply_b_dec_to_input: false` is folded into the encoder bias and
+    `rescale_acts_by_decoder_norm` into the weights. Runtime input normalisation cannot be folded
+    and is refused.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from safesail.errors import UserError
+    from safesail.saes.config import SAEConfig
+    from safesail.saes.registry import build_sae
+
+    folder = Path(folder)
+    try:
+        cfg = json.loads((folder / "cfg.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no cfg.json; give a SAELens SAE folder (cfg.json + {WEIGHTS}).") from None
+    except ValueError:
+        raise UserError(f"{folder / 'cfg.json'} is not valid JSON; give a SAELens SAE folder.") from None
+    if not (folder / WEIGHTS).is_file():
+        raise UserError(f"{folder} has no {WEIGHTS}; give a SAELens SAE folder (cfg.json + {WEIGHTS}).")
+    arch = str(cfg.get("architecture", "standard"))
+    if arch not in _FROM_ARCH:
+        raise UserError(f"the SAELens SAE in {folder} has the {arch!r} architecture; Safe-SAIL imports "
+                        f"{', '.join(sorted(_FROM_ARCH))}.")
+    norm = cfg.get("normalize_activations") or "none"
+    if norm != "none":
+        raise UserError(f"the SAELens SAE in {folder} normalises its input at run time ({norm!r}), which "
+                        "Safe-SAIL's SAEs cannot do; fold the normalisation into the weights in SAELens first.")
+    state = {k: v.float() for k, v in load_file(str(folder / WEIGHTS)).items()}
+    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") if k not in state]
+    if missing or (arch == "jumprelu" and "threshold" not in state and "log_threshold" not in state):
+        raise UserError(f"{folder / WEIGHTS} lacks {(missing or ['threshold'])[0]!r} for a {arch} SAE; the folder "
+                        "is damaged or from another tool.")
+    w_enc, b_enc, w_dec, b_dec = state["W_enc"].t(), state["b_enc"], state["W_dec"], state["b_dec"]  # [n, d] rows
+    n, d = w_enc.shape
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + w_enc @ b_dec   # (x - b_dec) @ W + (b_enc + b_dec @ W) == x @ W + b_enc
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        scale = w_dec.norm(dim=1).clamp_min(1e-12)
+        w_enc, b_enc, w_dec = w_enc * scale[:, None], b_enc * scale, w_dec / scale[:, None]
+    ours = _FROM_ARCH[arch]
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    source = {"format": "saelens", "from": str(folder), "architecture": arch,
+              "hook_name": cfg.get("hook_name") or meta.get("hook_name"),
+              "model_name": cfg.get("model_name") or meta.get("model_name")}
+    sae = build_sae(SAEConfig(arch=ours, d_in=int(d), n_latents=int(n), k=int(k) if ours == "topk" else None,
+                              hook=hook, model=model, normalize=False, b_dec_init="zeros",
+                              extra={"imported": source}))
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc)
+        sae.b_enc.copy_(b_enc)
+        sae.W_dec.copy_(w_dec)
+        sae.b_dec.copy_(b_dec)
+        if ours == "jumprelu":
+            theta = state["threshold"] if "threshold" in state else state["log_threshold"].exp()
+            sae.log_threshold.copy_(theta.reshape(n).clamp_min(1e-12).log())
+    return sae.eval()
+
+
+def saelens_hook_name(cfg_path: Path) -> str | None:
+    """The hook name a SAELens cfg.json records (5.x flat, or 6.x under metadata)."""
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    return cfg.get("hook_name") or meta.get("hook_name")
