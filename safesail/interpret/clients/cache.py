@@ -145,11 +145,16 @@ class CachedClient(LLMClient):
             self.stats.completion_tokens += comp.completion_tokens
         return comp
 
-    async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
-        async def call() -> dict:
-            return dataclasses.asdict(await self.inner.prompt_logprobs(prompt, candidates))
+    async def prompt_logprobs(self, prompt: str, candidates: list[str],
+                              slots_ending_with: str | None = None) -> PromptLogprobs:
+        params: dict[str, Any] = {"prompt": prompt, "candidates": list(candidates)}
+        kw = {} if slots_ending_with is None else {"slots_ending_with": slots_ending_with}
+        params.update(kw)
 
-        value, hit = await self._cached("prompt_logprobs", {"prompt": prompt, "candidates": list(candidates)}, call)
+        async def call() -> dict:
+            return dataclasses.asdict(await self.inner.prompt_logprobs(prompt, candidates, **kw))
+
+        value, hit = await self._cached("prompt_logprobs", params, call)
         out = PromptLogprobs(**{**value, "cached": hit})
         if not hit:
             self.stats.prompt_tokens += out.prompt_tokens

@@ -43,6 +43,7 @@ class _Pending:
     future: asyncio.Future = field(repr=False)
     req: ChatRequest | None = None
     cand_ids: tuple[int, ...] = ()
+    wanted: list[bool] | None = None   # logprobs: the positions asked for (None: all)
 
     @property
     def group_key(self) -> tuple:
@@ -141,7 +142,8 @@ class LocalClient(LLMClient):
             raise LLMError("empty_reply", "the model generated no text")
         return Completion(text=text, model=self.model_name, prompt_tokens=len(ids), completion_tokens=n_out)
 
-    async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
+    async def prompt_logprobs(self, prompt: str, candidates: list[str],
+                              slots_ending_with: str | None = None) -> PromptLogprobs:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > self.context_window:
             raise LLMError("context_overflow", f"prompt of {len(ids)} tokens exceeds the context window "
@@ -156,11 +158,12 @@ class LocalClient(LLMClient):
             elif toks:
                 log.debug("candidate %r is %d tokens, not one; left out", c, len(toks))
         names = list(cand_ids)
-        logp = await self._submit(_Pending("logprobs", ids, self._future(),
-                                           cand_ids=tuple(cand_ids[c] for c in names)))
-        nxt = [{c: float(v) for c, v in zip(names, row)} for row in logp.tolist()] if names \
-            else [{} for _ in ids]
         tokens = [self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+        wanted = [t.endswith(slots_ending_with) for t in tokens] if slots_ending_with else None
+        logp = await self._submit(_Pending("logprobs", ids, self._future(), wanted=wanted,
+                                           cand_ids=tuple(cand_ids[c] for c in names)))
+        nxt = [{} if math.isnan(row[0]) else {c: float(v) for c, v in zip(names, row)} for row in logp.tolist()] \
+            if names else [{} for _ in ids]
         return PromptLogprobs(tokens=tokens, next_logprobs=nxt, prompt_tokens=len(ids))
 
     # ---- the batching worker ---------------------------------------------------------
@@ -219,7 +222,7 @@ class LocalClient(LLMClient):
 
     def _compute(self, live: list[_Pending]) -> list:
         if live[0].kind == "logprobs":
-            return self.engine.logprobs([p.ids for p in live], list(live[0].cand_ids))
+            return self.engine.logprobs([p.ids for p in live], list(live[0].cand_ids), [p.wanted for p in live])
         req = live[0].req
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         gen = self.engine.generate([p.ids for p in live], int(req.max_tokens), float(req.temperature or 0.0),

@@ -103,38 +103,52 @@ class LocalEngine:
     def _lse(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(self.head(hidden).float(), dim=-1).cpu()
 
-    def _prefix(self, ids: torch.Tensor, need_logprobs: bool) -> PrefixEntry:
+    def _empty(self, ids: torch.Tensor) -> PrefixEntry:
+        h = self.config.get_text_config(decoder=True).hidden_size
+        return PrefixEntry(ids=ids, kv=[], hidden=torch.zeros((0, h), dtype=self.head.weight.dtype),
+                           lse=torch.zeros(0))
+
+    def _prefix(self, ids: torch.Tensor) -> PrefixEntry:
         """The entry for exactly `ids` (1-d), reusing the longest cached prefix; stored when new."""
         if ids.numel() == 0:
-            h = self.config.get_text_config(decoder=True).hidden_size
-            return PrefixEntry(ids=ids, kv=[], hidden=torch.zeros((0, h), dtype=self.head.weight.dtype),
-                               lse=torch.zeros(0))
-        entry, n = self.cache.lookup(ids, need_logprobs) if self.reuse_prefixes else (None, 0)
+            return self._empty(ids)
+        entry, n = self.cache.lookup(ids) if self.reuse_prefixes else (None, 0)
         n = min(n, ids.numel())
         self.cache.reused_tokens += n
-        if entry is not None and n == ids.numel() and n == entry.length:
-            return entry
-        if entry is not None and n == ids.numel():  # a prefix of a cached entry: slice it
+        if entry is not None and n == ids.numel():  # all cached: the entry itself or a slice of it (views)
+            if n == entry.length:
+                return entry
             return PrefixEntry(ids=ids, kv=[(k[:, :, :n], v[:, :, :n]) for k, v in entry.kv],
-                               hidden=None if entry.hidden is None else entry.hidden[:n],
-                               lse=None if entry.lse is None else entry.lse[:n])
+                               hidden=entry.hidden[:n], lse=entry.lse[:n])
         cache = self._kv_cache(entry, n)
         self.stats.computed_tokens += ids.numel() - n
-        hidden = self._run(ids[n:][None], cache)[0]
-        new = PrefixEntry(ids=ids.clone(), kv=[(layer.keys, layer.values) for layer in cache.layers])
-        if need_logprobs:
-            old_h = entry.hidden[:n] if entry is not None and n else hidden[:0]
-            old_lse = entry.lse[:n] if entry is not None and n else torch.zeros(0)
-            new.hidden = torch.cat([old_h.to(hidden.device), hidden]).detach()
-            new.lse = torch.cat([old_lse, self._lse(hidden)])
+        hidden = self._run(ids[n:][None], cache)[0].detach()
+        old = entry if entry is not None and n else self._empty(ids[:0])
+        new = PrefixEntry(ids=ids.clone(), kv=[(layer.keys, layer.values) for layer in cache.layers],
+                          hidden=torch.cat([old.hidden[:n].to(hidden.device), hidden]),
+                          lse=torch.cat([old.lse[:n], torch.full((ids.numel() - n,), float("nan"))]))
         if self.reuse_prefixes:
             self.cache.store(new)
         return new
 
-    def _candidate_logprobs(self, hidden: torch.Tensor, lse: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    def _candidate_rows(self, hidden: torch.Tensor, lse: torch.Tensor, want: torch.Tensor | None,
+                        cand: torch.Tensor) -> torch.Tensor:
+        """(L, len(cand)) log-probabilities at the wanted positions (NaN rows elsewhere).
+
+        `lse` is filled in place where it is still NaN at a wanted position (a cached
+        entry's normalisers are computed once)."""
+        n = hidden.shape[0]
+        idx = torch.arange(n) if want is None else want.nonzero()[:, 0]
+        out = torch.full((n, cand.numel()), float("nan"))
+        if idx.numel() == 0:
+            return out
+        todo = idx[torch.isnan(lse[idx])]
+        if todo.numel():
+            lse[todo] = self._lse(hidden[todo])
         w = self.head.weight[cand.to(self.head.weight.device)]
         b = None if getattr(self.head, "bias", None) is None else self.head.bias[cand]
-        return F.linear(hidden, w, b).float().cpu() - lse[:, None]
+        out[idx] = F.linear(hidden[idx], w, b).float().cpu() - lse[idx][:, None]
+        return out
 
     @staticmethod
     def _split(prompts: list[torch.Tensor], group: list[int]) -> int:
@@ -156,28 +170,37 @@ class LocalEngine:
 
     # ---- prompt log-probabilities ----------------------------------------------------
     @torch.no_grad()
-    def logprobs(self, prompts: list[list[int]], candidate_ids: list[int]) -> list[torch.Tensor]:
-        """(len(prompt_i), len(candidate_ids)) float32 log-probabilities for each prompt."""
+    def logprobs(self, prompts: list[list[int]], candidate_ids: list[int],
+                 wanted: list[list[bool] | None] | None = None) -> list[torch.Tensor]:
+        """(len(prompt_i), len(candidate_ids)) float32 log-probabilities for each prompt.
+
+        `wanted[i]`, when given, marks the positions of prompt i whose next-token
+        log-probabilities are needed; the others come back as NaN rows and cost nothing
+        (the full-vocabulary normaliser is the price of a position)."""
         with self.lock:
             ps = [torch.tensor(p, dtype=torch.long) for p in prompts]
+            wants = [None if w is None else torch.tensor(w, dtype=torch.bool) for w in (wanted or [None] * len(ps))]
             cand = torch.tensor(candidate_ids, dtype=torch.long)
             self.stats.prompt_tokens += sum(p.numel() for p in ps)
             results: list[torch.Tensor | None] = [None] * len(ps)
             for group in group_prompts(ps):
                 if len(group) == 1:
-                    e = self._prefix(ps[group[0]], need_logprobs=True)
-                    results[group[0]] = self._candidate_logprobs(e.hidden, e.lse, cand)
+                    i = group[0]
+                    e = self._prefix(ps[i])
+                    results[i] = self._candidate_rows(e.hidden, e.lse, wants[i], cand)
                     continue
                 c = self._split(ps, group)
-                prefix = self._prefix(ps[group[0]][:c], need_logprobs=True)
+                prefix = self._prefix(ps[group[0]][:c])
                 conts, ids, cache = self._continuations(ps, group, c, prefix, pad=0)
                 self.stats.computed_tokens += sum(x.numel() for x in conts)
                 hidden = self._run(ids, cache)
                 for r, (i, x) in enumerate(zip(group, conts)):
+                    w = wants[i]
+                    head = self._candidate_rows(prefix.hidden, prefix.lse, None if w is None else w[:c], cand)
                     h = hidden[r, :x.numel()]
-                    full_h = torch.cat([prefix.hidden.to(h.device), h])
-                    full_lse = torch.cat([prefix.lse, self._lse(h)])
-                    results[i] = self._candidate_logprobs(full_h, full_lse, cand)
+                    lse = torch.full((x.numel(),), float("nan"))
+                    tail = self._candidate_rows(h, lse, None if w is None else w[c:], cand)
+                    results[i] = torch.cat([head, tail])
             return results  # type: ignore[return-value]
 
     # ---- generation ----------------------------------------------------------------
@@ -193,7 +216,7 @@ class LocalEngine:
             out: list[list[int] | None] = [None] * len(ps)
             for group in group_prompts(ps):
                 c = self._split(ps, group)
-                prefix = self._prefix(ps[group[0]][:c], need_logprobs=False)
+                prefix = self._prefix(ps[group[0]][:c])
                 for i, ids in zip(group, self._generate_group(ps, group, c, prefix, max_new_tokens, temperature,
                                                               stop or [], eos_ids or set(), pad)):
                     out[i] = ids

@@ -181,8 +181,11 @@ class OpenAIClient(LLMClient):
                           completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
                           raw=_jsonable(resp))
 
-    async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
-        """Through the completions endpoint: echo=True, logprobs=N, max_tokens=1 (vLLM supports it)."""
+    async def prompt_logprobs(self, prompt: str, candidates: list[str],
+                              slots_ending_with: str | None = None) -> PromptLogprobs:
+        """Through the completions endpoint: echo=True, logprobs=N, max_tokens=1 (vLLM supports it).
+
+        Every position comes back (`slots_ending_with` saves nothing through an API)."""
         await self.ensure_ready()
         resp = await self._with_retries(lambda: self._client.completions.create(
             model=self.model_name, prompt=prompt, max_tokens=1, temperature=0.0, echo=True,

@@ -1,8 +1,8 @@
 """A bounded store of computed prompt prefixes for the local back end, keyed by token ids.
 
-An entry holds, for a token-id sequence, the attention keys/values of every layer and,
-when it was computed for log-probabilities, the final hidden state and the log of the
-softmax normaliser at every position. A later prompt that starts with the same ids
+An entry holds, for a token-id sequence, the attention keys/values of every layer, the
+final hidden state at every position, and the log of the softmax normaliser at the
+positions where it was needed so far (NaN elsewhere; filled in when asked for). A later prompt that starts with the same ids
 (for any number of them) reuses that work exactly: the keys/values of position i
 depend only on tokens 0..i. `lookup` returns the entry sharing the longest prefix;
 entries are evicted least-recently-used once their total size exceeds `max_bytes`.
@@ -20,24 +20,17 @@ import torch
 class PrefixEntry:
     ids: torch.Tensor                          # (L,) int64
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape (1, heads, L, head_dim)
-    hidden: torch.Tensor | None = None         # (L, hidden): final (normed) hidden states
-    lse: torch.Tensor | None = None            # (L,) float32: logsumexp of the logits at each position
+    hidden: torch.Tensor                       # (L, hidden): final (normed) hidden states
+    lse: torch.Tensor                          # (L,) float32: logsumexp of the logits; NaN = not computed yet
 
     @property
     def length(self) -> int:
         return int(self.ids.numel())
 
     @property
-    def has_logprobs(self) -> bool:
-        return self.hidden is not None and self.lse is not None
-
-    @property
     def nbytes(self) -> int:
         n = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
-        for t in (self.hidden, self.lse):
-            if t is not None:
-                n += t.numel() * t.element_size()
-        return n
+        return n + sum(t.numel() * t.element_size() for t in (self.hidden, self.lse))
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -65,13 +58,11 @@ class PrefixCache:
         self._entries.clear()
         self.bytes = 0
 
-    def lookup(self, ids: torch.Tensor, need_logprobs: bool = False) -> tuple[PrefixEntry | None, int]:
+    def lookup(self, ids: torch.Tensor) -> tuple[PrefixEntry | None, int]:
         """(entry, n): the entry sharing the longest prefix with ids, and that prefix's length."""
         self.lookups += 1
         best, best_n = None, 0
         for key, entry in self._entries.items():
-            if need_logprobs and not entry.has_logprobs:
-                continue
             n = common_prefix(entry.ids, ids)
             if n > best_n:
                 best, best_n = key, n
@@ -85,16 +76,13 @@ class PrefixCache:
         if self.max_bytes <= 0 or entry.nbytes > self.max_bytes:
             return
         key = tuple(entry.ids.tolist())
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-            if old.has_logprobs and not entry.has_logprobs:
-                entry = old  # keep the richer entry
-        # an entry that is a prefix of the new one (with no more information) is now redundant
+        # entries that are a prefix of the new one (or the same ids) are now redundant: keep their normalisers
         for k in [k for k, e in self._entries.items()
-                  if e.length < entry.length and (entry.has_logprobs or not e.has_logprobs)
-                  and common_prefix(e.ids, entry.ids) == e.length]:
-            self.bytes -= self._entries.pop(k).nbytes
+                  if e.length <= entry.length and common_prefix(e.ids, entry.ids) == e.length]:
+            e = self._entries.pop(k)
+            self.bytes -= e.nbytes
+            head = entry.lse[:e.length]
+            head.copy_(torch.where(torch.isnan(head), e.lse, head))
         self._entries[key] = entry
         self.bytes += entry.nbytes
         while self.bytes > self.max_bytes and len(self._entries) > 1:

@@ -81,6 +81,31 @@ def test_prefix_cached_and_batched_logprobs_equal_uncached(tiny):
         assert a.tokens == b.tokens and len(a.tokens) == a.prompt_tokens
 
 
+def test_only_the_asked_slots_are_computed_and_equal_uncached(tiny):
+    names, cand = _candidates(tiny)
+    client = LocalClient(tiny.model, tiny.tokenizer, "tiny", context_window=4096, batch_size=8, batch_wait_ms=50)
+
+    async def go():
+        together = await asyncio.gather(*(client.prompt_logprobs(p, names, slots_ending_with="\t") for p in PROMPTS))
+        alone = await client.prompt_logprobs(PROMPTS[0], names, slots_ending_with="\t")
+        full = await client.prompt_logprobs(PROMPTS[0], names)  # the same prompt, every position, from the cache
+        await client.aclose()
+        return together, alone, full
+
+    together, alone, full = asyncio.run(go())
+    for p, res in zip(PROMPTS, together):
+        ref = _reference_logprobs(tiny, p, cand)
+        slots = [i for i, t in enumerate(res.tokens) if t.endswith("\t")]
+        assert slots and all(res.next_logprobs[i] == {} for i in range(len(res.tokens)) if i not in slots)
+        got = torch.tensor([[res.next_logprobs[i][c] for c in names] for i in slots])
+        assert torch.allclose(got, ref[slots], atol=1e-4)
+    assert [sorted(d) for d in alone.next_logprobs] == [sorted(d) for d in together[0].next_logprobs]
+    assert all(abs(a[c] - b[c]) < 1e-4 for a, b in zip(alone.next_logprobs, together[0].next_logprobs) for c in a)
+    ref = _reference_logprobs(tiny, PROMPTS[0], cand)
+    got = torch.tensor([[row[c] for c in names] for row in full.next_logprobs])
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
 def test_prefix_cached_batched_generation_equals_generate(tiny):
     client = LocalClient(tiny.model, tiny.tokenizer, "tiny", context_window=4096, batch_size=4, batch_wait_ms=50)
     system = {"role": "system", "content": "You explain latents in a few words. " * 4}
@@ -111,7 +136,8 @@ def test_prefix_cache_is_bounded_and_keeps_the_longest_match():
     def entry(ids, n_bytes_per_tok=100):
         t = torch.tensor(ids)
         k = torch.zeros((1, 1, len(ids), n_bytes_per_tok // 8), dtype=torch.float32)
-        return PrefixEntry(ids=t, kv=[(k, k.clone())])
+        return PrefixEntry(ids=t, kv=[(k, k.clone())], hidden=torch.zeros((len(ids), 2)),
+                           lse=torch.full((len(ids),), float("nan")))
 
     cache = PrefixCache(max_bytes=3 * entry([1, 2, 3, 4]).nbytes)
     cache.store(entry([1, 2, 3, 4]))
