@@ -94,7 +94,7 @@ def write_run(root: Path, n_latents: int, hooks: int, examples: int, seg_tokens:
 
 
 NAIVE_SQL = ("SELECT l.layer, e.text, s.value FROM latents l LEFT JOIN explanations e ON e.latent_id = l.id "
-             "LEFT JOIN scores s ON s.latent_id = l.id WHERE l.hook = ? AND l.idx = ?")
+             "LEFT JOIN scores s ON s.latent_id = l.id AND s.kind = 'simulation' WHERE l.hook = ? AND l.idx = ?")
 
 
 def naive_lookup(db: NeuronDB, hook: str, ids) -> dict:
@@ -107,8 +107,11 @@ def naive_lookup(db: NeuronDB, hook: str, ids) -> dict:
         tags = [r[0] for r in db.conn.execute(
             "SELECT domain FROM tags t JOIN latents l ON l.id = t.latent_id WHERE l.hook = ? AND l.idx = ? "
             "ORDER BY position", (hook, int(i)))]
+        kinds = {k: v for k, v in db.conn.execute(
+            "SELECT s.kind, s.value FROM scores s JOIN latents l ON l.id = s.latent_id WHERE l.hook = ? AND l.idx = ? "
+            "AND s.value IS NOT NULL ORDER BY s.kind", (hook, int(i)))}
         out[int(i)] = {"hook": hook, "layer": row[0], "index": int(i), "explanation": row[1], "score": row[2],
-                       "tags": tags}
+                       "scores": kinds, "tags": tags}
     return out
 
 

@@ -264,9 +264,11 @@ def read_records(rd: RunDir, name: str) -> dict[tuple, dict]:
     (hook, latent, kind) for scores (read through the scoring stage's own reader)."""
     path = rd.interpret / f"{name}.jsonl"
     if name == "scores":
-        from safesail.interpret.scoring.records import read_scores
+        from safesail.interpret.scoring.records import ScoreRecord, read_scores
 
-        return {key: r.to_json() for key, r in read_scores(path).items()}
+        # a shallow dict of the record's fields: dataclasses.asdict would deep-copy every details payload
+        names = tuple(ScoreRecord.__dataclass_fields__)
+        return {key: {n: getattr(r, n) for n in names} for key, r in read_scores(path).items()}
     return inputs.read_jsonl_last(path)
 
 
