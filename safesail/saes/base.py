@@ -73,9 +73,7 @@ class SAE(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         n, d = cfg.n_latents, cfg.d_in
-        gen = torch.Generator().manual_seed(int(cfg.seed))
-        w = torch.randn(n, d, generator=gen, dtype=torch.float32)
-        w /= w.norm(dim=1, keepdim=True)
+        w = initial_decoder(cfg)
         enc_scale = float(cfg.enc_init_scale) if cfg.enc_init == "decoder_scaled" else 1.0
         self.W_enc = nn.Parameter((w * enc_scale).to(device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
@@ -167,6 +165,21 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).eps)
 
     @torch.no_grad()
+    def renormalize_decoder_keeping_output(self) -> None:
+        """Unit decoder rows with each latent's contribution unchanged: row j's norm moves into
+        the encoder row and bias (codes scale by it). For weights averaged over training."""
+        if not self.unit_norm_decoder:
+            return
+        norm = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).eps)
+        self.W_dec /= norm[:, None]
+        self.W_enc *= norm[:, None]
+        self.b_enc *= norm
+        self.scale_thresholds(norm)
+
+    def scale_thresholds(self, factor: torch.Tensor) -> None:
+        """Codes of latent j now come out `factor[j]` times larger: rescale any learned threshold."""
+
+    @torch.no_grad()
     def fold_input_scale(self, s: float) -> None:
         """Make an SAE trained on `x * s` take raw `x` (codes and reconstruction in raw units)."""
         self.b_dec /= s
@@ -185,6 +198,13 @@ class SAE(nn.Module):
         if how == "geometric_median":
             m = geometric_median(x, m)
         self.b_dec.copy_(m.to(self.b_dec.dtype))
+
+
+def initial_decoder(cfg: SAEConfig) -> torch.Tensor:
+    """The decoder rows at initialisation: random unit rows from `cfg.seed` (float32, CPU)."""
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    w = torch.randn(cfg.n_latents, cfg.d_in, generator=gen, dtype=torch.float32)
+    return w / w.norm(dim=1, keepdim=True)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Evaluate SAEs on held-out data: reconstruction figures and the language-model cost of splicing.
 
 - `evaluate_reconstruction(saes, batches)`: FVU (sum of squared errors over the total
-  variance of the held-out activations), L0 (mean active latents per token) and the dead
-  fraction (latents that never fire on the held-out tokens).
+  variance of the held-out activations), L0 (mean active latents per token), the dead
+  fraction (latents that never fire on the held-out tokens) and the dense fraction (latents
+  firing on more than 10% of them).
 - `evaluate_ce(model, hook, saes, windows)`: next-token cross-entropy of the model clean, with
   the hook's output replaced by each SAE's reconstruction (spliced), and zero-ablated;
   `ce_loss_recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean)` and the mean KL
@@ -24,6 +25,7 @@ from safesail.hooks import HookPoint, special_token_mask, splice
 from safesail.saes import SAE
 
 log = logging.getLogger(__name__)
+DENSE_DENSITY = 0.1   # a latent firing on more than this share of held-out tokens counts as dense
 
 
 @torch.no_grad()
@@ -33,7 +35,7 @@ def evaluate_reconstruction(saes: Sequence[SAE], batches: Iterable[torch.Tensor]
     device = torch.device(device)
     sse = [0.0] * len(saes)
     l0 = [0.0] * len(saes)
-    fired = [torch.zeros(s.cfg.n_latents, dtype=torch.bool, device=device) for s in saes]
+    fired = [torch.zeros(s.cfg.n_latents, dtype=torch.long, device=device) for s in saes]
     n, sum_x, sumsq = 0, None, 0.0
     for x in batches:
         if max_tokens is not None and n >= max_tokens:
@@ -51,12 +53,15 @@ def evaluate_reconstruction(saes: Sequence[SAE], batches: Iterable[torch.Tensor]
             sse[i] += float((x - r).double().pow(2).sum())
             active = z > 0
             l0[i] += float(active.sum())
-            fired[i] |= active.any(0)
+            fired[i] += active.sum(0)
     if n == 0:
-        return [{"fvu": math.nan, "l0": math.nan, "dead_fraction": math.nan, "eval_tokens": 0} for _ in saes]
+        return [{"fvu": math.nan, "l0": math.nan, "dead_fraction": math.nan, "dense_fraction": math.nan,
+                 "eval_tokens": 0} for _ in saes]
     total_var = sumsq - float(sum_x.pow(2).sum()) / n
     return [{"fvu": sse[i] / total_var if total_var > 0 else math.nan, "l0": l0[i] / n,
-             "dead_fraction": float((~fired[i]).float().mean()), "eval_tokens": n} for i in range(len(saes))]
+             "dead_fraction": float((fired[i] == 0).float().mean()),
+             "dense_fraction": float((fired[i] > DENSE_DENSITY * n).float().mean()), "eval_tokens": n}
+            for i in range(len(saes))]
 
 
 def _ce_sum(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:

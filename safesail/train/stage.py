@@ -162,7 +162,7 @@ def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict
     opts = TrainOptions(
         total_steps=total, max_steps=total, lr_warmup_steps=min(int(tc.lr_warmup_steps), max(1, total // 10)),
         lr_decay_fraction=float(tc.lr_decay_fraction), adam_betas=tuple(tc.adam_betas), adam_eps=float(tc.adam_eps),
-        dead_tokens=int(tc.dead_tokens), autocast=tc.autocast, decoder_impl=str(tc.decoder_impl), device=str(device),
+        dead_tokens=int(tc.dead_tokens) if tc.get("dead_tokens") else None, autocast=tc.autocast, decoder_impl=str(tc.decoder_impl), device=str(device),
         checkpoint_path=ck_path, checkpoint_every=int(tc.checkpoint_every),
         fingerprint=fingerprint({"plan": all_fps, "world": [ctx.world_size, ctx.mode]}),
         log_every=int(tc.get("log_every", 20)), distributed=ctx.mode,

@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 from safesail.errors import UserError
 from safesail.rundir import fingerprint as make_fingerprint
 from safesail.train.distributed import DistContext
+from safesail.train.optim import make_optimizer
+from safesail.train.signals import curve_signals, weight_signals
 from safesail.saes import SAE, SAEConfig, build_sae
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,8 @@ class TrainOptions:
     lr_decay_fraction: float = 0.2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    dead_tokens: int = 1_000_000          # a latent not firing for this many tokens counts as dead (AuxK)
+    dead_tokens: int | None = None        # a latent silent for this many tokens counts as dead (AuxK);
+                                          # None: auto_dead_tokens(total tokens, batch)
     autocast: str | bool = "auto"         # auto: bf16 on CUDA when supported; true / false
     decoder_impl: str = "auto"            # TopK decoder: auto | sparse | dense
     device: str = "cpu"
@@ -94,18 +97,21 @@ class SAETrainState:
         self.opts = opts
         self.sae = build_sae(cfg, device=device)
         self.sae.decoder_impl = opts.decoder_impl
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate, betas=tuple(opts.adam_betas),
-                                    eps=opts.adam_eps)
+        self.base_lr = cfg.learning_rate
+        self.opt = make_optimizer(cfg.optimizer, self.sae.parameters(), lr=self.base_lr,
+                                  betas=tuple(opts.adam_betas), eps=opts.adam_eps)
         self.step = 0
         self.tokens = 0
         self.stale = torch.zeros(cfg.n_latents, dtype=torch.long, device=device)
         self.recent: dict[str, float] = {}
+        self.curve: list[list[float]] = []    # [step, fvu moving average], about 20 points
+        self.dead_tokens: int | None = opts.dead_tokens
 
     def lr_at(self, step: int) -> float:
-        base = self.cfg.learning_rate
+        base = self.base_lr
         factor = min(1.0, (step + 1) / max(1, self.opts.lr_warmup_steps))
         total = self.opts.total_steps
-        if total and self.opts.lr_decay_fraction > 0:
+        if total and self.opts.lr_decay_fraction > 0 and self.cfg.optimizer != "signum":  # schedule-free: no decay
             decay_start = total * (1 - self.opts.lr_decay_fraction)
             if step >= decay_start:
                 factor *= max(0.0, (total - step) / (total - decay_start))
@@ -116,7 +122,9 @@ class SAETrainState:
         total_var, n_global = stats
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        dead = self.stale >= self.opts.dead_tokens
+        if self.dead_tokens is None:
+            self.dead_tokens = auto_dead_tokens(self.opts.dead_tokens, self.opts.total_steps, n_global)
+        dead = self.stale >= self.dead_tokens
         self.opt.zero_grad(set_to_none=True)
         with autocast_ctx():
             out = self.sae.forward_with_loss(x, dead_mask=dead, total_var=total_var, n_tokens=n_global)
@@ -137,11 +145,12 @@ class SAETrainState:
         self.tokens += n_global
         loss, fvu, aux, l0sum = figures.tolist()
         return {"loss": loss, "fvu": fvu, "auxk": aux, "l0": l0sum / n_global, "lr": self.lr_at(self.step - 1),
-                "dead_fraction": float((self.stale >= self.opts.dead_tokens).float().mean())}
+                "dead_fraction": float((self.stale >= self.dead_tokens).float().mean())}
 
     def state_dict(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "model": self.sae.state_dict(), "optim": self.opt.state_dict(),
-                "step": self.step, "tokens": self.tokens, "stale": self.stale.cpu(), "recent": self.recent}
+                "step": self.step, "tokens": self.tokens, "stale": self.stale.cpu(), "recent": self.recent,
+                "curve": self.curve}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.sae.load_state_dict(st["model"])
@@ -149,14 +158,30 @@ class SAETrainState:
         self.step, self.tokens = int(st["step"]), int(st["tokens"])
         self.stale.copy_(st["stale"].to(self.stale.device))
         self.recent = dict(st.get("recent", {}))
+        self.curve = [list(p) for p in st.get("curve", [])]
 
     def export(self, scale: float) -> TrainedSAE:
-        sae = copy.deepcopy(self.sae).to("cpu").float()
+        with self.opt.eval_params():  # schedule-free: the averaged weights
+            sae = copy.deepcopy(self.sae).to("cpu").float()
+        sae.renormalize_decoder_keeping_output()
         sae.fold_input_scale(scale)
         sae.eval()
         metrics = {f"train_{k}": v for k, v in self.recent.items()}
-        metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.cfg.learning_rate)
+        metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.base_lr, optimizer=self.cfg.optimizer,
+                       dead_tokens=self.dead_tokens, train_fvu_curve=self.curve)
+        metrics.update(weight_signals(sae))
+        metrics.update(curve_signals(self.curve))
         return TrainedSAE(sae=sae, metrics=metrics)
+
+
+def auto_dead_tokens(configured: int | None, total_steps: int | None, batch: int) -> int:
+    """Silence (in tokens) after which AuxK treats a latent as dead: `configured`, else
+    max(4 batches, 1/32 of the run), at most 10M (Gao et al.'s figure for long runs), so that
+    AuxK also acts in short runs (docs/training.md)."""
+    if configured:
+        return int(configured)
+    total = (total_steps or 0) * batch
+    return int(min(10_000_000, max(4 * batch, total // 32)))
 
 
 def _autocast_factory(opts: TrainOptions, device: torch.device) -> Callable[[], Any]:
@@ -366,6 +391,9 @@ def _remember(st: SAETrainState, figures: dict[str, float], decay: float = 0.9) 
     for k, v in figures.items():
         old = st.recent.get(k)
         st.recent[k] = v if old is None or k in ("lr", "dead_fraction") else decay * old + (1 - decay) * v
+    every = max(1, (st.opts.total_steps or 200) // 20)
+    if st.step % every == 0 or st.step == st.opts.total_steps:
+        st.curve.append([st.step, round(st.recent["fvu"], 5)])
 
 
 @torch.no_grad()

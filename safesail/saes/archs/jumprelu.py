@@ -103,3 +103,7 @@ class JumpReLUSAE(SAE):
     def fold_input_scale(self, s: float) -> None:
         super().fold_input_scale(s)
         self.log_threshold -= math.log(s)
+
+    @torch.no_grad()
+    def scale_thresholds(self, factor: torch.Tensor) -> None:
+        self.log_threshold += factor.log().to(self.log_threshold.dtype)
