@@ -58,7 +58,7 @@ def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
         stage.resolve()(cfg, list(stage.run_args))
         timings.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
                         "peak_rss_mib_so_far": round(_peak_rss_mib(), 1)})
-    atomic_write_json(rd.root / "pipeline.json", {"stages": timings})
+    atomic_write_json(rd.pipeline_file, {"stages": timings})
     print(summary(rd, cfg, timings))
 
 
@@ -82,10 +82,10 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
             if row.get("score") is not None:
                 figs.append(f"I_CDF={row['score']:.3g}")
             lines.append(f"  {hook}: chosen {info.get('sae')}" + (f" ({', '.join(figs)})" if figs else ""))
-    expl = last_per_latent(rd.interpret / "explanations.jsonl")
-    all_scores = read_scores(rd.interpret / "scores.jsonl")
+    expl = last_per_latent(rd.explanations_file)
+    all_scores = read_scores(rd.scores_file)
     scores = {(h, l): r for (h, l, kind), r in all_scores.items() if kind == "simulation"}
-    tags = last_per_latent(rd.interpret / "tags.jsonl")
+    tags = last_per_latent(rd.tags_file)
     ok_expl = sum(r.get("status") == "ok" for r in expl.values())
     ok_scores = [r for r in scores.values() if r.ok]
     cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=SCORE_CUT))

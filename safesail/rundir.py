@@ -1,17 +1,8 @@
 """The run directory: where every stage reads and writes.
 
-```
-runs/<name>/
-  config.yaml                  resolved Hydra config of the last command
-  stages/<stage>.json          completion record + fingerprint of each stage
-  activations/<hook>/          cache shards + meta.json
-  saes/<hook>/<arch>-k<k>/     cfg.json, sae.safetensors, metrics.json
-  selection.json
-  latents/<hook>/              per-latent stats and example segments
-  interpret/                   explanations, simulations, scores, tags, llm cache
-  neurons.sqlite               the neuron DB
-  export/                      Safe-SAIL-format files
-```
+Its file names live in `safesail/layout.py` (the tree is drawn there and in
+docs/contracts.md); `RunDir` turns them into paths, checks that the folder is writable,
+saves the resolved config and keeps the per-stage completion records.
 """
 
 from __future__ import annotations
@@ -26,6 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from safesail import layout as L
 from safesail.atomic import atomic_write_json, atomic_write_text  # noqa: F401  (also imported from here)
 from safesail.errors import UserError
 
@@ -66,35 +58,79 @@ class RunDir:
             rd.ensure_writable()
         return rd
 
-    # ---- folders -------------------------------------------------------
+    # ---- folders and files (names: safesail/layout.py) -------------------
     def activations(self, hook: str) -> Path:
-        return self.root / "activations" / hook_dirname(hook)
+        return self.root / L.ACTIVATIONS_DIR / hook_dirname(hook)
 
     def saes(self, hook: str | None = None) -> Path:
-        return self.root / "saes" if hook is None else self.root / "saes" / hook_dirname(hook)
+        return self.root / L.SAES_DIR if hook is None else self.root / L.SAES_DIR / hook_dirname(hook)
 
     def latents(self, hook: str) -> Path:
-        return self.root / "latents" / hook_dirname(hook)
+        return self.root / L.LATENTS_DIR / hook_dirname(hook)
+
+    def latent_stats(self, hook: str) -> Path:
+        return self.latents(hook) / L.LATENT_STATS
+
+    def latent_segments(self, hook: str) -> Path:
+        return self.latents(hook) / L.LATENT_SEGMENTS
+
+    def latent_meta(self, hook: str) -> Path:
+        return self.latents(hook) / L.LATENT_META
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / L.CONFIG
+
+    @property
+    def pipeline_file(self) -> Path:
+        return self.root / L.PIPELINE_SUMMARY
 
     @property
     def interpret(self) -> Path:
-        return self.root / "interpret"
+        return self.root / L.INTERPRET_DIR
+
+    @property
+    def explanations_file(self) -> Path:
+        return self.interpret / L.EXPLANATIONS
+
+    @property
+    def scores_file(self) -> Path:
+        return self.interpret / L.SCORES
+
+    @property
+    def tags_file(self) -> Path:
+        return self.interpret / L.TAGS
+
+    @property
+    def llm_cache_file(self) -> Path:
+        return self.interpret / L.LLM_CACHE
+
+    @property
+    def verify(self) -> Path:
+        return self.root / L.VERIFY_DIR
+
+    @property
+    def effects_file(self) -> Path:
+        return self.verify / L.EFFECTS
 
     @property
     def selection_file(self) -> Path:
-        return self.root / "selection.json"
+        return self.root / L.SELECTION
 
     @property
     def neuron_db(self) -> Path:
-        return self.root / "neurons.sqlite"
+        return self.root / L.NEURON_DB
 
     @property
     def export(self) -> Path:
-        return self.root / "export"
+        return self.root / L.EXPORT_DIR
 
     @property
     def stages(self) -> Path:
-        return self.root / "stages"
+        return self.root / L.STAGES_DIR
+
+    def stage_file(self, stage: str) -> Path:
+        return self.stages / f"{stage}.json"
 
     # ---- checks ----------------------------------------------------------
     def ensure_writable(self) -> None:
@@ -112,7 +148,7 @@ class RunDir:
 
     def save_config(self, cfg: DictConfig) -> None:
         """Save the resolved config; refuse a run directory made by another experiment."""
-        path = self.root / "config.yaml"
+        path = self.config_file
         if path.exists():
             old = OmegaConf.load(path)
             old_exp = OmegaConf.select(old, "experiment_name")
@@ -124,7 +160,7 @@ class RunDir:
 
     # ---- stage records ----------------------------------------------------
     def stage_record(self, stage: str) -> dict | None:
-        path = self.stages / f"{stage}.json"
+        path = self.stage_file(stage)
         if not path.exists():
             return None
         try:
@@ -137,6 +173,6 @@ class RunDir:
         return bool(rec and rec.get("status") == "done" and rec.get("fingerprint") == fp)
 
     def mark_stage(self, stage: str, fp: str, status: str = "done", **summary: Any) -> None:
-        atomic_write_json(self.stages / f"{stage}.json",
+        atomic_write_json(self.stage_file(stage),
                           {"stage": stage, "status": status, "fingerprint": fp,
                            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary})

@@ -122,7 +122,7 @@ def strongest_candidates(rd: RunDir, hooks: list[str], per_domain: int) -> dict[
 # ---- the explanations file -----------------------------------------------------------------------
 
 def explanations_path(rd: RunDir) -> Path:
-    return rd.interpret / "explanations.jsonl"
+    return rd.explanations_file
 
 
 def read_explanations(path: Path) -> dict[tuple[str, int], dict]:
@@ -287,7 +287,7 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
         hooks = [str(h) for h in ecfg.hooks]
     spec = ecfg.get("latents", "all")
     latents = None if spec in (None, "all") else [int(x) for x in spec]
-    collect_fps = {h: json.loads((rd.latents(h) / "meta.json").read_text()).get("fingerprint") for h in hooks}
+    collect_fps = {h: json.loads(rd.latent_meta(h).read_text()).get("fingerprint") for h in hooks}
     fp = fingerprint({"prompt": PROMPT_VERSION, "llm": OmegaConf.to_container(cfg.llm, resolve=True),
                       "explain": OmegaConf.to_container(ecfg, resolve=True), "collect": collect_fps})
     if rd.stage_done("explain", fp):
@@ -301,7 +301,7 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
     else:
         tasks = [t for h in hooks for t in load_tasks(rd, h, latents)]
     if client is None:
-        client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
+        client = make_client(cfg.llm, rd.llm_cache_file, cache_dir=cfg.get("cache_dir"),
                              device=cfg.get("device", "auto"))
     summary = asyncio.run(_explain_run(client, tasks, ecfg, explanations_path(rd)))
     failed = {k: v for k, v in summary.items() if k.startswith("failed:") and k[7:] not in PERMANENT}

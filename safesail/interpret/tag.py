@@ -96,7 +96,7 @@ def load_excerpts(rd: RunDir, hook: str, s: dict) -> dict[int, list[str]]:
     """Per latent, its top explain-split excerpts (peak tokens bracketed); {} when collect wrote none."""
     from safesail.interpret.explain import around_peak, load_tasks
 
-    if s["segments"] <= 0 or not (rd.latents(hook) / "segments.jsonl").is_file():
+    if s["segments"] <= 0 or not (rd.latent_segments(hook)).is_file():
         return {}
     out = {}
     for t in load_tasks(rd, hook):
@@ -194,7 +194,7 @@ def run_tag_stage(cfg: DictConfig, args: list[str]) -> None:
     if use_llm:
         from safesail.interpret.clients import make_client
 
-        client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
+        client = make_client(cfg.llm, rd.llm_cache_file, cache_dir=cfg.get("cache_dir"),
                              device=str(cfg.get("device", "auto")))
     summary = asyncio.run(tag_all(rd, s, client, expls, keys))
     rd.mark_stage("tag", fp, **summary)
@@ -210,7 +210,7 @@ def _mtime(rd: RunDir, hook: str) -> float | None:
 async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, keys: list) -> dict:
     """Tag every (hook, latent) in `keys`, appending to interpret/tags.jsonl; returns a summary."""
     tagger = client.model_name if client is not None else None
-    out_path = rd.interpret / "tags.jsonl"
+    out_path = rd.tags_file
     stored = last_per_latent(out_path)
     todo = [k for k in keys if not (k in stored and _is_current(stored[k], expls[k], s, tagger))]
     pairs_by_hook = {h: load_hook_pairs(rd, h) for h in sorted({h for h, _ in keys})}

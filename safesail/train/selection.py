@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from safesail import layout
 from safesail.errors import UserError
 from safesail.rundir import RunDir, atomic_write_json, hook_dirname
 
@@ -32,20 +33,20 @@ def _root(run_dir: RunDir | str | Path) -> Path:
 
 
 def selection_path(run_dir: RunDir | str | Path) -> Path:
-    return _root(run_dir) / "selection.json"
+    return _root(run_dir) / layout.SELECTION
 
 
 def plot_path(run_dir: RunDir | str | Path) -> Path:
-    return _root(run_dir) / "selection.png"
+    return _root(run_dir) / layout.SELECTION_PLOT
 
 
 def pair_stats_path(run_dir: RunDir | str | Path, hook: str) -> Path:
-    return _root(run_dir) / "selection" / f"{hook_dirname(hook)}.pairstats.safetensors"
+    return _root(run_dir) / layout.SELECTION_DIR / f"{hook_dirname(hook)}.pairstats.safetensors"
 
 
 def sae_result_paths(run_dir: RunDir | str | Path, hook: str, sae_name: str) -> tuple[Path, Path]:
     """(figures json, per-latent safetensors) of one SAE's evaluation, kept for resuming."""
-    base = _root(run_dir) / "selection" / "saes" / hook_dirname(hook)
+    base = _root(run_dir) / layout.SELECTION_DIR / "saes" / hook_dirname(hook)
     return base / f"{sae_name}.json", base / f"{sae_name}.safetensors"
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from safesail import layout
 from safesail.errors import UserError
 from safesail.rundir import atomic_write_json
 from safesail.saes import SAEConfig, k_archs, list_saes, read_cfg, read_metrics
@@ -124,12 +125,12 @@ def write_sweep(saes_root: Path, plot: bool = True) -> tuple[list[dict], Path, P
     from safesail.train.plots import plot_sweep
 
     rows = sweep_rows(saes_root)
-    path = saes_root / "sweep.json"
+    path = saes_root / layout.SWEEP_SUMMARY
     atomic_write_json(path, {"columns": list(TABLE_COLUMNS), "saes": rows})
     png = plot_sweep(rows, saes_root / "sweep.png") if plot else None
     return rows, path, png
 
 
 def load_sweep(saes_root: Path) -> list[dict]:
-    path = Path(saes_root) / "sweep.json"
+    path = Path(saes_root) / layout.SWEEP_SUMMARY
     return json.loads(path.read_text())["saes"] if path.is_file() else []

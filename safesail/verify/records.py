@@ -19,11 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from safesail import layout
 from safesail.jsonl import append_jsonl, iter_jsonl, open_append
 
 TARGETS = ("latent", "diff_in_means", "random_latent")
 CHECKS = ("output_effect", "necessity", "sufficiency", "refusal")
-FILE_NAME = "effects.jsonl"
+FILE_NAME = layout.EFFECTS
 
 
 def _num(x) -> float | None:
@@ -74,7 +75,7 @@ class Effect:
 
 
 def effects_path(run_root: Path) -> Path:
-    return Path(run_root) / "verify" / FILE_NAME
+    return Path(run_root) / layout.VERIFY_DIR / FILE_NAME
 
 
 def read_effects(path: Path) -> list[Effect]:

@@ -21,7 +21,7 @@ WindowLookup = Callable[[dict], "tuple[list[str], int]"]
 
 
 def load_explanations(rd: RunDir) -> dict[tuple[str, int], dict]:
-    path = rd.interpret / "explanations.jsonl"
+    path = rd.explanations_file
     if not path.is_file():
         raise UserError(f"{path} does not exist; run `safesail explain` first.")
     recs = last_per_latent(path)
@@ -32,7 +32,7 @@ def load_explanations(rd: RunDir) -> dict[tuple[str, int], dict]:
 
 def load_score_segments(rd: RunDir, hook: str) -> dict[int, list[dict]]:
     """The held-out (split "score") segments of every latent at `hook`, in file order."""
-    path = rd.latents(hook) / "segments.jsonl"
+    path = rd.latent_segments(hook)
     if not path.is_file():
         raise UserError(f"{path} does not exist; run `safesail collect` first.")
     out: dict[int, list[dict]] = defaultdict(list)

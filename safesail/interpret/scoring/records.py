@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from safesail import layout
 from safesail.jsonl import append_jsonl, iter_jsonl, open_append
 
 KINDS = ("simulation", "detection", "fuzzing")
 STATUSES = ("ok", "failed")
-FILE_NAME = "scores.jsonl"
+FILE_NAME = layout.SCORES
 # Per-example status in details["examples"][i]["status"]: a re-run re-sends every "retryable" one.
 EXAMPLE_STATUSES = ("ok", "retryable", "failed")
 

@@ -88,7 +88,7 @@ def run_score_stage(cfg: DictConfig, args: list[str]) -> None:
         return
     from safesail.interpret.clients import make_client
 
-    client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
+    client = make_client(cfg.llm, rd.llm_cache_file, cache_dir=cfg.get("cache_dir"),
                          device=str(cfg.get("device", "auto")))
     asyncio.run(_score_all(rd, cfg, sc, client, expls, keys, fp))
 
@@ -98,7 +98,7 @@ async def _score_all(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: dict,
         await score_latents(rd, cfg, sc, client, expls, keys)
     finally:
         await client.aclose()
-    final = read_scores(rd.interpret / "scores.jsonl", sc["scorers"])
+    final = read_scores(rd.scores_file, sc["scorers"])
     summary = summarize([r for (h, l, _), r in final.items() if (h, l) in set(keys)], sc["min_beats_rate"])
     for kind, s in summary["kinds"].items():
         log.info("score %s: %s", kind, {k: v for k, v in s.items() if k != "failures"})
@@ -158,7 +158,7 @@ async def score_latents(rd: RunDir, cfg: DictConfig, sc: dict, client, expls: di
         return _jsonable({"scorer": scorers[kind].identity(), "explanation_key": explanation_key(expls[key]),
                           "controls": controls, "bootstrap": sc["bootstrap"]})
 
-    out_path = rd.interpret / "scores.jsonl"
+    out_path = rd.scores_file
     stored = read_scores(out_path)
     todo = [(key, kind) for key in keys for kind in scorers
             if not ((s := stored.get((key[0], key[1], kind))) is not None
