@@ -292,7 +292,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     if ck is not None:
         if ck.get("fingerprint") != fp:
             raise UserError(f"{ck_path} is a half-finished training with another config; re-run with the "
-                            "original settings to resume it, or pass train.restart=true to discard it.")
+                            "original settings to resume it, or pass train.overwrite=true to discard it.")
         for st in states:
             st.load_state_dict(ck["saes"][f"{st.cfg.hook}/{st.cfg.name}"])
         scales = dict(ck["scales"])
