@@ -2,7 +2,7 @@
 // (never as HTML markup), so queries, tokens, explanations and examples render as text.
 "use strict";
 
-const DOMAINS = ["politics", "pornography", "violence", "terror"];
+let DOMAINS = [];  // the safety domains, from /api/info (safesail/domains.py)
 const state = { info: null, result: null, pinned: null, presets: [], compare: null };
 
 // ---- small DOM helpers ---------------------------------------------------------
@@ -380,7 +380,6 @@ function buildFilters() {
 }
 
 async function start() {
-  buildFilters();
   compareInputs(null);
   $("query-form").addEventListener("submit", submitQuery);
   $("compare-form").addEventListener("submit", submitCompare);
@@ -398,7 +397,9 @@ async function start() {
     $("max-new-tokens").value = info.limits.max_new_tokens;
     $("max-new-tokens").max = info.limits.max_new_tokens_limit;
     $("query").maxLength = info.limits.max_query_chars;
+    DOMAINS = info.domains || [];
   } catch (e) { showError(e.message); }
+  buildFilters();
   try {
     state.presets = (await api("/api/compare/presets")).presets;
     for (const p of state.presets) {
