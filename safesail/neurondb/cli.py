@@ -203,7 +203,12 @@ def _stats(cfg: DictConfig, ns) -> None:
     for layer, v in st["per_layer"].items():
         print(f"{layer:>5}  {v['latents']:>7}  {v['explained']:>9}  {v['scored']:>6}  {v['tagged']:>6}")
     print("domains: " + ", ".join(f"{d} {n}" for d, n in st["per_domain"].items()))
-    print("scores:  " + ", ".join(f"{b} {n}" for b, n in st["per_score_band"].items()))
+    print("simulation scores: " + ", ".join(f"{b} {n}" for b, n in st["per_score_band"].items()))
+    for kind, v in st.get("per_kind", {}).items():
+        mean = "-" if v["mean"] is None else f"{v['mean']:.3f}"
+        print(f"  {kind}: {v['scored']} scored, mean {mean}, {v['beats_shuffled']} beat the shuffled control")
+    if st.get("verify_effects"):
+        print(f"causal-check results: {st['verify_effects']}")
 
 
 def _fmt_score(x) -> str:
