@@ -134,8 +134,8 @@ class BinaryJudge:
 
 
 def answer_words(client: LLMClient) -> tuple[str, str]:
-    """yes/no when both are one token of the back end's tokenizer (their probability is then read
-    exactly), else the digits 1/0 (one token in every tokenizer that splits numbers into digits)."""
+    """" yes"/" no" when both are one token of the back end's tokenizer (their probability is then
+    read exactly), else the digits 1/0 (one token in every tokenizer that splits numbers into digits)."""
     if client.count_tokens(prompts.YES) == 1 and client.count_tokens(prompts.NO) == 1:
         return prompts.YES, prompts.NO
     return prompts.DIGITS

@@ -3,8 +3,9 @@
 Two forms, as for simulation:
 
 * `logprob_prompt`: a few-shot completion prompt; every excerpt is followed by a line
-  `Answer <i>:<TAB>unknown`, and the scorer reads, at each TAB, the probabilities of
-  the next token being `yes` or `no`: one forward pass for a whole batch of excerpts.
+  `Answer <i>:<TAB> unknown`, and the scorer reads, at each TAB, the probabilities of
+  the next token being ` yes` or ` no` (or `1`/`0` where those are not one token): one
+  forward pass for a whole batch of excerpts.
 * `json_messages` + `json_schema` + `parse_answers`: a chat request asking for
   `{"answers": [true, false, ...]}`, one answer per excerpt, in order.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from safesail.interpret.scoring.prompts.simulation import PLACEHOLDER, SEPARATOR
 from safesail.interpret.scoring.simulator import SimulationFailure, extract_json_object
 
-YES, NO = "yes", "no"
+YES, NO = " yes", " no"  # after the TAB: a space keeps TAB and answer apart in Qwen's tokenizer ("\tno" is one token)
 DIGITS = ("1", "0")  # the answers when "yes" or "no" is not one token of the back end's tokenizer
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\x0b": "\\v", "\x0c": "\\f"}
@@ -52,12 +53,13 @@ def logprob_prompt(task: Task, explanation: str, texts: list[str], words: tuple[
 
     `words`: the answers (yes, no); `("1", "0")` for a tokenizer without one-token yes/no."""
     intro = task.intro if words == (YES, NO) else f"{task.intro} Write {words[0]} for yes and {words[1]} for no."
+    blank = (" " if words[0].startswith(" ") else "") + PLACEHOLDER
     lines = [intro, "", f"Explanation: {_one_line(task.example_explanation)}"]
     for i, (text, ans) in enumerate(task.examples, 1):
         lines += [f"Excerpt {i}: {text}", f"Answer {i}:{SEPARATOR}{words[0] if ans else words[1]}"]
     lines += ["", f"Explanation: {_one_line(explanation)}"]
     for i, text in enumerate(texts, 1):
-        lines += [f"Excerpt {i}: {text}", f"Answer {i}:{SEPARATOR}{PLACEHOLDER}"]
+        lines += [f"Excerpt {i}: {text}", f"Answer {i}:{SEPARATOR}{blank}"]
     lines += [""]
     return "\n".join(lines), len(task.examples)
 

@@ -3,7 +3,7 @@
 from safesail.interpret.scoring.prompts.binary import Task
 
 TASK = Task(
-    version="det-v1",
+    version="det-v2",
     intro=("We study latents (neurons) inside a language model. Each latent looks for one particular thing in a "
            "text. Given an explanation of what a latent looks for, say for each text excerpt whether the latent "
            "fires on it: yes if the excerpt holds what the explanation describes, no otherwise. Most excerpts "

@@ -3,7 +3,7 @@
 from safesail.interpret.scoring.prompts.binary import Task
 
 TASK = Task(
-    version="fuzz-v1",
+    version="fuzz-v2",
     intro=("We study latents (neurons) inside a language model. Each latent looks for one particular thing in a "
            "text. In each excerpt below some tokens are marked <<like this>>. Given an explanation of what a "
            "latent looks for, say whether the marks are on the tokens the explanation describes: yes if the "
