@@ -19,8 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from safesail.domains import (SAFESAIL_ARCH, SAFESAIL_HOOK_SITE, SAFESAIL_K, SAFESAIL_MODEL, SAFESAIL_NUM_TOKENS,
-                              SAFESAIL_QUANTILE, SCORE_CUT)
+from safesail.domains import (SAFESAIL_ARCH, SAFESAIL_HOOK_SITE, SAFESAIL_K, SAFESAIL_MODEL, SAFESAIL_NUM_LAYERS,
+                              SAFESAIL_NUM_TOKENS, SAFESAIL_QUANTILE, SCORE_CUT)
 from safesail.errors import UserError
 from safesail.rundir import RunDir, fingerprint
 
@@ -141,8 +141,8 @@ def _import_layers(cfg: DictConfig, icfg, model: str) -> int | None:
     """How many layers the release's model has: the model config's, or db.import.num_layers for its model."""
     if cfg.get("model") is not None and cfg.model.get("name") == model and cfg.model.get("num_layers"):
         return int(cfg.model.num_layers)
-    if model == icfg.get("model") and icfg.get("num_layers"):
-        return int(icfg["num_layers"])
+    if model == icfg.get("model", SAFESAIL_MODEL):
+        return int(icfg.get("num_layers") or SAFESAIL_NUM_LAYERS)
     log.warning("the layer count of model %r is unknown here; layers of the imported files are not checked", model)
     return None
 
