@@ -173,12 +173,14 @@ def convert_gguf(gguf_path: Path, out: Path, dtype: str) -> None:
     """Load a GGUF file with transformers and write an ordinary safetensors model folder."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     folder, name = str(gguf_path.parent), gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+    # Dense weights: with the `kernels` package installed transformers would otherwise keep them packed.
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype,
+                                                 quantization_config=GgufConfig(dequantize=True))
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
     # save_pretrained refuses a GGUF-loaded model; write the tensors and a config without quantization.

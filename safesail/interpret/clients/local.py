@@ -12,7 +12,7 @@ an API leaves out candidates outside its top-N).
 One model per process: every `LocalClient.from_cfg` with the same model folder, dtype
 and device shares one loaded model and one prefix cache (explain, score and tag in
 `safesail run`). `threads` sets torch's intra-op threads for the process: "auto" takes
-the cores the load average leaves free (on a shared 2-core machine 1 thread was 3-5x
+the cores that other processes' runnable threads leave free (on a shared 2-core machine 1 thread was 3-5x
 faster than 2 under load; BENCHMARKS.md, "Local LLM back end").
 """
 
@@ -53,17 +53,37 @@ class _Pending:
         return ("chat", r.max_tokens, r.temperature, tuple(r.stop or ()))
 
 
+def busy_elsewhere(samples: int = 5, interval_s: float = 0.02) -> float:
+    """Runnable threads of other processes right now (mean of a few samples of /proc), or the
+    1-minute load average where /proc is not readable. This process's own threads (e.g. a
+    previous stage's) do not count: they will not compete with the LLM."""
+    try:
+        vals = []
+        for _ in range(samples):
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            own = 0
+            for st in Path("/proc/self/task").glob("*/stat"):
+                try:
+                    own += st.read_text().rsplit(")", 1)[1].split()[0] == "R"
+                except (OSError, IndexError):
+                    pass
+            vals.append(max(0, running - own))
+            time.sleep(interval_s)
+        return sum(vals) / len(vals)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
 def pick_threads(setting: Any) -> int | None:
-    """torch threads for a `threads` setting: an int, "auto" (cores the load average leaves free), or null."""
+    """torch threads for a `threads` setting: an int, "auto" (the cores other processes leave free), or null."""
     if setting in (None, "", "keep"):
         return None
     cores = os.cpu_count() or 1
     if str(setting) == "auto":
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
-            load = 0.0
-        return max(1, min(cores, math.floor(cores - load + 0.5)))
+        return max(1, min(cores, math.floor(cores - busy_elsewhere() + 0.5)))
     try:
         n = int(setting)
     except (TypeError, ValueError):
