@@ -134,3 +134,24 @@ def test_diagnose_server_refuses_a_corrupt_db_with_advice_that_works(run):
     _corrupt_middle(rd.neuron_db)
     with pytest.raises(UserError, match="sets the corrupt file aside and rebuilds"):
         DiagnoseEngine.from_config(cfg)
+
+
+def test_import_over_a_corrupt_db_imports_into_a_fresh_file(run, tmp_path):
+    from pathlib import Path
+
+    from safesail.neurondb.import_safesail import import_release, read_release
+
+    cfg, rd = run
+    sample = Path(__file__).resolve().parents[1] / "data" / "safesail_samples" / "en_db.sample.json"
+    db = tmp_path / "release.sqlite"
+    import_release(db, read_release(sample, {}, {}, {}), "qwen2.5-3b-instruct")
+    _corrupt_middle(db, 4096)
+    if integrity_problem(db) is None:  # a small file: overwrite its second page instead
+        with open(db, "r+b") as f:
+            f.seek(4096)
+            f.write(os.urandom(4096))
+    assert integrity_problem(db)
+    s = import_release(db, read_release(sample, {}, {}, {}), "qwen2.5-3b-instruct")
+    assert s["set_aside"] and integrity_problem(db) is None
+    with NeuronDB.open(db, check=True) as d:
+        assert d.stats()["totals"]["explained"] == 35

@@ -163,6 +163,10 @@ def test_git_lfs_pointer_files_are_named_as_such(real_release, smoke_cfg, tmp_pa
     pointer.write_text(LFS_POINTER)
     with pytest.raises(UserError, match="indices_layer35.pt is a Git LFS pointer file .*`git lfs pull`"):
         _import(cfg, real_release, tmp_path / "r.sqlite")
+    en = tmp_path / "en_db.json"
+    en.write_text(LFS_POINTER)
+    with pytest.raises(UserError, match="en_db.json is a Git LFS pointer file"):
+        run_db_command(cfg, ["import", "--en-db", str(en), "--db", str(tmp_path / "e.sqlite")])
     ck = tmp_path / "ckpt_layer35.pt"
     ck.write_text(LFS_POINTER)
     with pytest.raises(UserError, match="ckpt_layer35.pt is a Git LFS pointer file"):
