@@ -53,7 +53,9 @@ def test_real_v2_file_migrates(tmp_path):
         word = next(w for w in text.split() if w.isalpha() and w.isascii())
         assert (hook, idx) in {(h["hook"], h["index"]) for h in db.search(word, limit=100)}
         assert [h["kind"] for h in db.search(kind="simulation", limit=3)] == ["simulation"] * 3
-        assert db.search(kind="detection") == [] or all(h["score"] is None for h in db.search(kind="detection"))
+        no_detection = db.search(kind="detection", limit=100)
+        assert len(no_detection) == 28 and all(h["score"] is None for h in no_detection)
+        assert db.search(kind="detection", min_score=-1.0) == []
 
 
 def _score(hook, latent, kind, value, shuffled, **kw) -> dict:
