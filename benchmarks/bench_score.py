@@ -10,9 +10,13 @@ without controls, each through an empty response cache:
 
 * batched: the defaults (simulation: `segments_per_call` segments per forward pass;
   detection and fuzzing: `batch_size` items per call);
-* one item per call (segments_per_call=1, batch_size=1), as delphi's defaults do.
+* one item per call (segments_per_call=1, batch_size=1), as delphi's defaults do;
+
+with one loaded model (load not timed), batched first and again last (load drifts on a
+shared machine).
 
     python benchmarks/bench_score.py --latents 8 --baseline-latents 3 llm=qwen-coder-0.5b
+    python benchmarks/bench_score.py --cost-only --baseline-latents 3 llm=qwen-coder-0.5b   # the cost runs alone
 Writes runs/bench-score/ (and -batched, -unbatched) and prints a JSON summary (BENCHMARKS.md).
 """
 
@@ -122,6 +126,47 @@ def _r(x):
     return None if x is None else round(x, 3)
 
 
+def cost_runs(a, base: list[str]) -> dict:
+    """Batched vs one item per call on the first latents, no controls, each through an empty response
+    cache, with one loaded model (its load is not timed); the batched run goes first and again last."""
+    import asyncio
+
+    from safesail.config import compose
+    from safesail.interpret.clients import make_client
+    from safesail.interpret.clients.cache import CachedClient
+    from safesail.interpret.scoring.inputs import load_explanations
+    from safesail.interpret.scoring.records import read_scores
+    from safesail.interpret.scoring.stage import score_latents, score_settings
+    from safesail.rundir import RunDir
+
+    unbatched = ["score.segments_per_call=1", "score.detection.batch_size=1", "score.fuzzing.batch_size=1"]
+    cfg0 = compose([f"run.dir={a.run}", *base])
+    inner = make_client(cfg0.llm, None, cache_dir=cfg0.cache_dir, device="cpu")
+    cost = {}
+    for name, extra in (("batched", []), ("unbatched", unbatched), ("batched_again", [])):
+        run_dir = f"{a.run}-{name}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(Path(a.run) / "latents", Path(run_dir) / "latents")
+        (Path(run_dir) / "interpret").mkdir(parents=True)
+        shutil.copy(Path(a.run) / "interpret" / "explanations.jsonl", Path(run_dir) / "interpret")
+        cfg = compose([f"run.dir={run_dir}", *base, "score.controls=[]", *extra])
+        rd = RunDir.from_cfg(cfg)
+        expls = load_explanations(rd)
+        keys = sorted(expls)[: a.baseline_latents]
+        client = CachedClient(inner, rd.interpret / "llm_cache.sqlite")
+        t0 = time.perf_counter()
+        asyncio.run(score_latents(rd, cfg, score_settings(cfg), client, expls, keys))
+        secs = time.perf_counter() - t0
+        k = per_kind(read_scores(rd.interpret / "scores.jsonl"))
+        cost[name] = {"seconds": round(secs, 1), "latents": len(keys),
+                      **{kind: {"calls_per_latent": k[kind]["calls_per_latent"],
+                                "prompt_tokens_per_latent": k[kind]["prompt_tokens_per_latent"],
+                                "mean": k[kind]["mean"]} for kind in k}}
+    b = (cost["batched"]["seconds"] + cost["batched_again"]["seconds"]) / 2
+    cost["seconds_ratio_unbatched_over_batched"] = round(cost["unbatched"]["seconds"] / b, 2)
+    return cost
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--latents", type=int, default=8)
@@ -130,6 +175,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16384, help="corpus tokens streamed by collect")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", default="runs/bench-score")
+    ap.add_argument("--cost-only", action="store_true", help="only the batched vs one-per-call runs")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. llm=qwen-coder-0.5b")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -140,8 +186,15 @@ def main() -> None:
     hook = f"layers.{a.layer}.mlp_out"
     base = ["device=cpu", "collect.n_levels=5", "collect.score_per_level=1", "collect.explain_per_level=2",
             "collect.random_score=3", "collect.random_explain=1", "collect.segment_len=16", "collect.min_examples=3",
-            "data.ctx_len=128", *a.overrides]
+            "data.ctx_len=128", "explain.top_per_domain=null", "score.scorers=[simulation,detection,fuzzing]",
+            *a.overrides]
     cfg = compose([f"run.dir={a.run}", *base])
+    if a.cost_only:
+        out = {"llm": cfg.llm.name, "load_before": os.getloadavg(), "cost": cost_runs(a, base),
+               "load_after": os.getloadavg()}
+        Path(a.run, "bench_score_cost.json").write_text(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2))
+        return
     out = {"llm": cfg.llm.name, "layer": a.layer, "latents_sampled": a.latents, "load_before": os.getloadavg()}
     t0 = time.perf_counter()
     if not (Path(a.run) / "latents" / hook / "segments.jsonl").is_file():
@@ -164,24 +217,7 @@ def main() -> None:
             out["rank_correlation"][f"{k1}~{k2}"] = {"n": len(both), "spearman": spearman(
                 [vals[k1][j] for j in both], [vals[k2][j] for j in both]) if len(both) >= 3 else None}
 
-    cost = {}
-    for name, extra in (("batched", []), ("unbatched", ["score.segments_per_call=1", "score.detection.batch_size=1",
-                                                        "score.fuzzing.batch_size=1"])):
-        run_dir = f"{a.run}-{name}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        shutil.copytree(Path(a.run) / "latents", Path(run_dir) / "latents")
-        (Path(run_dir) / "interpret").mkdir(parents=True)
-        shutil.copy(Path(a.run) / "interpret" / "explanations.jsonl", Path(run_dir) / "interpret")
-        c = compose([f"run.dir={run_dir}", *base, "score.controls=[]", f"score.max_latents={a.baseline_latents}",
-                     *extra])
-        r, s = score_run(c, fresh=True)
-        k = per_kind(r)
-        cost[name] = {"seconds": round(s, 1), "latents": len({x.latent for x in r.values()}),
-                      **{kind: {"calls_per_latent": k[kind]["calls_per_latent"],
-                                "prompt_tokens_per_latent": k[kind]["prompt_tokens_per_latent"],
-                                "mean": k[kind]["mean"]} for kind in k}}
-    cost["seconds_ratio_unbatched_over_batched"] = round(cost["unbatched"]["seconds"] / cost["batched"]["seconds"], 2)
-    out["cost"] = cost
+    out["cost"] = cost_runs(a, base)
     out["load_after"] = os.getloadavg()
     Path(a.run, "bench_score.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
