@@ -9,8 +9,8 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DOMAINS = ("politics", "pornography", "violence", "terror")
-Domain = Literal["politics", "pornography", "violence", "terror"]
+from safesail.domains import DOMAINS, Domain  # noqa: F401  (re-exported for the API modules)
+
 Role = Literal["system", "template", "query", "answer"]
 
 
