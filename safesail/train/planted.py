@@ -66,6 +66,6 @@ class PlantedData:
 
 def mmcs(w_dec: torch.Tensor, atoms: torch.Tensor) -> float:
     """Mean over atoms of the largest cosine similarity with any decoder row."""
-    w = torch.nn.functional.normalize(w_dec.float(), dim=1)
+    w = torch.nn.functional.normalize(w_dec.detach().float(), dim=1)
     a = torch.nn.functional.normalize(atoms.float(), dim=1)
     return float((a @ w.T).max(dim=1).values.mean())

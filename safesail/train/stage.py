@@ -165,7 +165,7 @@ def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict
         dead_tokens=int(tc.dead_tokens) if tc.get("dead_tokens") else None, autocast=tc.autocast, decoder_impl=str(tc.decoder_impl), device=str(device),
         checkpoint_path=ck_path, checkpoint_every=int(tc.checkpoint_every),
         fingerprint=fingerprint({"plan": all_fps, "world": [ctx.world_size, ctx.mode]}),
-        log_every=int(tc.get("log_every", 20)), distributed=ctx.mode,
+        log_every=int(tc.get("log_every", 20)), distributed=ctx.mode, sae_threads=int(tc.get("sae_threads") or 1),
         wandb={**OmegaConf.to_container(cfg.wandb, resolve=True), "name": f"{cfg.run.name}-train",
                "dir": str(rd.root)})
     n_tokens = total * batch_size

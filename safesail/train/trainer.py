@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -57,7 +58,7 @@ BatchSource = Iterable[Batch] | Callable[[int], Iterable[Batch]]
 class TrainOptions:
     total_steps: int | None = None        # for the decay schedule (None: len(batches) if known, else no decay)
     max_steps: int | None = None          # stop after this many batches
-    lr_warmup_steps: int = 100
+    lr_warmup_steps: int = 100            # capped at 10% of total_steps when that is known
     lr_decay_fraction: float = 0.2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -73,6 +74,8 @@ class TrainOptions:
     progress: bool = True
     wandb: dict[str, Any] | None = None   # {"mode": offline|online|disabled, "project": ..., "entity": ..., "name": ...}
     distributed: str = "ddp"              # ddp | sae_parallel (see safesail/train/distributed.py)
+    sae_threads: int = 1                  # SAEs of a batch stepped concurrently (CPU: each gets
+                                          # torch threads / sae_threads intra-op threads)
 
 
 @dataclass
@@ -106,10 +109,14 @@ class SAETrainState:
         self.recent: dict[str, float] = {}
         self.curve: list[list[float]] = []    # [step, fvu moving average], about 20 points
         self.dead_tokens: int | None = opts.dead_tokens
+        self.step_seconds = 0.0
 
     def lr_at(self, step: int) -> float:
         base = self.base_lr
-        factor = min(1.0, (step + 1) / max(1, self.opts.lr_warmup_steps))
+        warm = self.opts.lr_warmup_steps
+        if self.opts.total_steps:
+            warm = min(warm, max(1, self.opts.total_steps // 10))
+        factor = min(1.0, (step + 1) / max(1, warm))
         total = self.opts.total_steps
         if total and self.opts.lr_decay_fraction > 0 and self.cfg.optimizer != "signum":  # schedule-free: no decay
             decay_start = total * (1 - self.opts.lr_decay_fraction)
@@ -147,6 +154,12 @@ class SAETrainState:
         return {"loss": loss, "fvu": fvu, "auxk": aux, "l0": l0sum / n_global, "lr": self.lr_at(self.step - 1),
                 "dead_fraction": float((self.stale >= self.dead_tokens).float().mean())}
 
+    def timed_step(self, *args) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = self.train_step(*args)
+        self.step_seconds += time.perf_counter() - t0
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "model": self.sae.state_dict(), "optim": self.opt.state_dict(),
                 "step": self.step, "tokens": self.tokens, "stale": self.stale.cpu(), "recent": self.recent,
@@ -182,6 +195,30 @@ def auto_dead_tokens(configured: int | None, total_steps: int | None, batch: int
         return int(configured)
     total = (total_steps or 0) * batch
     return int(min(10_000_000, max(4 * batch, total // 32)))
+
+
+class _StepPool:
+    """Runs the SAE steps of one batch one after the other, or on `workers` threads (torch ops
+    release the GIL), splitting the intra-op threads between them so they overlap, not contend."""
+
+    def __init__(self, workers: int, n_saes: int):
+        self.workers = max(1, min(int(workers or 1), n_saes or 1))
+        self.ex = None
+        self.threads_before = torch.get_num_threads()
+        if self.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            torch.set_num_threads(max(1, self.threads_before // self.workers))
+            self.ex = ThreadPoolExecutor(self.workers, thread_name_prefix="sae-step")
+
+    def map(self, fn, items):
+        return list(map(fn, items)) if self.ex is None or len(items) < 2 else list(self.ex.map(fn, items))
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown()
+            torch.set_num_threads(self.threads_before)
+            self.ex = None
 
 
 def _autocast_factory(opts: TrainOptions, device: torch.device) -> Callable[[], Any]:
@@ -321,6 +358,9 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     finished = opts.max_steps is not None and batches_done >= opts.max_steps
     it: Iterator[Batch] = iter(source)
     index = -1
+    profile = {"data_s": 0.0, "sae_wall_s": 0.0}
+    pool = _StepPool(opts.sae_threads if not ctx.data_parallel else 1, len(states))
+    t_data = time.perf_counter()
     try:
         while not finished:
             try:
@@ -354,14 +394,17 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
                 xs = x * s
                 mean = s1[:-2] * s / n_global
                 total_var = (sumsq * s * s - n_global * mean.pow(2).sum()).float()
-                for st in states:
-                    if st.cfg.hook != hook:
-                        continue
-                    figures = st.train_step(xs, (total_var, n_global), ctx, autocast_ctx)
+                profile["data_s"] += time.perf_counter() - t_data
+                mine_now = [st for st in states if st.cfg.hook == hook]
+                t_sae = time.perf_counter()
+                for st, figures in zip(mine_now, pool.map(lambda st: st.timed_step(xs, (total_var, n_global), ctx,
+                                                                                  autocast_ctx), mine_now)):
                     _remember(st, figures)
                     if run is not None and st.step % max(1, opts.log_every) == 0:
                         run.log({f"{st.cfg.hook or 'sae'}/{st.cfg.name}/{k}": v for k, v in figures.items()},
                                 step=batches_done + 1)
+                profile["sae_wall_s"] += time.perf_counter() - t_sae
+                t_data = time.perf_counter()
             batches_done += 1
             bar.update(1)
             if on_step is not None:
@@ -377,13 +420,19 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
                 break
     finally:
         bar.close()
+        pool.close()
         if run is not None:
             run.finish()
     if batches_done == 0:
         raise UserError("there were no activation batches to train on; fill the activation cache first "
                         "(safesail cache) or pass a non-empty iterable.")
     save_checkpoint()
-    return [st.export(scales[st.cfg.hook]) for st in states]
+    out = [st.export(scales[st.cfg.hook]) for st in states]
+    for t, st in zip(out, states):
+        t.metrics["profile"] = {"shared_data_s": round(profile["data_s"], 3), "all_saes_wall_s":
+                                round(profile["sae_wall_s"], 3), "this_sae_step_s": round(st.step_seconds, 3),
+                                "sae_threads": pool.workers}
+    return out
 
 
 def _remember(st: SAETrainState, figures: dict[str, float], decay: float = 0.9) -> None:
