@@ -130,9 +130,16 @@ class _HookEdit:
         self.code_target: list[float | None] = []   # None: 0 (ablate); else the raw value to clamp to
         self.add = None                    # [d] summed additive vector
         self.project: list[torch.Tensor] = []
+        self.rows: torch.Tensor | None = None   # [batch] bool: edit only these rows (None: all)
 
     def add_vector(self, v: torch.Tensor) -> None:
         self.add = v.detach().float().clone() if self.add is None else self.add + v.detach().float()
+
+    def _masked(self, delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None or x.dim() < 3:
+            return delta
+        keep = self.rows.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return delta * keep
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,12 +156,12 @@ class _HookEdit:
             coef = target - z
             if bool(coef.any()):
                 delta = coef.to(sae.W_dec.dtype) @ sae.W_dec.index_select(0, idx)
-                out = out + delta.reshape(shape).to(x.dtype)
+                out = out + self._masked(delta.reshape(shape).to(x.dtype), x)
         if self.add is not None:
-            out = out + self.add.to(device=x.device, dtype=x.dtype)
+            out = out + self._masked(self.add.to(device=x.device, dtype=x.dtype).expand_as(x), x)
         for u in self.project:
             u = u.to(device=x.device, dtype=x.dtype)
-            out = out - (out @ u).unsqueeze(-1) * u
+            out = out - self._masked((out @ u).unsqueeze(-1) * u, x)
         return out
 
 
@@ -213,8 +220,12 @@ class Intervention:
         return out
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module):
+    def apply(self, model: nn.Module, rows: Sequence[bool] | None = None):
+        """Edit every forward pass of `model` inside the block; `rows`: only these batch rows."""
         handles = []
+        mask = None if rows is None else torch.tensor([bool(r) for r in rows])
+        for edit in self.per_hook.values():
+            edit.rows = mask
 
         def make(edit: _HookEdit):
             def hook(_module, _inputs, output):
@@ -230,6 +241,8 @@ class Intervention:
         finally:
             for h in handles:
                 h.remove()
+            for edit in self.per_hook.values():
+                edit.rows = None
 
 
 def steering_norm(s: SteerableSAE, latent: int, strength: float) -> float:

@@ -151,3 +151,16 @@ def test_refusal_logprob_shares_the_prompt_cache_exactly(tiny_model):
     assert is_refusal("I’m sorry, but I can’t help with that.") and is_refusal("抱歉，我不能提供")
     assert is_refusal("मुझे खेद है, मैं यह नहीं कर सकता") and not is_refusal("Sure! Here is how to bake bread.")
     assert [query_lang(q) for q in ("请问", "क्या है", "What?")] == ["zh", "hi", "en"]
+
+
+def test_rows_mask_edits_only_the_chosen_batch_rows(setup):
+    lm, s, ids, _ = setup
+    iv = Intervention([s], [LatentEdit(LAYER, 3, "add", 80.0 / s.scales[3])])
+    pair = torch.cat([ids, ids])
+    with torch.no_grad():
+        with iv.apply(lm.model, rows=[False, True]):
+            both = lm.model(input_ids=pair).logits
+        base = lm.model(input_ids=ids).logits[0]
+        steered = _logits(lm, ids, iv)
+    assert torch.allclose(both[0], base, atol=1e-5) and torch.allclose(both[1], steered, atol=1e-5)
+    assert not torch.allclose(both[0], both[1])
