@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.summary import summarize, summary_lines
 from safesail.domains import DOMAINS, SCORE_CUT
-from safesail.jsonl import last_per_latent
+from safesail.interpret.records import read_explanations, read_tags
 from safesail.rundir import RunDir, atomic_write_json
 from safesail.stages import PIPELINE as PIPELINE_STAGES
 
@@ -82,11 +82,11 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
             if row.get("score") is not None:
                 figs.append(f"I_CDF={row['score']:.3g}")
             lines.append(f"  {hook}: chosen {info.get('sae')}" + (f" ({', '.join(figs)})" if figs else ""))
-    expl = last_per_latent(rd.explanations_file)
+    expl = read_explanations(rd.explanations_file)
     all_scores = read_scores(rd.scores_file)
     scores = {(h, l): r for (h, l, kind), r in all_scores.items() if kind == "simulation"}
-    tags = last_per_latent(rd.tags_file)
-    ok_expl = sum(r.get("status") == "ok" for r in expl.values())
+    tags = read_tags(rd.tags_file)
+    ok_expl = sum(r.status == "ok" for r in expl.values())
     ok_scores = [r for r in scores.values() if r.ok]
     cut = float(OmegaConf.select(cfg, "db.export.score_cut", default=SCORE_CUT))
     passing = {k for k, r in scores.items() if r.ok and r.value >= cut}
@@ -94,7 +94,7 @@ def summary(rd: RunDir, cfg: DictConfig, timings: list[dict] | None = None) -> s
                  f"{len(scores)}; pass the {cut} cut: {len(passing)}")
     score_stage = (rd.stage_record("score") or {}).get("summary") or {}
     lines += summary_lines(summarize(list(all_scores.values()), float(score_stage.get("min_beats_rate", 0.8))))
-    per_domain = {d: sum(1 for k, r in tags.items() if d in (r.get("tags") or []) and k in passing) for d in DOMAINS}
+    per_domain = {d: sum(1 for k, r in tags.items() if d in r.tags and k in passing) for d in DOMAINS}
     lines.append("  passing per domain: " + ", ".join(f"{d} {n}" for d, n in per_domain.items()))
     if rd.neuron_db.exists():
         lines.append(f"neuron DB: {rd.neuron_db}")

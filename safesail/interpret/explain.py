@@ -28,7 +28,8 @@ from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret.prompts.explain import (EXAMPLES, N_SHOWN, PROMPT_VERSION, ExplanationError,
                                                 build_explain_messages, copied_reason, parse_explanation)
 from safesail.rundir import RunDir, fingerprint
-from safesail.jsonl import append_jsonl, last_per_latent, open_append
+from safesail.interpret import records
+from safesail.interpret.records import ExplanationRecord, RecordWriter
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +126,9 @@ def explanations_path(rd: RunDir) -> Path:
     return rd.explanations_file
 
 
-def read_explanations(path: Path) -> dict[tuple[str, int], dict]:
+def read_explanations(path: Path) -> dict[tuple[str, int], ExplanationRecord]:
     """The last record per (hook, latent); a torn last line (killed writer) is skipped."""
-    return last_per_latent(path)
-
-
-class JsonlAppender:
-    def __init__(self, path: Path):
-        self._f = open_append(path)
-
-    def write(self, rec: dict) -> None:
-        append_jsonl(self._f, rec, fsync=True)
-
-    def close(self) -> None:
-        self._f.close()
+    return records.read_explanations(path)
 
 
 # ---- one latent ----------------------------------------------------------------------------------------
@@ -233,7 +223,7 @@ async def explain_latent(client: LLMClient, task: LatentTask, ecfg: DictConfig) 
     return rec
 
 
-async def explain_all(client: LLMClient, tasks: list[LatentTask], ecfg: DictConfig, out: JsonlAppender) -> Counter:
+async def explain_all(client: LLMClient, tasks: list[LatentTask], ecfg: DictConfig, out: RecordWriter) -> Counter:
     """Explain every task with at most explain.concurrency in flight; returns counts by outcome."""
     sem = asyncio.Semaphore(max(1, int(ecfg.get("concurrency", 4))))
     counts: Counter = Counter()
@@ -332,7 +322,7 @@ async def _explain_run(client: LLMClient, tasks: list[LatentTask], ecfg: DictCon
         if skipped:
             log.info("explain: %d latents already explained with %s / %s; %d to go", skipped, client.model_name,
                      PROMPT_VERSION, len(todo))
-        out = JsonlAppender(path)
+        out = records.explanation_writer(path)
         try:
             counts = await explain_all(client, todo, ecfg, out)
         finally:

@@ -30,7 +30,7 @@ from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret import pair_evidence as pe
 from safesail.interpret.prompts import tag as prompts
 from safesail.interpret.scoring.inputs import explanation_key, load_explanations
-from safesail.jsonl import append_jsonl, last_per_latent, open_append
+from safesail.interpret import records
 from safesail.rundir import RunDir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, ke
     """Tag every (hook, latent) in `keys`, appending to interpret/tags.jsonl; returns a summary."""
     tagger = client.model_name if client is not None else None
     out_path = rd.tags_file
-    stored = last_per_latent(out_path)
+    stored = records.read_tags(out_path)
     todo = [k for k in keys if not (k in stored and _is_current(stored[k], expls[k], s, tagger))]
     pairs_by_hook = {h: load_hook_pairs(rd, h) for h in sorted({h for h, _ in keys})}
     index = {h: pair_index(p) if p is not None else {} for h, p in pairs_by_hook.items()}
@@ -225,7 +225,7 @@ async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, ke
     sem = asyncio.Semaphore(max(1, s["concurrency"]))
     rd.interpret.mkdir(parents=True, exist_ok=True)
     try:
-        with open_append(out_path) as f, tqdm(total=len(todo), desc="tag", unit="latent") as bar:
+        with records.tag_writer(out_path) as out, tqdm(total=len(todo), desc="tag", unit="latent") as bar:
             async def one(key):
                 hook, latent = key
                 expl = expls[key]
@@ -236,14 +236,14 @@ async def tag_all(rd: RunDir, s: dict, client: LLMClient | None, expls: dict, ke
                         llm = await llm_evidence(client, text, excerpts[hook].get(int(latent)), s["max_tokens"])
                 row = index[hook].get(int(latent))
                 pairs = pair_evidence(pairs_by_hook[hook], row, s, n_pairs) if row is not None and n_pairs else None
-                append_jsonl(f, tag_record(hook, expl.get("layer"), latent, expl, llm, pairs, s, tagger))
+                out.write(tag_record(hook, expl.get("layer"), latent, expl, llm, pairs, s, tagger))
                 bar.update(1)
 
             await asyncio.gather(*(one(k) for k in todo))
     finally:
         if client is not None:
             await client.aclose()
-    final = last_per_latent(out_path)
+    final = records.read_tags(out_path)
     recs = [final[k] for k in keys if k in final]
     per_domain = Counter(d for r in recs for d in r["tags"])
     llm_status = Counter(((r["evidence"].get("llm") or {}).get("status") or "not_asked") for r in recs)
