@@ -5,14 +5,29 @@
 
 Drives Debian's Chromium through Playwright (flags as in DEVELOPERS.md): submits the
 query, waits for the tokens, clicks the token with the most latents, saves the page.
+Chinese and Hindi need fonts with their glyphs, or the page shows empty boxes; the
+script refuses to run without them (Debian: `apt-get install fonts-noto-cjk fonts-noto-core`).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
+import sys
+
+NEEDED_FONTS = {"zh": ":lang=zh", "hi": ":lang=hi"}  # fontconfig patterns: a font covering the language
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
+
+
+def missing_fonts() -> list[str]:
+    """Languages of NEEDED_FONTS without any installed font (by fontconfig's fc-list)."""
+    if shutil.which("fc-list") is None:
+        return list(NEEDED_FONTS)
+    return [lang for lang, pattern in NEEDED_FONTS.items()
+            if not subprocess.run(["fc-list", pattern], capture_output=True, text=True).stdout.strip()]
 
 
 def main() -> None:
@@ -23,6 +38,10 @@ def main() -> None:
     ap.add_argument("--out", default="docs/img/diagnose.png")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
+    missing = missing_fonts()
+    if missing:
+        sys.exit(f"error: no font for {', '.join(missing)} is installed, so those glyphs would be empty boxes; "
+                 "install them (Debian: apt-get install fonts-noto-cjk fonts-noto-core) and run again.")
 
     from playwright.sync_api import sync_playwright
 

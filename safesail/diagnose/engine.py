@@ -194,6 +194,9 @@ class DiagnoseEngine:
             while out and out[-1] == tok.pad_token_id:
                 out.pop()
         ended = bool(out) and out[-1] in eos
+        from safesail.token_text import drop_incomplete_tail
+
+        out = drop_incomplete_tail(tok, out)  # cut inside a character: drop its first bytes (no U+FFFD)
         return out, not ended
 
     @torch.no_grad()

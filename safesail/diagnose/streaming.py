@@ -31,7 +31,10 @@ class CallbackStreamer(BaseStreamer):
             self.sent = len(text)
 
     def end(self) -> None:
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        # A generation cut at its limit inside a character: leave out the incomplete tail (the engine drops it too).
+        from safesail.token_text import drop_incomplete_tail
+
+        text = self.tok.decode(drop_incomplete_tail(self.tok, self.ids), skip_special_tokens=True)
         if len(text) > self.sent:
             self.on_text(text[self.sent:])
             self.sent = len(text)

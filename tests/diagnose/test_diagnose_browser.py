@@ -75,7 +75,7 @@ def test_query_tokens_table_and_escaping(server, page):
     assert XSS_EXPLANATION in explanations
     # nothing from the data became markup, nothing ran
     assert page.locator("img[src=x]").count() == 0
-    assert page.eval_on_selector_all("script", "e => e.map(s => s.getAttribute('src'))") == ["/static/app.js", "/static/steer.js", "/static/latent_v3.js"]
+    assert page.eval_on_selector_all("script", "e => e.map(s => s.getAttribute('src'))") == ["/static/app.js", "/static/steer.js", "/static/latent_v3.js", "/static/chars.js"]
     assert page.dialogs == []
     page.screenshot(path=str(ARTIFACTS / "diagnose.png"))
     # filters: only violence latents above 0.9 remain in the table

@@ -75,9 +75,10 @@ function tokenLabel(t) {
 }
 function renderTokens(container, tokens, onPick, f) {
   clear(container);
-  for (const t of tokens) {
-    const node = el("button", { type: "button", "data-pos": t.position, title: `#${t.position}  ${t.n_active} latents` },
-                    tokenLabel(t));
+  for (const t of groupChars(tokens)) {  // chars.js: one chip per character, however many byte tokens
+    const node = el("button", { type: "button", "data-pos": t.position,
+                                "data-positions": (t.positions || [t.position]).join(" "),
+                                title: `${positionsLabel(t)}  ${t.n_active} latents` }, tokenLabel(t));
     colourToken(node, strongest(t, f));
     node.addEventListener("mouseenter", () => onPick(t, false));
     node.addEventListener("click", () => onPick(t, true));
@@ -103,7 +104,7 @@ function latentTable(token, f) {
 }
 
 function showToken(t) {
-  $("token-title").textContent = `Token #${t.position} “${t.text}” — ${t.n_active} database latents`;
+  $("token-title").textContent = `Token ${positionsLabel(t)} “${t.text}” — ${t.n_active} database latents`;
   clear($("latent-table")).appendChild(latentTable(t, filters()));
 }
 
@@ -257,6 +258,10 @@ function renderCompare() {
       colsEls.push(el("div", { class: "group-col" }, el("h4", { text: `only ${lang} (${list.length})` }),
                       el("ul", {}, ...list.slice(0, 20).map((l) => latentChip(l, lang)))));
     }
+    if (langs.length > 2) {  // the summary's "some" column counts these: draw them too
+      colsEls.push(el("div", { class: "group-col" }, el("h4", { text: `some (${g.partial.length})` }),
+                      el("ul", {}, ...g.partial.slice(0, 20).map((l) => latentChip(l)))));
+    }
     gBox.appendChild(el("div", { class: "group", "data-domain": g.domain, "data-layer": g.layer },
       el("h3", {}, el("span", { class: "tag d-" + g.domain, text: g.domain }), ` layer ${g.layer}`),
       el("div", { class: "group-cols" }, ...colsEls)));
@@ -316,8 +321,9 @@ function histogram(h) {
   return svg;
 }
 
-function example(ex) {
-  if (!ex.tokens.length) return el("div", { class: "example", text: ex.text });
+function example(segment) {
+  if (!segment.tokens.length) return el("div", { class: "example", text: segment.text });
+  const ex = groupExample(segment.tokens, segment.activations);  // chars.js: whole characters
   const mx = Math.max(1e-9, ...ex.activations);
   const box = el("div", { class: "example" });
   ex.tokens.forEach((t, i) => {

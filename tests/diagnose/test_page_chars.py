@@ -1,0 +1,136 @@
+"""Chinese and Hindi on the diagnose page (issue 16, item 14), in a real headless Chromium.
+
+A character split over several byte-level tokens is one chip (its latents merged, every position
+kept), the latent page's examples show whole characters, the comparison view's summary counts only
+what its per-layer blocks draw, and the streamed answer never carries U+FFFD when generation stops
+inside a character. A screenshot with the glyphs goes to test-artifacts/diagnose-zh-hi.png.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from diagnose_helpers import LiveServer, build_tiny_db, make_engine
+from safesail.diagnose.api.common import ServerSettings
+from safesail.diagnose.server import create_app
+from safesail.diagnose.streaming import CallbackStreamer
+from safesail.token_text import incomplete_tail, token_pieces
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+ZH = "请解释一下光合作用。"
+HI = "भारत की राजधानी क्या है?"
+
+
+def test_a_stream_cut_inside_a_character_has_no_replacement_character(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = tok(ZH, add_special_tokens=False)["input_ids"]
+    pieces = token_pieces(tok, ids)
+    cut = next(i for i, p in enumerate(pieces) if p == "") + 1  # stop right after a character's first byte(s)
+    got: list[str] = []
+    streamer = CallbackStreamer(tok, got.append)
+    streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
+    for i in ids[:cut]:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    text = "".join(got)
+    assert "\ufffd" not in text and ZH.startswith(text) and len(text) < len(ZH)
+    n = incomplete_tail(tok, ids[:cut])
+    assert n >= 1 and tok.decode(ids[:cut - n]) == text
+    assert incomplete_tail(tok, ids) == 0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chars")
+    engine = make_engine(tiny_model, build_tiny_db(tiny_model, [0, 1, 3], folder), max_new_tokens=12, top=30)
+    presets = folder / "compare.jsonl"
+    presets.write_text(f'{{"id": "photo", "domain": "violence", "en": "Explain photosynthesis.", "zh": "{ZH}", '
+                       f'"hi": "{HI}"}}\n', encoding="utf-8")
+    with LiveServer(create_app(engine, ServerSettings(compare_file=str(presets)))) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing; install the Debian package chromium (see DEVELOPERS.md).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.console_errors = []
+        pg.on("console", lambda m: pg.console_errors.append(m.text) if m.type == "error" else None)
+        yield pg
+        browser.close()
+
+
+def _chips(page, strip: str) -> list[dict]:
+    return page.eval_on_selector_all(f"{strip} .tok", "els => els.map(e => ({text: e.textContent, "
+                                                      "positions: e.dataset.positions}))")
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("query", [ZH, HI])
+def test_one_chip_per_character_with_merged_latents(server, page, tiny_model, query):
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('model-info').textContent.includes('3 SAEs')")
+    page.fill("#query", query)
+    page.click("#submit")
+    page.wait_for_selector("#query-tokens .tok")
+    chips = _chips(page, "#query-tokens")
+    assert all(c["text"] not in ("·", "") and "\ufffd" not in c["text"] for c in chips), chips
+    assert "".join(c["text"] for c in chips) == query
+    positions = [int(p) for c in chips for p in c["positions"].split()]
+    n_tokens = len(tiny_model.tokenizer(query, add_special_tokens=False)["input_ids"])
+    assert len(positions) == n_tokens and positions == sorted(positions)  # every token's position is kept
+    multi = next(i for i, c in enumerate(chips) if " " in c["positions"])  # a character over several tokens
+    page.locator("#query-tokens .tok").nth(multi).click()
+    page.wait_for_selector("#latent-table table.latents tbody tr")
+    assert re.search(r"Token #\d+–\d+", page.text_content("#token-title"))
+    ids = page.eval_on_selector_all("#latent-table tbody tr td:first-child", "e => e.map(x => x.textContent)")
+    assert ids and len(ids) == len(set(ids))  # merged: each latent once
+    # (the tiny random model's answer may hold invalid byte sequences, shown as U+FFFD: not a split character)
+    assert page.console_errors == []
+
+
+@pytest.mark.browser
+def test_compare_summary_counts_what_the_blocks_draw_and_a_screenshot_has_glyphs(server, page):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(server.url + "/#/compare")
+    page.wait_for_function("document.getElementById('cmp-q-1').value.length > 0")
+    page.click("#compare-submit")
+    page.wait_for_selector("#compare-summary table tbody tr")
+    page.wait_for_selector("#compare-groups .group")
+    summary = page.evaluate("""() => {
+      const heads = [...document.querySelectorAll('#compare-summary thead th')].map(e => e.textContent);
+      return [...document.querySelectorAll('#compare-summary tbody tr')].map(tr => {
+        const cells = [...tr.children].map(td => td.textContent);
+        return Object.fromEntries(heads.map((h, i) => [h, cells[i]]));
+      });
+    }""")
+    drawn = page.evaluate("""() => [...document.querySelectorAll('#compare-groups .group')].map(g => ({
+      domain: g.dataset.domain,
+      cols: Object.fromEntries([...g.querySelectorAll('h4')].map(h => {
+        const m = h.textContent.match(/^(.*) \\((\\d+)\\)$/); return [m[1], Number(m[2])]; }))}))""")
+    assert summary and drawn
+    for row in summary:
+        blocks = [g["cols"] for g in drawn if g["domain"] == row["domain"]]
+        for col, value in row.items():
+            if col == "domain":
+                continue
+            assert int(value) == sum(b.get(col, 0) for b in blocks), (row["domain"], col, row, blocks)
+    assert any(int(r["some"]) > 0 for r in summary)  # three languages: some latents are in two of them
+    # Whole characters in the per-language strips too, then a screenshot to look at.
+    for lang in ("zh", "hi"):
+        chips = _chips(page, f'.lang-col[data-lang="{lang}"] .tokens')
+        assert chips and all(c["text"] != "·" for c in chips[:-1])
+    page.screenshot(path=str(ARTIFACTS / "diagnose-zh-hi.png"), full_page=False)
