@@ -89,14 +89,30 @@ def _pair_domain(tag_rec: dict | None) -> str | None:
     return best[0] if best else None
 
 
+def _collected(rd: RunDir, hook: str) -> list[int]:
+    from safetensors import safe_open
+
+    path = rd.latents(hook) / "stats.safetensors"
+    if not path.is_file():
+        return []
+    with safe_open(str(path), framework="pt") as f:
+        return [int(i) for i in f.get_tensor("latent_ids").tolist()]
+
+
 def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> list[dict]:
-    """[{hook, latent, domain, explanation, tagged}] in (hook, latent) order, at most max_latents."""
+    """[{hook, latent, domain, explanation, tagged}] in (hook, latent) order, at most max_latents.
+
+    Tagged latents first choice; without any (or with latents=candidates), every collected latent,
+    its domain from the tag stage's pair evidence when there is some.
+    """
     tags = last_per_latent(rd.interpret / "tags.jsonl")
     expls = last_per_latent(rd.interpret / "explanations.jsonl")
-    if not tags and not expls:
-        raise UserError(f"{rd.interpret} holds no explanations or tags; run `safesail explain` and "
-                        "`safesail tag` first.")
-    keys = sorted(k for k in set(tags) | set(expls) if k[0] in hooks)
+    keys = {k for k in set(tags) | set(expls) if k[0] in hooks}
+    keys |= {(h, i) for h in hooks for i in _collected(rd, h)}
+    if not keys:
+        raise UserError(f"no latent statistics under {rd.root / 'latents'}; run `safesail collect` (and "
+                        "`safesail explain`, `safesail tag`) first.")
+    keys = sorted(keys)
     tagged = [k for k in keys if (tags.get(k) or {}).get("tags")]
     chosen = tagged if s.latents == "tagged" and tagged else keys
     if s.latents == "tagged" and not tagged:
@@ -131,17 +147,13 @@ def query_sets(pairs, s: VerifySettings, tok, system_prompt) -> tuple[dict[str, 
 
 
 def load_steerable(rd: RunDir, hook: str, folder, device) -> SteerableSAE:
-    from safetensors.torch import load_file
-
+    from safesail.interpret.records import read_latent_stats
     from safesail.saes import load_sae
 
-    stats_path = rd.latents(hook) / "stats.safetensors"
-    if not stats_path.is_file():
-        raise UserError(f"{stats_path} does not exist; run `safesail collect` first.")
-    st = load_file(str(stats_path))
+    stats = read_latent_stats(rd.latents(hook), hook)
     sae = load_sae(folder).to(device).eval()
     sae.requires_grad_(False)
-    scales = {int(i): float(q) for i, q in zip(st["latent_ids"].tolist(), st["quantile_999"].tolist()) if q > 0}
+    scales = {int(i): float(q) for i, q in zip(stats.latent_ids.tolist(), stats.quantile.tolist()) if q > 0}
     return SteerableSAE(HookPoint.parse(hook), sae, scales)
 
 
