@@ -1,7 +1,8 @@
 """The yes/no judge behind detection and fuzzing: batches of excerpts, one answer each, and their figures.
 
 `BinaryJudge.judge(explanation, items)` sends the items in batches of `batch_size` (one
-call per batch). With prompt log-probabilities (`mode=logprobs`) it reads P(yes) vs P(no)
+call per batch; a batch too long for the context window is sent as two halves, down to one
+item). With prompt log-probabilities (`mode=logprobs`) it reads P(yes) vs P(no)
 at every excerpt's answer slot in one forward pass (prediction: P(yes) >= 0.5; AUROC from
 P(yes)); in `json` mode it asks for `{"answers": [...]}` (no AUROC). `binary_run` turns
 the answers into a `ScorerRun`: value = balanced accuracy over the answered items,
@@ -87,6 +88,10 @@ class BinaryJudge:
         prompt, n_before = prompts.logprob_prompt(self.task, explanation, texts, self.words)
         n_prompt = self.client.count_tokens(prompt)
         if n_prompt >= self.client.context_window:
+            if len(texts) > 1:  # a batch too long for the window goes as two halves
+                half = len(texts) // 2
+                return (await self._logprobs(explanation, texts[:half], cost)
+                        + await self._logprobs(explanation, texts[half:], cost))
             return _all_failed(texts, f"context_overflow: {n_prompt} prompt tokens, window "
                                       f"{self.client.context_window}")
         try:
@@ -116,6 +121,10 @@ class BinaryJudge:
         max_tokens = self.max_reply_tokens + 8 * len(texts)
         n_prompt = self.client.count_message_tokens(messages)
         if n_prompt + max_tokens > self.client.context_window:
+            if len(texts) > 1:
+                half = len(texts) // 2
+                return (await self._json(explanation, texts[:half], cost)
+                        + await self._json(explanation, texts[half:], cost))
             return _all_failed(texts, f"context_overflow: {n_prompt} prompt + {max_tokens} reply tokens, window "
                                       f"{self.client.context_window}")
         req = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=0.0,

@@ -236,12 +236,14 @@ class Simulator:
         """Several segments in one call (logprobs mode; json mode sends one call per segment).
 
         The call's cost is carried by the first result. A batch that does not fit the
-        context window is sent again one segment per call."""
+        context window is sent as two halves (down to one segment per call)."""
         if self.mode != "logprobs" or len(segments) <= 1 or any(not t for t in segments):
             return [await self.simulate(explanation, t) for t in segments]
         prompt, n_before = prompts.logprob_prompt_many(explanation, segments, self.scale_max)
-        if self.client.count_tokens(prompt) >= self.client.context_window:
-            return [await self.simulate(explanation, t) for t in segments]
+        if self.client.count_tokens(prompt) >= self.client.context_window:  # too long: two halves
+            half = len(segments) // 2
+            return (await self.simulate_many(explanation, segments[:half])
+                    + await self.simulate_many(explanation, segments[half:]))
         candidates = [str(v) for v in range(self.scale_max + 1)]
         try:
             res = await self.client.prompt_logprobs(prompt, candidates)

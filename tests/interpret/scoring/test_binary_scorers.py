@@ -114,3 +114,17 @@ def test_shuffled_partners_are_fixed_and_never_the_same_text():
     for k, p in a.items():
         assert p is not None and p != k and expls[p]["explanation"] != expls[k]["explanation"]
     assert shuffled_partners({("h", 1): {"status": "ok", "explanation": "x"}}) == {("h", 1): None}
+
+
+def test_a_batch_too_long_for_the_window_goes_in_halves():
+    ex = _examples()
+    items = detection_items(ex)
+    client = FakeJudge()
+    three, _ = layout.logprob_prompt(DET, "pizza", [it.text for it in items[:3]], layout.YES_NO)
+    client.context_window = client.count_tokens(three) + 1  # 3 items fit, 10 do not
+    run = asyncio.run(DetectionScorer(BinaryJudge(client, DET, "logprobs", batch_size=10)).score("pizza", ex))
+    assert run.failure is None and run.value == 1.0 and run.cost.llm_calls == 4  # 10 -> 5 + 5 -> 2 + 3 each
+    one, _ = layout.logprob_prompt(DET, "pizza", [items[0].text], layout.YES_NO)
+    client.context_window = client.count_tokens(one) - 1  # not even one item fits: named, not sent
+    run = asyncio.run(DetectionScorer(BinaryJudge(client, DET, "logprobs", batch_size=10)).score("pizza", ex))
+    assert run.value is None and all(it["failure"].startswith("context_overflow") for it in run.items)

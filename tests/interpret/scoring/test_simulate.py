@@ -204,3 +204,14 @@ def test_query_mode_detects_a_window_that_does_not_hold_the_segment():
     segs, _ = _segments()
     run = _run(FakeClient(), "logprobs", segs, "query", lambda s: (["x"] * 8, 0))
     assert run.value is None and "token_mismatch" in run.failure
+
+
+def test_segments_that_do_not_fit_one_window_go_in_halves():
+    from safesail.interpret.scoring.prompts.simulation import logprob_prompt_many
+
+    segs, _ = _segments()
+    client = FakeClient()
+    two, _ = logprob_prompt_many("pizza", [s["tokens"] for s in segs[:2]], 9)
+    client.context_window = client.count_tokens(two) + 1
+    run = _run(client, "logprobs", segs, per_call=4)
+    assert run.failure is None and run.cost.llm_calls == 2 and run.value > 0.9

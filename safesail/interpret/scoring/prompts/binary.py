@@ -22,6 +22,7 @@ from safesail.interpret.scoring.prompts.simulation import PLACEHOLDER, SEPARATOR
 from safesail.interpret.scoring.simulator import SimulationFailure, extract_json_object
 
 YES, NO = " yes", " no"  # after the TAB: a space keeps TAB and answer apart in Qwen's tokenizer ("\tno" is one token)
+YES_NO = (YES, NO)
 DIGITS = ("1", "0")  # the answers when "yes" or "no" is not one token of the back end's tokenizer
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\x0b": "\\v", "\x0c": "\\f"}
