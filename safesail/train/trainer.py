@@ -11,14 +11,16 @@ trained[0].sae.encode(x)     # an SAE in raw activation units; trained[0].metric
 `batches` is any iterable of `[batch, d]` tensors (every config then trains on them), or of
 `{hook: tensor}` dicts (a config trains on the entry named by its `hook`), or a function
 `start_batch -> iterable` (lets a resumed run skip data without reading it). Each batch is
-read once and fed to every SAE; each SAE has its own Adam optimiser and learning-rate
-schedule (linear warmup, then constant, then linear decay over the last `lr_decay_fraction`
-of `total_steps`), default learning rate 2e-4 / sqrt(n_latents / 2^14).
+read, checked, normalised and copied to the device once and fed to every SAE (on
+`sae_threads` threads if asked); each SAE has its own optimiser (`cfg.optimizer`: schedule-free
+signum by default, or Adam with warmup / constant / final linear decay) and learning rate
+(`safesail.saes.config.default_lr`). The recipe and the sweep that chose it: docs/training.md.
 
 Per SAE and step: activations scaled to unit mean squared norm (the scale is estimated on the
-first batch and folded into the weights at the end), b_dec initialised at the first batch's
-geometric median, the loss (FVU + sparsity + AuxK on dead latents), gradient parallel to
-decoder rows removed, Adam step, decoder rows renormalised, dead-latent counters updated.
+first batch and folded into the weights at the end), b_dec at the first batch's mean, the
+loss (FVU + sparsity + AuxK on latents silent for `dead_tokens`, auto-sized to the run),
+gradient parallel to decoder rows removed, optimiser step, decoder rows renormalised.
+metrics hold the training figures and the learned-nothing signals (safesail/train/signals.py).
 
 Resume: with `checkpoint_path`, the full state (weights, Adam moments, step, dead counters,
 scales, RNG, data position) is written atomically every `checkpoint_every` batches and at
@@ -31,8 +33,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,11 @@ from tqdm.auto import tqdm
 from safesail.errors import UserError
 from safesail.rundir import fingerprint as make_fingerprint
 from safesail.train.distributed import DistContext
+from safesail.atomic import atomic_torch_save
+from safesail.train.checkpoint import checkpoint_position, read_checkpoint  # noqa: F401 (re-exported)
 from safesail.train.optim import make_optimizer
+from safesail.train.step_pool import StepPool
+from safesail.train.wandb_log import start_wandb
 from safesail.train.signals import curve_signals, weight_signals
 from safesail.saes import SAE, SAEConfig, build_sae
 
@@ -197,30 +201,6 @@ def auto_dead_tokens(configured: int | None, total_steps: int | None, batch: int
     return int(min(10_000_000, max(4 * batch, total // 32)))
 
 
-class _StepPool:
-    """Runs the SAE steps of one batch one after the other, or on `workers` threads (torch ops
-    release the GIL), splitting the intra-op threads between them so they overlap, not contend."""
-
-    def __init__(self, workers: int, n_saes: int):
-        self.workers = max(1, min(int(workers or 1), n_saes or 1))
-        self.ex = None
-        self.threads_before = torch.get_num_threads()
-        if self.workers > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            torch.set_num_threads(max(1, self.threads_before // self.workers))
-            self.ex = ThreadPoolExecutor(self.workers, thread_name_prefix="sae-step")
-
-    def map(self, fn, items):
-        return list(map(fn, items)) if self.ex is None or len(items) < 2 else list(self.ex.map(fn, items))
-
-    def close(self) -> None:
-        if self.ex is not None:
-            self.ex.shutdown()
-            torch.set_num_threads(self.threads_before)
-            self.ex = None
-
-
 def _autocast_factory(opts: TrainOptions, device: torch.device) -> Callable[[], Any]:
     want = opts.autocast
     if isinstance(want, str):
@@ -237,33 +217,6 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
         bad = (~torch.isfinite(x)).nonzero()[0].tolist()
         raise UserError(f"activations hold NaN/inf ({where}, row {bad[0]}, column {bad[1]}); re-create the "
                         "activation cache (e.g. with cache.dtype=float32) or drop the broken shard.")
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def checkpoint_position(path: str | Path | None) -> int:
-    """Batches already consumed according to the checkpoint at `path` (0 if none)."""
-    if path is None:
-        return 0
-    ck = read_checkpoint(path)
-    return int(ck["batches_done"]) if ck else 0
 
 
 def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[int, str] = (1, "ddp")) -> str:
@@ -340,7 +293,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     def save_checkpoint() -> None:
         if ck_path is None or not (ctx.is_main or ctx.mode == "sae_parallel"):
             return
-        _atomic_torch_save({"fingerprint": fp, "batches_done": batches_done, "scales": scales,
+        atomic_torch_save({"fingerprint": fp, "batches_done": batches_done, "scales": scales,
                             "rng": torch.get_rng_state(),
                             "saes": {f"{st.cfg.hook}/{st.cfg.name}": st.state_dict() for st in states}}, ck_path)
 
@@ -350,7 +303,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     else:
         source, skip = batches, batches_done
     autocast_ctx = _autocast_factory(opts, device)
-    run = _start_wandb(opts, all_cfgs, ctx)
+    run = start_wandb(opts, all_cfgs, ctx)
     hooks = sorted({c.hook for c in all_cfgs}, key=str)
     total = opts.total_steps
     bar = tqdm(total=total, initial=batches_done, desc="train SAEs", unit="batch",
@@ -359,7 +312,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     it: Iterator[Batch] = iter(source)
     index = -1
     profile = {"data_s": 0.0, "sae_wall_s": 0.0}
-    pool = _StepPool(opts.sae_threads if not ctx.data_parallel else 1, len(states))
+    pool = StepPool(opts.sae_threads if not ctx.data_parallel else 1, len(states))
     t_data = time.perf_counter()
     try:
         while not finished:
@@ -463,18 +416,3 @@ def _first_batch_init(x: torch.Tensor, sumsq: float, n_global: int, hook: str | 
         if st.cfg.hook == hook:
             st.sae.init_b_dec(full * s)
     return s
-
-
-def _start_wandb(opts: TrainOptions, cfgs: list[SAEConfig], ctx: DistContext):
-    w = opts.wandb or {}
-    mode = str(w.get("mode", "disabled"))
-    if mode == "disabled" or os.environ.get("WANDB_MODE") == "disabled" or not ctx.is_main:
-        return None
-    try:
-        import wandb
-    except ImportError:  # pragma: no cover
-        log.warning("wandb is not installed; training curves are not logged")
-        return None
-    return wandb.init(project=w.get("project", "safesail"), entity=w.get("entity"), name=w.get("name"),
-                      mode=mode, dir=w.get("dir"), config={"saes": [c.to_dict() for c in cfgs]},
-                      reinit="finish_previous" if hasattr(wandb, "init") else True)
