@@ -128,14 +128,16 @@ def check_overrides(overrides: Sequence[str]) -> DictConfig:
     groups = config_groups()
     keys = [o.key_or_group for o in parsed if not o.is_delete()]
     first: DictConfig | None = None
+    defaults_of: dict[tuple[str, ...], DictConfig] = {}
     for combo in _combinations(parsed):
         try:
             cfg = compose(combo)
         except (HydraException, OmegaConfBaseException) as e:
             raise _composition_error(e, combo, parsed) from None
         # the YAML defaults of the same group choices: the type of an undeclared overridden key
-        choices = [c for c in combo if c.split("=", 1)[0].lstrip("+") in groups]
-        defaults = compose(choices) if any("." in k for k in keys) else None
-        check_config(cfg, keys, defaults)
+        choices = tuple(c for c in combo if c.split("=", 1)[0].lstrip("+") in groups)
+        if any("." in k for k in keys) and choices not in defaults_of:
+            defaults_of[choices] = compose(list(choices))
+        check_config(cfg, keys, defaults_of.get(choices))
         first = first if first is not None else cfg
     return first if first is not None else compose([])
