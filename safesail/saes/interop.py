@@ -112,7 +112,7 @@ def export_foreign(fmt: str, sae: SAE, dest: Path) -> Path:
         return export_sparsify(sae, dest)
     from safesail.saes.safesail_layout import save_safesail_checkpoint
 
-    if sae.cfg.arch not in ("topk", "jumprelu", "batchtopk"):
+    if sae.cfg.arch not in ("topk", "jumprelu", "batchtopk", "matryoshka_topk", "matryoshka_batchtopk"):
         raise UserError(f"Safe-SAIL's checkpoint layout holds TopK or JumpReLU SAEs, and this one is "
                         f"{sae.cfg.arch}; export it with --format saelens instead.")
     return save_safesail_checkpoint(sae, dest)

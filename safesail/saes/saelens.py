@@ -16,7 +16,10 @@ from safetensors.torch import save_file
 from safesail.hooks import HookPoint
 from safesail.saes.base import SAE
 
-_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
+_ARCH = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard",
+         "matryoshka_topk": "topk", "matryoshka_batchtopk": "jumprelu"}  # Matryoshka SAEs infer as their base
+_TOPK = ("topk", "matryoshka_topk")
+_BATCHTOPK = ("batchtopk", "matryoshka_batchtopk")
 
 
 def hf_module_name(hook: str | None) -> str | None:
@@ -28,9 +31,13 @@ def hf_module_name(hook: str | None) -> str | None:
 
 def export_saelens(sae: SAE, folder: str | Path, context_size: int | None = None) -> Path:
     """Write `sae` in SAELens's layout. BatchTopK exports as JumpReLU with its learned threshold for every latent."""
+    c = sae.cfg
+    if c.arch not in _ARCH:
+        from safesail.errors import UserError
+
+        raise UserError(f"SAELens has no layout for a {c.arch} SAE; export it with --format safesail instead.")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    c = sae.cfg
     tensors = {
         "W_enc": sae.W_enc.detach().cpu().t().contiguous(),
         "b_enc": sae.b_enc.detach().cpu().clone(),
@@ -39,7 +46,7 @@ def export_saelens(sae: SAE, folder: str | Path, context_size: int | None = None
     }
     if c.arch == "jumprelu":
         tensors["threshold"] = sae.threshold.detach().cpu().clone()
-    elif c.arch == "batchtopk":
+    elif c.arch in _BATCHTOPK:
         tensors["threshold"] = sae.threshold.detach().cpu().clamp_min(0).expand(c.n_latents).clone()
     save_file(tensors, str(folder / "sae_weights.safetensors"))
     layer = HookPoint.parse(c.hook).layer if c.hook else None
@@ -53,9 +60,9 @@ def export_saelens(sae: SAE, folder: str | Path, context_size: int | None = None
         "hook_name": hf_module_name(c.hook),
         "hook_layer": layer,
         "hook_head_index": None,
-        "activation_fn_str": "topk" if c.arch == "topk" else "relu",
-        "activation_fn_kwargs": {"k": c.k} if c.arch == "topk" else {},
-        "k": c.k if c.arch == "topk" else None,
+        "activation_fn_str": "topk" if c.arch in _TOPK else "relu",
+        "activation_fn_kwargs": {"k": c.k} if c.arch in _TOPK else {},
+        "k": c.k if c.arch in _TOPK else None,
         "apply_b_dec_to_input": True,
         "finetuning_scaling_factor": False,
         "normalize_activations": "none",

@@ -28,7 +28,7 @@ WEIGHTS = "sae.safetensors"
 def export_sparsify(sae: SAE, folder: str | Path) -> Path:
     """Write a TopK `sae` as a sparsify folder that `SparseCoder.load_from_disk(folder)` reads."""
     c = sae.cfg
-    if c.arch != "topk":
+    if c.arch not in ("topk", "matryoshka_topk"):  # a Matryoshka TopK SAE encodes as a TopK one
         raise UserError(f"sparsify has only TopK SAEs, and this one is {c.arch}; export it with "
                         "--format saelens or --format safesail instead.")
     folder = Path(folder)

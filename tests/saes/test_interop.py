@@ -46,10 +46,11 @@ def _sparsify_dense(sc, x):
     return torch.zeros(x.shape[0], sc.num_latents).scatter_(-1, out.top_indices, out.top_acts)
 
 
-def test_sparsify_loads_our_topk_export(tmp_path):
+@pytest.mark.parametrize("arch", ["topk", "matryoshka_topk"])
+def test_sparsify_loads_our_topk_export(tmp_path, arch):
     from sparsify import SparseCoder
 
-    sae = _ours("topk", k=K)
+    sae = _ours(arch, k=K)
     export_sparsify(sae, tmp_path / "layers.1.mlp")
     cfg = json.loads((tmp_path / "layers.1.mlp" / "cfg.json").read_text())
     assert cfg["expansion_factor"] == N // D and cfg["num_latents"] == N and cfg["d_in"] == D
@@ -91,7 +92,8 @@ def test_sparsify_refuses_what_it_cannot_hold(tmp_path):
         load_sparsify(tmp_path / "g")
 
 
-@pytest.mark.parametrize("arch, kw", [("topk", {"k": K}), ("jumprelu", {}), ("relu", {})])
+@pytest.mark.parametrize("arch, kw", [("topk", {"k": K}), ("jumprelu", {}), ("relu", {}),
+                                      ("matryoshka_topk", {"k": K})])
 def test_saelens_loads_our_export(tmp_path, arch, kw):
     from sae_lens import SAE
 
@@ -105,7 +107,7 @@ def test_saelens_loads_our_export(tmp_path, arch, kw):
         assert torch.allclose(theirs.decode(z), sae.decode(z), atol=1e-4)
     back = load_saelens(tmp_path / "s", hook=HOOK, model="tiny")  # and round-trips into ours
     with torch.no_grad():
-        assert back.cfg.arch == arch and torch.allclose(back.encode(x), z, atol=1e-5)
+        assert back.cfg.arch == arch.removeprefix("matryoshka_") and torch.allclose(back.encode(x), z, atol=1e-5)
 
 
 @pytest.mark.parametrize("which", ["topk", "jumprelu", "standard-no-b_dec-input", "topk-rescaled"])
