@@ -77,8 +77,8 @@ def plan(cfg, rd: RunDir) -> tuple[list[HookInputs], dict[str, str | None]]:
                      "segments": inputs.sha256_file(latent_dir / "segments.jsonl")}
         hi.hashes = {k: v or "" for k, v in hi.hashes.items()}  # "" = file absent
         hooks.append(hi)
-    interp = {name: inputs.sha256_file(rd.interpret / f"{name}.jsonl") for name in inputs.INTERPRET_FILES}
-    interp[load_verify.NAME] = inputs.sha256_file(load_verify.source_path(rd.root))
+    interp = {name: inputs.sha256_file(interpret_file(rd, name)) for name in inputs.INTERPRET_FILES}
+    interp[load_verify.NAME] = inputs.sha256_file(rd.effects_file)
     return hooks, interp
 
 
@@ -123,7 +123,7 @@ def build_db(cfg, rd: RunDir, db_path: Path | None = None,
                               (name, interp[name]))
             v = interp[load_verify.NAME]
             if v is not None and (replaced or stored.get(load_verify.NAME) != v):
-                summary["verify_effects"] = load_verify.load_effects(c, load_verify.source_path(rd.root))
+                summary["verify_effects"] = load_verify.load_effects(c, rd.effects_file)
                 c.execute("INSERT OR REPLACE INTO inputs(hook, name, sha256) VALUES ('', ?, ?)", (load_verify.NAME, v))
             db.set_meta("run", cfg.run.name)
             db.set_meta("source", "safesail-run")
@@ -259,10 +259,14 @@ def _same_sae(rec: dict, folder: Path) -> bool:
     return not sae or Path(str(sae)).name == folder.name or str(folder).endswith(str(sae))
 
 
+def interpret_file(rd: RunDir, name: str) -> Path:
+    return {"explanations": rd.explanations_file, "scores": rd.scores_file, "tags": rd.tags_file}[name]
+
+
 def read_records(rd: RunDir, name: str) -> dict[tuple, dict]:
     """The last record per key of one interpret file: (hook, latent) for explanations and tags,
     (hook, latent, kind) for scores (read through the scoring stage's own reader)."""
-    path = rd.interpret / f"{name}.jsonl"
+    path = interpret_file(rd, name)
     if name == "scores":
         from safesail.interpret.scoring.records import ScoreRecord, read_scores
 

@@ -22,20 +22,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from safesail.atomic import atomic_torch_save
+from safesail import layout
+from safesail.atomic import atomic_torch_save, atomic_write_text
 from safesail.domains import SCORE_CUT
 from safesail.errors import UserError
 from safesail.neurondb import load_verify
 from safesail.neurondb.jsonl_dump import dump_jsonl
 from safesail.neurondb.rows import DEFAULT_KIND
 from safesail.neurondb.store import NeuronDB
-from safesail.rundir import atomic_write_text
 
 log = logging.getLogger(__name__)
 INDEX_MODES = ("explained", "exported", "all")
@@ -140,12 +139,11 @@ def export_release(db: NeuronDB, out_dir: Path, score_cut: float = SCORE_CUT, in
     summary = {"entries": 0, "tagged": 0, "files": [], "layers": {}}
     exported: dict[int, set[int]] = {}
     for lang in db_langs(db):
-        entries, layout = lang_entries(db, score_cut, lang)
+        entries, fmt = lang_entries(db, score_cut, lang)
         if not entries and lang != "en":
             continue
         name = f"{lang}_db.json"
-        atomic_write_text(out_dir / name, LAYOUTS[layout](entries))
-        os.chmod(out_dir / name, 0o644)
+        atomic_write_text(out_dir / name, LAYOUTS[fmt](entries))
         summary["files"].append(name)
         for k in entries:
             layer, idx = map(int, k.split("_"))
@@ -159,17 +157,17 @@ def export_release(db: NeuronDB, out_dir: Path, score_cut: float = SCORE_CUT, in
         if t is None:
             continue
         idx, top, bot = t
-        _save_torch(torch.from_numpy(idx), out_dir / f"indices_layer{layer}.pt")
+        _save_torch(torch.from_numpy(idx), out_dir / layout.release_indices(layer))
         summary["layers"][layer] = {"indices": int(len(idx)), "k": None if top is None else int(top.shape[0])}
         if top is not None:
             _save_torch({"top_neuron_activations": torch.from_numpy(top),
-                         "bottom_neuron_activations": torch.from_numpy(bot)}, out_dir / f"quantile_layer{layer}.pt")
+                         "bottom_neuron_activations": torch.from_numpy(bot)}, out_dir / layout.release_quantiles(layer))
     effects = list(load_verify.all_effects(db.conn))
     if effects:
-        atomic_write_text(out_dir / "verify.jsonl",
+        atomic_write_text(out_dir / layout.VERIFY_EXPORT,
                           "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in effects))
         summary["verify_effects"] = len(effects)
     if jsonl:
-        summary["jsonl_lines"] = dump_jsonl(db, out_dir / "neurons.jsonl")
+        summary["jsonl_lines"] = dump_jsonl(db, out_dir / layout.NEURONS_JSONL)
     log.info("exported %s to %s", summary, out_dir)
     return summary

@@ -11,15 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safesail.verify.records import effects_path, read_effects
+from safesail.verify.records import read_effects
 
 NAME = "verify_effects"       # its name in the `inputs` table of file hashes
 COLUMNS = ("hook", "layer", "latent", "target", "domain", "lang", "check", "metric", "value", "ci_low", "ci_high",
            "n", "details")
-
-
-def source_path(run_root: Path) -> Path:
-    return effects_path(run_root)
 
 
 def load_effects(c, path: Path) -> int:
