@@ -197,6 +197,7 @@ class ScoreConfig:
     constant_explanation: str
     bootstrap: int
     min_beats_rate: float
+    binary_metric: Literal["balanced_accuracy", "auroc"]
     mode: Literal["auto", "logprobs", "json"]
     min_ok_fraction: float
     granularity: Literal["segment", "query"]

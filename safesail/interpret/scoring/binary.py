@@ -150,6 +150,17 @@ def answer_words(client: LLMClient) -> tuple[str, str]:
     return prompts.DIGITS
 
 
+def check_metric(metric: str, judge: BinaryJudge) -> str:
+    from safesail.errors import UserError
+
+    if metric not in METRICS:
+        raise UserError(f"unknown score.binary_metric {metric!r}; use balanced_accuracy or auroc.")
+    if metric == "auroc" and judge.mode != "logprobs":
+        raise UserError(f"score.binary_metric=auroc needs prompt log-probabilities, which the {judge.client.model_name!r} "
+                        "back end does not return here; use score.binary_metric=balanced_accuracy.")
+    return metric
+
+
 def _all_failed(texts: list[str], failure: str, raw: str | None = None) -> list[dict]:
     out = [{"p_yes": None, "pred": None, "failure": failure} for _ in texts]
     if raw is not None and out:
@@ -157,9 +168,13 @@ def _all_failed(texts: list[str], failure: str, raw: str | None = None) -> list[
     return out
 
 
+METRICS = ("balanced_accuracy", "auroc")
+
+
 def binary_run(items: list[Item], answers: list[dict], cost: Cost, t0: float,
-               min_ok_fraction: float = 1.0) -> ScorerRun:
-    """Balanced accuracy (the value), AUROC and accuracy per level from the judged items."""
+               min_ok_fraction: float = 1.0, metric: str = "balanced_accuracy") -> ScorerRun:
+    """The value (`metric`: balanced accuracy at P(yes) = 0.5, or AUROC of P(yes)), the other figures,
+    accuracy per level, from the judged items."""
     recs = []
     for it, a in zip(items, answers):
         rec = {"id": it.id, "level": it.level, "label": it.label, "text": it.text, **it.extra, **a,
@@ -170,15 +185,15 @@ def binary_run(items: list[Item], answers: list[dict], cost: Cost, t0: float,
         return ScorerRun(None, "no_score_segments: no items to ask about", recs, 0, cost, {}, None, seconds)
     ok = [r for r in recs if r["status"] == "ok"]
     fig = _figures(ok)
-    resample = _resampler(recs)
+    resample = _resampler(recs, metric)
     if len(ok) < min_ok_fraction * len(recs) - 1e-9:
         first = next(r for r in recs if r["status"] != "ok")
         return ScorerRun(None, f"items_failed: {len(recs) - len(ok)} of {len(recs)} items failed (first, "
                                f"{first['id']}: {first['failure']})", recs, len(ok), cost, fig, resample, seconds)
-    if fig["balanced_accuracy"] is None:
+    if fig[metric] is None:
         return ScorerRun(None, f"one_class: the {len(ok)} answered items have one label", recs, len(ok), cost,
                          fig, resample, seconds)
-    return ScorerRun(fig["balanced_accuracy"], None, recs, len(ok), cost, fig, resample, seconds)
+    return ScorerRun(fig[metric], None, recs, len(ok), cost, fig, resample, seconds)
 
 
 def _figures(ok: list[dict]) -> dict:
@@ -193,9 +208,11 @@ def _figures(ok: list[dict]) -> dict:
             "n_positive": sum(labels), "n_negative": len(labels) - sum(labels)}
 
 
-def _resampler(recs: list[dict]):
+def _resampler(recs: list[dict], metric: str = "balanced_accuracy"):
     def value_of(idx: list[int]) -> float | None:
         ok = [recs[i] for i in idx if recs[i]["status"] == "ok"]
+        if metric == "auroc":
+            return metrics.auroc([r["label"] for r in ok], [r["p_yes"] for r in ok])
         return metrics.balanced_accuracy([r["label"] for r in ok], [bool(r["pred"]) for r in ok])
 
     return value_of

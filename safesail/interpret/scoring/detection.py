@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from safesail.interpret.scoring.binary import BinaryJudge, Item, batch_order, binary_run
+from safesail.interpret.scoring.binary import BinaryJudge, Item, batch_order, binary_run, check_metric
 from safesail.interpret.scoring.prompts import binary as layout
 from safesail.interpret.scoring.protocol import Example, ScorerRun
 
@@ -23,15 +23,16 @@ def detection_items(examples: list[Example]) -> list[Item]:
 class DetectionScorer:
     kind = "detection"
 
-    def __init__(self, judge: BinaryJudge, min_ok_fraction: float = 1.0):
+    def __init__(self, judge: BinaryJudge, min_ok_fraction: float = 1.0, metric: str = "balanced_accuracy"):
         self.judge = judge
         self.min_ok_fraction = float(min_ok_fraction)
+        self.metric = check_metric(metric, judge)
 
     def identity(self) -> dict:
-        return {**self.judge.identity(), "min_ok_fraction": self.min_ok_fraction}
+        return {**self.judge.identity(), "min_ok_fraction": self.min_ok_fraction, "metric": self.metric}
 
     async def score(self, explanation: str, examples: list[Example]) -> ScorerRun:
         t0 = time.perf_counter()
         items = batch_order(detection_items(examples))
         answers, cost = await self.judge.judge(explanation, items)
-        return binary_run(items, answers, cost, t0, self.min_ok_fraction)
+        return binary_run(items, answers, cost, t0, self.min_ok_fraction, self.metric)

@@ -14,7 +14,7 @@ import hashlib
 import random
 import time
 
-from safesail.interpret.scoring.binary import BinaryJudge, Item, batch_order, binary_run
+from safesail.interpret.scoring.binary import BinaryJudge, Item, batch_order, binary_run, check_metric
 from safesail.interpret.scoring.prompts import binary as layout
 from safesail.interpret.scoring.protocol import Example, ScorerRun
 
@@ -51,16 +51,19 @@ def fuzzing_items(examples: list[Example], max_marks: int = 3) -> list[Item]:
 class FuzzingScorer:
     kind = "fuzzing"
 
-    def __init__(self, judge: BinaryJudge, max_marks: int = 3, min_ok_fraction: float = 1.0):
+    def __init__(self, judge: BinaryJudge, max_marks: int = 3, min_ok_fraction: float = 1.0,
+                 metric: str = "balanced_accuracy"):
         self.judge = judge
         self.max_marks = max(1, int(max_marks))
         self.min_ok_fraction = float(min_ok_fraction)
+        self.metric = check_metric(metric, judge)
 
     def identity(self) -> dict:
-        return {**self.judge.identity(), "max_marks": self.max_marks, "min_ok_fraction": self.min_ok_fraction}
+        return {**self.judge.identity(), "max_marks": self.max_marks, "min_ok_fraction": self.min_ok_fraction,
+                "metric": self.metric}
 
     async def score(self, explanation: str, examples: list[Example]) -> ScorerRun:
         t0 = time.perf_counter()
         items = batch_order(fuzzing_items(examples, self.max_marks))
         answers, cost = await self.judge.judge(explanation, items)
-        return binary_run(items, answers, cost, t0, self.min_ok_fraction)
+        return binary_run(items, answers, cost, t0, self.min_ok_fraction, self.metric)

@@ -27,7 +27,7 @@ def _detection(client: LLMClient, sc: dict, sem, windows) -> Scorer:
     from safesail.interpret.scoring.prompts.detection import TASK
 
     judge = BinaryJudge(client, TASK, sc["mode"], sc["detection"]["batch_size"], sem=sem)
-    return DetectionScorer(judge, sc["min_ok_fraction"])
+    return DetectionScorer(judge, sc["min_ok_fraction"], sc["binary_metric"])
 
 
 def _fuzzing(client: LLMClient, sc: dict, sem, windows) -> Scorer:
@@ -36,7 +36,7 @@ def _fuzzing(client: LLMClient, sc: dict, sem, windows) -> Scorer:
     from safesail.interpret.scoring.prompts.fuzzing import TASK
 
     judge = BinaryJudge(client, TASK, sc["mode"], sc["fuzzing"]["batch_size"], sem=sem)
-    return FuzzingScorer(judge, sc["fuzzing"]["max_marks"], sc["min_ok_fraction"])
+    return FuzzingScorer(judge, sc["fuzzing"]["max_marks"], sc["min_ok_fraction"], sc["binary_metric"])
 
 
 SCORERS: dict[str, Callable[..., Scorer]] = {"simulation": _simulation, "detection": _detection,

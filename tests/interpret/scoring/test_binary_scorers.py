@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
@@ -128,3 +129,24 @@ def test_a_batch_too_long_for_the_window_goes_in_halves():
     client.context_window = client.count_tokens(one) - 1  # not even one item fits: named, not sent
     run = asyncio.run(DetectionScorer(BinaryJudge(client, DET, "logprobs", batch_size=10)).score("pizza", ex))
     assert run.value is None and all(it["failure"].startswith("context_overflow") for it in run.items)
+
+
+def test_auroc_as_the_value_is_not_flattened_by_a_yes_biased_judge():
+    class YesBiased(FakeJudge):  # P(yes) above 0.5 everywhere, higher where the explanation applies
+        async def prompt_logprobs(self, prompt, candidates):
+            res = await super().prompt_logprobs(prompt, candidates)
+            yes, no = candidates
+            for lp in res.next_logprobs:
+                hot = lp[yes] > lp[no]
+                lp[yes], lp[no] = math.log(0.9 if hot else 0.6), math.log(0.1 if hot else 0.4)
+            return res
+
+    ex = _examples()
+    ba = asyncio.run(DetectionScorer(BinaryJudge(YesBiased(), DET)).score("pizza", ex))
+    au = asyncio.run(DetectionScorer(BinaryJudge(YesBiased(), DET), metric="auroc").score("pizza", ex))
+    assert ba.value == 0.5 and ba.metrics["yes_rate"] == 1.0 and au.value == 1.0
+    assert au.resample(list(range(len(au.items)))) == 1.0
+    from safesail.errors import UserError
+
+    with pytest.raises(UserError, match="log-probabilities"):
+        DetectionScorer(BinaryJudge(FakeJudge(logprobs=False), DET), metric="auroc")
