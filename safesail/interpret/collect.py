@@ -28,6 +28,7 @@ from safesail.hooks import HookPoint, capture_activations, special_token_mask
 from safesail.interpret.latent_stats import LatentHistogram, RunningLatentStats
 from safesail.interpret.segments import (LevelReservoir, SegmentSpec, deal_splits, level_of, segment_record,
                                          segment_span)
+from safesail.interpret.records import write_latent_stats
 from safesail.rundir import RunDir, atomic_write_json, atomic_write_text, fingerprint
 from safesail.token_text import token_pieces
 
@@ -250,7 +251,6 @@ def collect_hook(h: HookInputs, scratch: Path, n_shards: int, pool: torch.Tensor
     tensors["latent_ids"] = torch.tensor(h.latent_ids, dtype=torch.int64)
     tensors["hist_counts"] = hist.counts
     tensors["hist_edges"] = hist.edges()
-    _save(h.out_dir / "stats.safetensors", tensors)
     if too_few:
         log.warning("%s: %d of %d latents have too few examples (listed in meta.json)", hook, len(too_few), m)
     hp = HookPoint.parse(hook)
@@ -260,7 +260,7 @@ def collect_hook(h: HookInputs, scratch: Path, n_shards: int, pool: torch.Tensor
             "segments": seg_counts, "dead_latents": int((stats.fire_count == 0).sum()),
             "too_few": too_few, "too_few_count": len(too_few), "few_random": few_random,
             "complete": True}
-    atomic_write_json(h.out_dir / "meta.json", meta)
+    write_latent_stats(h.out_dir, tensors, meta)  # stats first, meta.json last: meta means complete
     return {"latents": m, "too_few": len(too_few), **seg_counts}
 
 

@@ -70,15 +70,12 @@ def collected_hooks(rd: RunDir) -> list[str]:
 
 
 def load_tasks(rd: RunDir, hook: str, latents: list[int] | None = None) -> list[LatentTask]:
-    from safetensors.torch import load_file
-
-    folder = rd.latents(hook)
-    meta = json.loads((folder / "meta.json").read_text())
-    stats = load_file(str(folder / "stats.safetensors"))
+    latent_stats = records.read_latent_stats(rd.latents(hook), hook)
+    meta, stats = latent_stats.meta, latent_stats.tensors
     ids = stats["latent_ids"].tolist()
     max_act = dict(zip(ids, stats["max_act"].tolist()))
     segs: dict[int, list[dict]] = {}
-    with open(folder / "segments.jsonl", encoding="utf-8") as f:
+    with open(rd.latent_segments(hook), encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
