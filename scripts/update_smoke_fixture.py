@@ -16,14 +16,20 @@ sha256). What is dropped, because it differs between two runs of the same code:
     run reads the cache, a fresh run does not;
   - `record_hash` columns of the DB and the `inputs` table's sha256 column: hashes of
     records and files that carry a time (explanations.jsonl, sae.safetensors metadata);
-  - absolute paths: the repository root and the run directory become `<repo>` and `<run>`.
+  - absolute paths: the repository root and the run directory become `<repo>` and `<run>`;
+  - resume bookkeeping (`verify/done.jsonl`, cache `progress-*.jsonl`): fingerprints of inputs,
+    not outputs.
 The FTS index tables (explanations_fts*) are dropped: they are derived from `explanations`.
+Floats are written with 6 significant digits. The local LLM batches requests as they
+arrive, so two runs of the same code can differ in the last bits of a score: the test compares
+numbers with a relative tolerance of 1e-4 (`close`), everything else exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -36,7 +42,9 @@ FIXTURE = REPO / "tests" / "data" / "smoke_outputs.json"
 DROP_KEYS = {"time", "elapsed_s", "seconds", "cached", "cached_calls", "record_hash"}
 DROP_PREFIXES = ("peak_rss",)
 DROP_COLUMNS = {("inputs", "sha256")}
+REL_TOL, ABS_TOL = 1e-4, 1e-6  # how close two numbers must be to count as equal
 JSON_FILES = ("selection.json", "saes/sweep.json")
+SKIP_FILES = {"verify/done.jsonl"}
 
 
 def _clean(value, roots: dict[str, str]):
@@ -45,11 +53,26 @@ def _clean(value, roots: dict[str, str]):
                 if k not in DROP_KEYS and not k.startswith(DROP_PREFIXES)}
     if isinstance(value, list):
         return [_clean(v, roots) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
     if isinstance(value, str):
         for prefix, name in roots.items():
             value = value.replace(prefix, name)
         return value
     return value
+
+
+def close(want, got) -> bool:
+    """Equal, numbers within REL_TOL (relative) or ABS_TOL (absolute)."""
+    if isinstance(want, bool) or isinstance(got, bool):
+        return want == got
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return math.isclose(want, got, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    if isinstance(want, dict) and isinstance(got, dict):
+        return want.keys() == got.keys() and all(close(want[k], got[k]) for k in want)
+    if isinstance(want, list) and isinstance(got, list):
+        return len(want) == len(got) and all(close(a, b) for a, b in zip(want, got))
+    return want == got
 
 
 def _jsonl(path: Path, roots: dict[str, str]) -> list:
@@ -77,7 +100,7 @@ def _db(path: Path, roots: dict[str, str]) -> dict:
                         val = "sha256:" + hashlib.sha256(val).hexdigest()
                     elif isinstance(val, str) and val[:1] in "{[":
                         try:
-                            val = _clean(json.loads(val), roots)
+                            val = json.loads(val)
                         except ValueError:
                             pass
                     rec[col] = _clean(val, roots)
@@ -95,7 +118,7 @@ def normalise(run_dir: Path) -> dict:
     out: dict = {}
     for path in sorted(run_dir.rglob("*.jsonl")):
         rel = path.relative_to(run_dir).as_posix()
-        if rel.startswith(("activations/", "wandb/")) or "/progress" in rel:
+        if rel.startswith(("activations/", "wandb/")) or "/progress" in rel or rel in SKIP_FILES:
             continue
         out[rel] = _jsonl(path, roots)
     for name in JSON_FILES:
