@@ -17,12 +17,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from safesail.domains import SAFESAIL_K  # Safe-SAIL's released TopK SAEs keep 200 latents per token
 from safesail.errors import UserError
 from safesail.hooks import HookPoint
 from safesail.saes.base import SAE
 
 FORMATS = ("saelens", "sparsify", "safesail")
-SAFESAIL_K = 200  # Safe-SAIL's released TopK SAEs keep 200 latents per token
 
 # Hook names other tools write -> our (layer, site).
 _HOOK_PATTERNS = [
