@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from safesail.errors import UserError
 
@@ -35,8 +35,13 @@ def split_of(window_index: int | torch.Tensor, eval_every: int):
 
 
 def load_shard(path: Path, keys: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in (keys or f.keys())}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in (keys or f.keys())}
+    except (SafetensorError, FileNotFoundError) as e:  # damaged after the cache was opened
+        raise UserError(f"shard {path.name} of the activation cache at {path.parent} cannot be read "
+                        f"({str(e).splitlines()[0][:120]}); run `safesail cache` again with the same settings to "
+                        "recompute it.") from None
 
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header

@@ -108,6 +108,18 @@ def test_damaged_header_is_named(tmp_path, corpus, reference):
     assert_same_cache(tmp_path / "smoke", reference)
 
 
+def test_a_shard_damaged_after_opening_is_named_when_read(tmp_path, corpus, reference):
+    run_cache_stage(compose(overrides(tmp_path, corpus)), [])
+    folder = tmp_path / "smoke" / "activations" / HOOKS[2]
+    store = ActivationStore(folder)
+    shard = store.shard_paths()[1]
+    with open(shard, "r+b") as f:
+        f.truncate(5_000)
+    with pytest.raises(UserError, match=shard.name) as e:
+        sum(b.shape[0] for b in store.iter_batches(256, shuffle=False))
+    assert "safesail cache" in str(e.value)
+
+
 def test_disk_full_is_one_sentence_and_the_resume_is_exact(tmp_path, corpus, reference, capsys, monkeypatch):
     real = cache_shards.save_file
     calls = {"n": 0}
