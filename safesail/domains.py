@@ -29,8 +29,3 @@ SAFESAIL_NUM_TOKENS = 200_000
 SAFESAIL_ARCH = "topk"
 SAFESAIL_HOOK_SITE = "mlp_out"
 
-
-def quantile_name(q: float) -> str:
-    """The name of a latent's normaliser for quantile q: 0.999 -> "quantile_999", 0.99 -> "quantile_99"."""
-    digits = f"{float(q):.6f}".rstrip("0").split(".")[1] if "." in f"{float(q):.6f}".rstrip("0") else "0"
-    return f"quantile_{digits}"

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from safesail.interpret.records import QUANTILE_KEY  # the key of the q quantile (q = collect.quantile)
+
 
 def quantile_from_top(top_desc: torch.Tensor, num_tokens: int, q: float = 0.999) -> tuple[torch.Tensor, bool]:
     """Approximate q-quantile of each row's full distribution from its largest values.
@@ -79,7 +81,7 @@ class RunningLatentStats:
         density = self.fire_count.float() / max(1, self.num_tokens)
         max_act = top[:, 0] if top.shape[1] else torch.zeros(self.m)
         return {"density": density.float(), "top_acts": top.float().contiguous(),
-                "bottom_acts": bottom.float().contiguous(), "quantile_999": q_vals.contiguous(),
+                "bottom_acts": bottom.float().contiguous(), QUANTILE_KEY: q_vals.contiguous(),
                 "max_act": max_act.float().contiguous()}, exact
 
 
