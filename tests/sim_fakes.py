@@ -52,6 +52,11 @@ class FakeClient(LLMClient):
             text = self.reply(req)
         elif self.reply is not None:
             text = self.reply
+        elif "\nSegments:\n" in req.messages[-1]["content"]:  # several segments at once
+            lines = req.messages[-1]["content"].split("\nSegments:\n", 1)[1].splitlines()
+            segs = [json.loads(line.split("Tokens: ", 1)[1]) for line in lines]
+            text = json.dumps({"segments": [{"activations": [{"token": t, "activation": 10 if self.keyword in t else 0}
+                                                             for t in toks]} for toks in segs]})
         else:
             toks = json.loads(req.messages[-1]["content"].split("Tokens: ", 1)[1])
             text = json.dumps({"activations": [{"token": t, "activation": 10 if self.keyword in t else 0}

@@ -3,8 +3,7 @@
 Value = Pearson correlation of simulated vs true activations over all tokens of the
 latent's score segments (activating and random together; `correlation.score_segments`),
 the `correlation_score` of the Safe-SAIL export. The simulator (`simulator.Simulator`)
-reads log-probabilities all at once (several segments per call, `segments_per_call`) or
-asks for JSON (one segment per call). `granularity=query` simulates each segment inside
+reads log-probabilities all at once or asks for JSON, `segments_per_call` segments per call. `granularity=query` simulates each segment inside
 its whole source document (`windows.window_lookup`); segments of one document share a call.
 """
 
@@ -43,7 +42,7 @@ class SimulationScorer:
     def identity(self) -> dict:
         return {"llm": self.sim.client.model_name, "mode": self.sim.mode, "prompt_version": self.sim.prompt_version,
                 "scale_max": self.sim.scale_max, "granularity": self.granularity,
-                "segments_per_call": self.segments_per_call if self.sim.mode == "logprobs" else 1,
+                "segments_per_call": self.segments_per_call,
                 "min_ok_fraction": self.min_ok_fraction}
 
     async def score(self, explanation: str, examples: list[Example]) -> ScorerRun:

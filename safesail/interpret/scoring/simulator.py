@@ -169,7 +169,35 @@ def parse_json_prediction(text: str, tokens: list[str], scale_max: int) -> list[
     extra = sorted(set(obj) - {"activations"})
     if extra:
         raise SimulationFailure("extra_keys", f"unexpected keys {extra[:5]!r}")
-    entries = obj["activations"]
+    return _entries(obj["activations"], tokens, scale_max)
+
+
+def parse_json_many(text: str, segments: list[list[str]], scale_max: int) -> list[list[float] | SimulationFailure]:
+    """Validate a several-segment JSON reply `{"segments": [{"activations": [...]}, ...]}`: per segment,
+    its values or the failure of that segment (a reply that is not of that form fails every segment)."""
+    if not isinstance(text, str) or not text.strip():
+        raise SimulationFailure("unparsable_reply", "empty reply")
+    if len(text) > MAX_REPLY_CHARS:
+        raise SimulationFailure("unparsable_reply", f"reply of {len(text)} characters is too long")
+    obj = extract_json_object(text)
+    if not isinstance(obj, dict) or not isinstance(obj.get("segments"), list):
+        raise SimulationFailure("unparsable_reply", 'the JSON is not an object with a list under "segments"')
+    if sorted(set(obj) - {"segments"}):
+        raise SimulationFailure("extra_keys", f"unexpected keys {sorted(set(obj) - {'segments'})[:5]!r}")
+    if len(obj["segments"]) != len(segments):
+        raise SimulationFailure("count_mismatch", f"{len(obj['segments'])} segments in the reply for {len(segments)}")
+    out: list[list[float] | SimulationFailure] = []
+    for part, tokens in zip(obj["segments"], segments):
+        try:
+            if not isinstance(part, dict) or set(part) != {"activations"}:
+                raise SimulationFailure("unparsable_reply", 'a segment is not an object with key "activations"')
+            out.append(_entries(part["activations"], tokens, scale_max))
+        except SimulationFailure as f:
+            out.append(f)
+    return out
+
+
+def _entries(entries, tokens: list[str], scale_max: int) -> list[float]:
     if not isinstance(entries, list):
         raise SimulationFailure("unparsable_reply", '"activations" is not a list')
     if len(entries) != len(tokens):
@@ -233,12 +261,14 @@ class Simulator:
             return SimResult(None, f"llm_error: {e.reason} {e.message}".strip(), llm_calls=1)
 
     async def simulate_many(self, explanation: str, segments: list[list[str]]) -> list[SimResult]:
-        """Several segments in one call (logprobs mode; json mode sends one call per segment).
+        """Several segments in one call (one forward pass, or one chat request and reply).
 
         The call's cost is carried by the first result. A batch that does not fit the
         context window is sent as two halves (down to one segment per call)."""
-        if self.mode != "logprobs" or len(segments) <= 1 or any(not t for t in segments):
+        if len(segments) <= 1 or any(not t for t in segments):
             return [await self.simulate(explanation, t) for t in segments]
+        if self.mode == "json":
+            return await self._json_many(explanation, segments)
         prompt, n_before = prompts.logprob_prompt_many(explanation, segments, self.scale_max)
         if self.client.count_tokens(prompt) >= self.client.context_window:  # too long: two halves
             half = len(segments) // 2
@@ -283,6 +313,34 @@ class Simulator:
         except SimulationFailure as f:
             sim.failure = str(f)
         return sim
+
+    async def _json_many(self, explanation: str, segments: list[list[str]]) -> list[SimResult]:
+        messages = prompts.json_messages_many(explanation, segments, self.scale_max)
+        max_tokens = self.json_tokens_per_token * sum(len(t) for t in segments) + 32
+        if self.client.count_message_tokens(messages) + max_tokens > self.client.context_window:
+            half = len(segments) // 2
+            return (await self.simulate_many(explanation, segments[:half])
+                    + await self.simulate_many(explanation, segments[half:]))
+        req = ChatRequest(messages=messages, max_tokens=max_tokens, temperature=0.0,
+                          json_schema=prompts.json_schema_many([len(t) for t in segments], self.scale_max))
+        try:
+            comp = await self.client.chat(req)
+        except LLMError as e:
+            fail = f"llm_error: {e.reason} {e.message}".strip()
+            return [SimResult(None, fail, llm_calls=int(i == 0)) for i in range(len(segments))]
+        out = [SimResult(None) for _ in segments]
+        out[0].llm_calls, out[0].cached_calls = 1, int(bool(comp.cached))
+        out[0].prompt_tokens, out[0].completion_tokens = comp.prompt_tokens, comp.completion_tokens
+        try:
+            parts = parse_json_many(comp.text, segments, self.scale_max)
+        except SimulationFailure as f:
+            parts = [f] * len(segments)
+        for r, part in zip(out, parts):
+            if isinstance(part, SimulationFailure):
+                r.failure, r.raw = str(part), (comp.text or "")[:2000]
+            else:
+                r.pred = part
+        return out
 
     async def _simulate_json(self, explanation: str, tokens: list[str]) -> SimResult:
         messages = prompts.json_messages(explanation, tokens, self.scale_max)

@@ -127,7 +127,7 @@ def _records_tolerant(path):
 
 def test_json_mode_records_each_failure(smoke_cfg, tiny_model):
     cfg = _cfg(smoke_cfg, "score.mode=json", "score.max_latents=1", "score.json_tokens_per_token=4",
-               "score.controls=[]")
+               "score.controls=[]", "score.segments_per_call=1")
     cfg.llm.context_window = 2048  # the JSON prompt is long in the tiny model's small vocabulary
     rd = _write_run(cfg, tiny_model.tokenizer)
     run_score_stage(cfg, [])

@@ -215,3 +215,21 @@ def test_segments_that_do_not_fit_one_window_go_in_halves():
     client.context_window = client.count_tokens(two) + 1
     run = _run(client, "logprobs", segs, per_call=4)
     assert run.failure is None and run.cost.llm_calls == 2 and run.value > 0.9
+
+
+def test_json_mode_sends_several_segments_per_call_and_fails_them_one_by_one():
+    from safesail.interpret.scoring.simulator import parse_json_many
+
+    segs, _ = _segments()
+    one, many = FakeClient(logprobs=False), FakeClient(logprobs=False)
+    a = _run(one, "json", segs)
+    b = _run(many, "json", segs, per_call=3)
+    assert len(one.calls) == 4 and len(many.calls) == b.cost.llm_calls == 2
+    assert [it["pred"] for it in a.items] == [it["pred"] for it in b.items] and a.value == b.value
+    req = many.calls[0][1]
+    assert req.json_schema["schema"]["properties"]["segments"]["maxItems"] == 3
+    got = parse_json_many('{"segments": [{"activations": [{"token": "a", "activation": 3}]}, {"x": 1}]}',
+                          [["a"], ["b"]], 9)
+    assert got[0] == [3.0] and str(got[1]).startswith("unparsable_reply")
+    with pytest.raises(SimulationFailure, match="count_mismatch"):
+        parse_json_many('{"segments": []}', [["a"]], 9)

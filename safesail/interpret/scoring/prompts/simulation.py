@@ -121,3 +121,35 @@ def json_schema(n_tokens: int, scale_max: int) -> dict:
             },
         },
     }
+
+
+def json_messages_many(explanation: str, segments: list[list[str]], scale_max: int) -> list[dict]:
+    """Chat messages asking for the predicted activations of several segments at once, as JSON."""
+    example_out = {"segments": [{"activations": [{"token": t, "activation": _scaled(v, scale_max)}
+                                                 for t, v in _EXAMPLE]}]}
+    system = (_INTRO.format(top=scale_max) + " Reply with JSON only, in the form "
+              '{"segments": [{"activations": [{"token": <the token, copied exactly>, "activation": <number>}, ...]}, '
+              "...]} with one entry per given segment, in order, and in each one entry per token, in order, and no "
+              "other keys.")
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": _segments_text(_EXAMPLE_EXPLANATION, [[t for t, _ in _EXAMPLE]])},
+        {"role": "assistant", "content": json.dumps(example_out, ensure_ascii=False)},
+        {"role": "user", "content": _segments_text(explanation, segments)},
+    ]
+
+
+def _segments_text(explanation: str, segments: list[list[str]]) -> str:
+    return f"Explanation: {_one_line(explanation)}\nSegments:\n" + "\n".join(
+        f"{i}. Tokens: {json.dumps(list(t), ensure_ascii=False)}" for i, t in enumerate(segments, 1))
+
+
+def json_schema_many(lengths: list[int], scale_max: int) -> dict:
+    """JSON schema of a several-segment reply: len(lengths) segments, each of the one-segment form
+    (per-segment token counts are checked by the parser: tuple schemas are not widely honoured)."""
+    seg = json_schema(1, scale_max)["schema"]
+    del seg["properties"]["activations"]["minItems"], seg["properties"]["activations"]["maxItems"]
+    return {"name": "simulated_activations_many", "strict": True,
+            "schema": {"type": "object", "additionalProperties": False, "required": ["segments"],
+                       "properties": {"segments": {"type": "array", "minItems": len(lengths),
+                                                   "maxItems": len(lengths), "items": seg}}}}
