@@ -152,3 +152,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, cache_dir):
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted; re-run the same command to resume"
     assert "Traceback" not in err
+
+
+def test_the_library_never_imports_the_cli():
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib\n"
+            "from safesail.stages import STAGES\n"
+            "import safesail.pipeline, safesail.config\n"
+            "for s in STAGES: importlib.import_module(s.target.split(':')[0])\n"
+            "print('safesail.cli' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
