@@ -96,20 +96,29 @@ def load_tasks(rd: RunDir, hook: str, latents: list[int] | None = None) -> list[
 
 
 def strongest_candidates(rd: RunDir, hooks: list[str], per_domain: int) -> dict[str, list[int]]:
-    """Per hook, the latents to explain: for each domain, the `per_domain` candidates (over all hooks) with the
-    largest chance-corrected distinguishing frequency on that domain's pairs (select's `candidates`), the
-    strongest pair evidence there is; ties go to the larger mean activation gap."""
-    from safesail.train.selection import load_selection
+    """Per hook, the latents to explain: for each domain, the `per_domain` candidates of select (over all
+    hooks) with the strongest pair evidence there: the smallest exact McNemar p-value of concept-only vs
+    twin-only firing (`pair_evidence.py`), which prefers latents specific to the concept over broad ones that
+    fire on many twins too; ties go to the larger distinguishing frequency."""
+    from safesail.interpret.pair_evidence import mcnemar_p
+    from safesail.train.selection import load_pair_stats, load_selection, pair_stats_path
 
-    cands = load_selection(rd.root).get("candidates", {})
+    sel = load_selection(rd.root)
+    cands = sel.get("candidates", {})
+    n_pairs = sel.get("pairs", {}).get("by_domain") or {}
     by_domain: dict[str, list[tuple]] = {}
     for hook in hooks:
+        stats = load_pair_stats(rd.root, hook) if pair_stats_path(rd.root, hook).is_file() else None
         for group, lst in (cands.get(hook) or {}).items():
             if group == "all":
                 continue
             for c in lst:
-                by_domain.setdefault(group, []).append((-float(c["freq"]), -float(c.get("mean_act_diff", 0.0)),
-                                                        hook, int(c["latent"])))
+                j, p = int(c["latent"]), 1.0
+                if stats is not None and n_pairs.get(group) and f"{group}.distinguish_rate" in stats:
+                    n = int(n_pairs[group])
+                    p = mcnemar_p(int(round(float(stats[f"{group}.distinguish_rate"][j]) * n)),
+                                  int(round(float(stats[f"{group}.reverse_rate"][j]) * n)))
+                by_domain.setdefault(group, []).append((p, -float(c["freq"]), hook, j))
     out: dict[str, set[int]] = {}
     for group in sorted(by_domain):
         for _, _, hook, latent in sorted(by_domain[group])[:per_domain]:

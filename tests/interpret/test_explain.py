@@ -265,3 +265,21 @@ def test_the_strongest_pair_candidates_are_chosen_over_all_hooks(tmp_path):
     # violence: 3 (0.4) and 7 (0.3); terror: 8 (0.2, larger gap) and 3 (0.2); "all" is not a domain
     assert got == {"layers.1.mlp_out": [3], "layers.2.mlp_out": [7, 8]}
     assert strongest_candidates(rd, ["layers.2.mlp_out"], 1) == {"layers.2.mlp_out": [7, 8]}
+
+
+def test_candidates_are_ranked_by_the_significance_of_their_pair_evidence(tmp_path):
+    import torch
+
+    from safesail.interpret.explain import strongest_candidates
+    from safesail.train.selection import SELECTION_VERSION, pair_stats_path, save_tensors, write_selection
+
+    rd = RunDir(tmp_path / "run")
+    hook = "layers.1.mlp_out"
+    # latent 0: broad (fires on 70% of concepts, 42% of twins); latent 1: specific (35% vs 3%)
+    write_selection(rd.root, {"version": SELECTION_VERSION, "chosen": {}, "pairs": {"by_domain": {"terror": 100}},
+                              "candidates": {hook: {"terror": [{"latent": 0, "freq": 0.30},
+                                                               {"latent": 1, "freq": 0.29}]}}})
+    save_tensors(pair_stats_path(rd.root, hook), {"latent_ids": torch.tensor([0, 1]),
+                                                  "terror.distinguish_rate": torch.tensor([0.45, 0.32]),
+                                                  "terror.reverse_rate": torch.tensor([0.15, 0.0])})
+    assert strongest_candidates(rd, [hook], 1) == {hook: [1]}
