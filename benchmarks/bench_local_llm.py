@@ -18,6 +18,7 @@ difference, the share of prompt tokens the cache saved.
 
     python benchmarks/bench_local_llm.py --llm qwen-coder-0.5b qwen-coder-1.5b --latents 3 --threads 1
     python benchmarks/bench_local_llm.py --llm qwen-coder-0.5b --latents 2 --threads 1 2 --skip-baseline
+    python benchmarks/bench_local_llm.py --llm qwen-coder-0.5b --latents 8 --generate   # explain-like generation
 """
 
 from __future__ import annotations
@@ -106,6 +107,77 @@ def slot_differences(got, ref, names) -> tuple[float, float]:
     return lp, ev
 
 
+SYSTEM = ("You explain what a latent (a feature inside a language model) responds to. You see text "
+          "snippets where it fires, the top token in [brackets]. Reply with a short noun phrase naming "
+          "the concept, not a sentence about the latent. Examples: 'dates and years', 'cooking verbs', "
+          "'greetings that open a letter', 'negation words'.")
+
+
+def generation(llm: str, a) -> list[dict]:
+    """Explain-like requests (shared system prompt, 4 at once): HF generate, left-padded batch (the
+    previous back end) vs the engine's prefix-cached batched decoding; same greedy tokens expected."""
+    from safesail.config import compose
+    from safesail.interpret.clients.base import ChatRequest
+    from safesail.interpret.clients.local import LocalClient
+    from safesail.interpret.clients.local_engine import release_engines
+
+    cfg = compose([f"llm={llm}", "llm.threads=null", "llm.batch_size=4"])
+    client = LocalClient.from_cfg(cfg.llm, device="cpu")
+    tok = client.tokenizer
+    torch.set_num_threads(a.threads[0])
+    segs = corpus_segments(tok, 4 * a.latents, a.seg_tokens)
+    reqs = []
+    for j in range(a.latents):
+        shown = ["".join(s) for s in segs[4 * j:4 * j + 4]]
+        reqs.append(ChatRequest([{"role": "system", "content": SYSTEM},
+                                 {"role": "user", "content": "\n".join(f"- {t}" for t in shown)}],
+                                max_tokens=a.new_tokens))
+    ids = [client.encode_messages(r.messages) for r in reqs]
+    pad = tok.pad_token_id
+    with torch.no_grad():  # warm-up: the first bf16 matmuls of a process are slow for either back end
+        client.model.generate(input_ids=torch.tensor([ids[0]]), max_new_tokens=2, do_sample=False, pad_token_id=pad)
+    t0 = time.perf_counter()
+    old = []
+    with torch.no_grad():
+        for i in range(0, len(ids), 4):
+            chunk = ids[i:i + 4]
+            width = max(map(len, chunk))
+            x = torch.full((len(chunk), width), pad)
+            m = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, row in enumerate(chunk):
+                x[r, width - len(row):] = torch.tensor(row)
+                m[r, width - len(row):] = 1
+            out = client.model.generate(input_ids=x, attention_mask=m, max_new_tokens=a.new_tokens, do_sample=False,
+                                        pad_token_id=pad)
+            for row in out[:, width:].tolist():
+                n = next((k for k, t in enumerate(row) if t in client._stop_ids), len(row))
+                old.append(tok.decode(row[:n], skip_special_tokens=True))
+    base_s = time.perf_counter() - t0
+
+    async def new_all():
+        res = await asyncio.gather(*(client.chat(r) for r in reqs))
+        await client.aclose()
+        return res
+    t0 = time.perf_counter()
+    new = asyncio.run(new_all())
+    new_s = time.perf_counter() - t0
+    n_prompt = sum(map(len, ids))
+    same = sum(o == c.text for o, c in zip(old, new))
+    rows = [{"llm": llm, "workload": "explain-like generation", "backend": "HF generate, left-padded batches of 4",
+             "seconds": round(base_s, 1), "latents_per_hour": round(a.latents * 3600 / base_s, 1)},
+            {"llm": llm, "workload": "explain-like generation", "backend": "prefix-cached batched decoding",
+             "seconds": round(new_s, 1), "latents_per_hour": round(a.latents * 3600 / new_s, 1),
+             "speedup_vs_baseline": round(base_s / new_s, 2), "same_text": f"{same}/{len(reqs)}",
+             "example": new[0].text}]
+    for r in rows:
+        r.update(requests=len(reqs), prompt_tokens=n_prompt, new_tokens=a.new_tokens, threads=a.threads[0],
+                 load_avg=[round(x, 1) for x in os.getloadavg()])
+        print(json.dumps(r, ensure_ascii=False), flush=True)
+    del client
+    release_engines()
+    return rows
+
+
 def run_model(llm: str, a) -> list[dict]:
     from safesail.config import compose
     from safesail.interpret.clients.local import LocalClient
@@ -173,10 +245,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--both", action="store_true", help="also time the cached back end computing every position")
+    ap.add_argument("--generate", action="store_true", help="time explain-like generation instead of simulation")
+    ap.add_argument("--new-tokens", type=int, default=16)
     a = ap.parse_args()
     print(json.dumps({"uptime_load": [round(x, 1) for x in os.getloadavg()], "cores": os.cpu_count()}))
     for llm in a.llm:
-        run_model(llm, a)
+        (generation if a.generate else run_model)(llm, a)
 
 
 if __name__ == "__main__":
