@@ -121,7 +121,7 @@ def generation(llm: str, a) -> list[dict]:
     from safesail.interpret.clients.local import LocalClient
     from safesail.interpret.clients.local_engine import release_engines
 
-    cfg = compose([f"llm={llm}", "llm.threads=null", "llm.batch_size=4"])
+    cfg = compose([f"llm={llm}", "llm.threads=keep", "llm.batch_size=4"])
     client = LocalClient.from_cfg(cfg.llm, device="cpu")
     tok = client.tokenizer
     torch.set_num_threads(a.threads[0])
@@ -185,7 +185,7 @@ def run_model(llm: str, a) -> list[dict]:
     from safesail.interpret.scoring.simulator import single_token_scale
 
     rows = []
-    cfg = compose([f"llm={llm}", "llm.threads=null", f"llm.batch_size={a.batch_size}"])
+    cfg = compose([f"llm={llm}", "llm.threads=keep", f"llm.batch_size={a.batch_size}"])
     t0 = time.perf_counter()
     client = LocalClient.from_cfg(cfg.llm, device="cpu")
     load_s = time.perf_counter() - t0

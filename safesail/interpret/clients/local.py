@@ -11,9 +11,9 @@ an API leaves out candidates outside its top-N).
 
 One model per process: every `LocalClient.from_cfg` with the same model folder, dtype
 and device shares one loaded model and one prefix cache (explain, score and tag in
-`safesail run`). `threads` sets torch's intra-op threads for the process: "auto" takes
-the cores that other processes' runnable threads leave free (on a shared 2-core machine 1 thread was 3-5x
-faster than 2 under load; BENCHMARKS.md, "Local LLM back end").
+`safesail run`). `threads` sets torch's intra-op threads for the process: null (or
+"auto") takes the cores that other processes' runnable threads leave free (on the loaded,
+shared 2-core machine 1 thread was 1.8x faster than 2; BENCHMARKS.md, "Local LLM back end").
 """
 
 from __future__ import annotations
@@ -78,18 +78,19 @@ def busy_elsewhere(samples: int = 5, interval_s: float = 0.02) -> float:
 
 
 def pick_threads(setting: Any) -> int | None:
-    """torch threads for a `threads` setting: an int, "auto" (the cores other processes leave free), or null."""
-    if setting in (None, "", "keep"):
+    """torch threads for a `threads` setting: an int; null or "auto" (the cores other processes leave free);
+    "keep" (None: leave torch's setting alone)."""
+    if str(setting) == "keep":
         return None
     cores = os.cpu_count() or 1
-    if str(setting) == "auto":
+    if setting in (None, "", "auto"):
         return max(1, min(cores, math.floor(cores - busy_elsewhere() + 0.5)))
     try:
         n = int(setting)
     except (TypeError, ValueError):
-        raise UserError(f"llm.threads={setting!r} is not a number; use a positive integer, auto or null.") from None
+        raise UserError(f"llm.threads={setting!r} is not a number; use a positive integer, null (auto) or keep.") from None
     if n < 1:
-        raise UserError(f"llm.threads={n} must be at least 1 (or auto / null).")
+        raise UserError(f"llm.threads={n} must be at least 1 (or null for auto, keep to leave it).")
     return n
 
 
@@ -119,9 +120,9 @@ class LocalClient(LLMClient):
         from safesail.models import load_model
         from safesail.models.loading import model_folder, resolve_device, resolve_dtype
 
-        threads = pick_threads(cfg.get("threads", "auto"))
+        threads = pick_threads(cfg.get("threads"))
         if threads is not None and threads != torch.get_num_threads():
-            log.info("local LLM: %d torch thread(s) (llm.threads=%s)", threads, cfg.get("threads", "auto"))
+            log.info("local LLM: %d torch thread(s) (llm.threads=%s)", threads, cfg.get("threads"))
             torch.set_num_threads(threads)
         cache_dir = cache_dir or os.environ.get("SAFESAIL_CACHE", Path.home() / ".cache" / "safesail")
         dev = resolve_device(device)
