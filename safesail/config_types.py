@@ -85,19 +85,23 @@ class TrainConfig:
     max_tokens: Optional[int]
     shuffle_seed: int
     seed: int
+    optimizer: Literal["signum", "adam"]
     lr: Optional[float]
+    enc_init: Literal["decoder", "decoder_scaled"]
+    enc_init_scale: float
     lr_warmup_steps: int
     lr_decay_fraction: float
     adam_betas: list[float]
     adam_eps: float
     auxk_alpha: float
     k_aux: Optional[int]
-    dead_tokens: int
+    dead_tokens: Optional[int]
     b_dec_init: Literal["geometric_median", "mean", "zeros"]
     normalize: bool
     autocast: Union[bool, Literal["auto"]]
     decoder_impl: Literal["auto", "sparse", "dense"]
     device: str
+    sae_threads: int
     distributed: Literal["ddp", "sae_parallel"]
     checkpoint_every: int
     overwrite: bool
