@@ -30,7 +30,8 @@ class FakeClient(LLMClient):
     def count_tokens(self, text: str) -> int:
         return len(_PIECES.findall(text))
 
-    async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
+    async def prompt_logprobs(self, prompt: str, candidates: list[str],
+                              slots_ending_with: str | None = None) -> PromptLogprobs:
         self.calls.append(("prompt_logprobs", prompt))
         toks = _PIECES.findall(prompt)
         top = max(int(c) for c in candidates)
@@ -90,7 +91,8 @@ class FakeJudge(FakeClient):
         if self.fail_on and self.failing and self.fail_on in text:
             raise LLMError("server_error", "503 from the fake")
 
-    async def prompt_logprobs(self, prompt: str, candidates: list[str]) -> PromptLogprobs:
+    async def prompt_logprobs(self, prompt: str, candidates: list[str],
+                              slots_ending_with: str | None = None) -> PromptLogprobs:
         self._check_fail(prompt)
         if len(candidates) != 2 or candidates == ["0", "1"]:  # a simulation prompt (answers 0..scale_max)
             return await super().prompt_logprobs(prompt, candidates)

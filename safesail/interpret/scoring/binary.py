@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret.scoring import metrics
 from safesail.interpret.scoring.prompts import binary as prompts
+from safesail.interpret.scoring.prompts.simulation import SEPARATOR
 from safesail.interpret.scoring.protocol import Cost, ScorerRun, gate, item_status
 from safesail.interpret.scoring.simulator import SimulationFailure, choose_mode, find_slots
 
@@ -95,7 +96,7 @@ class BinaryJudge:
             return _all_failed(texts, f"context_overflow: {n_prompt} prompt tokens, window "
                                       f"{self.client.context_window}")
         try:
-            res = await self.client.prompt_logprobs(prompt, list(self.words))
+            res = await self.client.prompt_logprobs(prompt, list(self.words), slots_ending_with=SEPARATOR)
         except LLMError as e:
             cost.llm_calls += 1
             return _all_failed(texts, f"llm_error: {e.reason} {e.message}".strip())

@@ -276,7 +276,7 @@ class Simulator:
                     + await self.simulate_many(explanation, segments[half:]))
         candidates = [str(v) for v in range(self.scale_max + 1)]
         try:
-            res = await self.client.prompt_logprobs(prompt, candidates)
+            res = await self.client.prompt_logprobs(prompt, candidates, slots_ending_with=prompts.SEPARATOR)
         except LLMError as e:
             fail = f"llm_error: {e.reason} {e.message}".strip()
             return [SimResult(None, fail, llm_calls=int(i == 0)) for i in range(len(segments))]
@@ -305,7 +305,7 @@ class Simulator:
             return SimResult(None, f"context_overflow: {n_prompt} prompt tokens, window "
                                    f"{self.client.context_window}")
         candidates = [str(v) for v in range(self.scale_max + 1)]
-        res = await self.client.prompt_logprobs(prompt, candidates)
+        res = await self.client.prompt_logprobs(prompt, candidates, slots_ending_with=prompts.SEPARATOR)
         sim = SimResult(None, llm_calls=1, cached_calls=int(bool(res.cached)), prompt_tokens=res.prompt_tokens)
         try:
             slots = find_slots(res.tokens, n_before, len(tokens))

@@ -133,7 +133,7 @@ def test_a_batch_too_long_for_the_window_goes_in_halves():
 
 def test_auroc_as_the_value_is_not_flattened_by_a_yes_biased_judge():
     class YesBiased(FakeJudge):  # P(yes) above 0.5 everywhere, higher where the explanation applies
-        async def prompt_logprobs(self, prompt, candidates):
+        async def prompt_logprobs(self, prompt, candidates, slots_ending_with=None):
             res = await super().prompt_logprobs(prompt, candidates)
             yes, no = candidates
             for lp in res.next_logprobs:
