@@ -13,42 +13,9 @@ from safesail.interpret.collect import CollectSettings, HookInputs, collect_late
 from safesail.interpret.latent_stats import LatentHistogram, RunningLatentStats, quantile_from_top
 from safesail.interpret.segments import LevelReservoir, SegmentSpec, deal_splits, level_of, segment_span
 
+from collect_helpers import StandInSAE, _windows
+
 HOOK = "layers.1.mlp_out"
-
-
-class StandInSAE(torch.nn.Module):
-    """A ReLU encoder with the interface of safesail.saes (cfg + encode); latent 0 never fires."""
-
-    def __init__(self, d_in: int, n_latents: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.W = torch.nn.Parameter(torch.randn(d_in, n_latents, generator=g) / d_in ** 0.5)
-        b = torch.full((n_latents,), -0.15)
-        b[0] = -1e6
-        self.b = torch.nn.Parameter(b)
-        self.cfg = {"arch": "relu", "d_in": d_in, "n_latents": n_latents, "k": None, "hook": HOOK, "model": "tiny"}
-
-    def encode(self, x):
-        return torch.relu(x @ self.W + self.b)
-
-
-def _corpus(tmp_path):
-    lines = []
-    for i in range(60):
-        lines.append({"text": f"Document {i}: the river {i % 7} flows past the old mill, and birds sing "
-                              f"about number {i * 13 % 50} while children play games near the water."})
-    p = tmp_path / "corpus.jsonl"
-    p.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    return p
-
-
-def _windows(tiny_model, tmp_path, max_tokens=2048):
-    from omegaconf import OmegaConf
-
-    from safesail.corpus import iter_documents, pack_windows
-
-    data = OmegaConf.create({"paths": [str(_corpus(tmp_path))], "hub": None, "text_field": "text"})
-    return list(pack_windows(iter_documents(data, tiny_model.tokenizer), tiny_model.tokenizer, 64, max_tokens))
 
 
 def test_quantile_interpolates_like_numpy():

@@ -16,23 +16,9 @@ from safesail.interpret.prompts.explain import (EXAMPLES, N_SHOWN, PROMPT_VERSIO
                                                 parse_explanation, scale_acts)
 from safesail.rundir import RunDir
 
+from collect_helpers import make_collected_run
+
 HOOK = "layers.1.mlp_out"
-
-
-def make_collected_run(cfg, tiny_model, n_latents: int = 8) -> RunDir:
-    """A run directory whose latents/<hook>/ was written by collect (tiny model + stand-in SAE)."""
-    from test_collect import StandInSAE, _windows
-
-    from safesail.interpret.collect import CollectSettings, HookInputs, collect_latents
-
-    rd = RunDir.from_cfg(cfg)
-    windows = _windows(tiny_model, rd.root)
-    sae = StandInSAE(tiny_model.hidden_size, n_latents)
-    s = CollectSettings(k_top=32, n_bins=8, n_levels=4, segment_len=12, explain_per_level=2, score_per_level=1,
-                        random_pool=32, min_examples=2, batch_size=8)
-    hooks = [HookInputs(HOOK, sae, list(range(n_latents)), rd.latents(HOOK), {"which_latents": "list"})]
-    collect_latents(tiny_model, hooks, iter(windows), rd.root / "latents", s, "fp", {"model": "tiny"})
-    return rd
 
 
 class ScriptedLLM(LLMClient):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from llm_fault_server import FaultServer
 from safesail.interpret.explain import run_explain_stage
-from test_explain import make_collected_run
+from collect_helpers import make_collected_run
 
 GOOD = "mentions of rivers and water"
 N_EXPLAINABLE = 7  # latent 0 of the stand-in SAE never fires: too_few_examples, no LLM call

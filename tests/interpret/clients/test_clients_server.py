@@ -136,7 +136,7 @@ def test_local_prompt_logprobs_are_exact(default_model, local_client):
 
 def test_explain_stage_runs_against_transformers_serve(serve_url, tmp_path, smoke_cfg, tiny_model):
     """The explain stage, unchanged, with llm=transformers-serve; a second run costs no call."""
-    from test_explain import make_collected_run
+    from collect_helpers import make_collected_run
 
     from safesail.interpret.explain import run_explain_stage
 
