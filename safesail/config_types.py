@@ -343,15 +343,18 @@ def check_config(cfg: DictConfig, overridden: Sequence[str] = (), defaults: Dict
             raise _error(key, value, tp)
 
 
-def load_group(node: DictConfig, cls: type):
-    """A typed object of one config group (keys the dataclass does not declare are dropped)."""
+def load_group(node: DictConfig, cls: type, prefix: str = ""):
+    """A typed object of one config group (keys the dataclass does not declare are dropped).
+
+    `prefix` names the group in messages (e.g. "select")."""
     data = _plain(node) or {}
     out = {}
+    where = f"{prefix}." if prefix else ""
     for name, tp in _field_types(cls).items():
         if name not in data:
-            raise UserError(f"the config group {cls.__name__} lacks the key {name!r}; add it to the group's YAML file.")
+            raise UserError(f"the config lacks {where}{name}; add it to the group's YAML file (configs/).")
         value = data[name]
         if not _matches(value, tp):
-            raise _error(name, value, tp)
-        out[name] = load_group(OmegaConf.create(value), tp) if dataclasses.is_dataclass(tp) else value
+            raise _error(f"{where}{name}", value, tp)
+        out[name] = load_group(OmegaConf.create(value), tp, f"{where}{name}") if dataclasses.is_dataclass(tp) else value
     return cls(**out)

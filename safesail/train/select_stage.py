@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from safesail.config_types import SelectConfig, load_group
 from safesail.errors import UserError
 from safesail.rundir import RunDir, fingerprint
 from safesail.train import contrastive as C
@@ -38,22 +39,8 @@ RESULT_VERSION = 1
 # ---- settings ----------------------------------------------------------------------
 
 @dataclass
-class SelectSettings:
-    pairs: str = "data/pairs/contrastive_pairs.jsonl"
-    domains: list[str] = field(default_factory=lambda: list(DOMAINS))
-    fire_threshold: float = 0.2
-    correct_for_chance: bool = True
-    t_grid: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.3, 0.5])
-    criterion: str = "i_cdf"
-    criterion_t: float = 0.2
-    max_fvu: float | None = 0.8
-    min_ce_loss_recovered: float | None = 0.25
-    candidates_per_domain: int = 64
-    candidate_min_freq: float = 0.05
-    override: dict[str, str] = field(default_factory=dict)
-    batch_size: int = 16
-    chunk_tokens: int = 4096
-    plot: bool = True
+class SelectSettings(SelectConfig):
+    """select.*: types in config_types.SelectConfig, defaults in configs/select/default.yaml."""
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "SelectSettings":
@@ -64,7 +51,7 @@ class SelectSettings:
         if unknown:
             raise UserError(f"select.{unknown[0]} is not a setting of the select stage; see "
                             "configs/select/default.yaml for the valid ones.")
-        s = cls(**raw)
+        s = load_group(OmegaConf.create(raw), cls, "select")
         s.override = {str(k): str(v) for k, v in (s.override or {}).items()}
         s.t_grid = sorted({float(t) for t in s.t_grid} | ({float(s.criterion_t)} if s.criterion == "l0" else set()))
         if s.criterion not in ("i_cdf", "l0"):
