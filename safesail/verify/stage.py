@@ -99,6 +99,20 @@ def _collected(rd: RunDir, hook: str) -> list[int]:
         return [int(i) for i in f.get_tensor("latent_ids").tolist()]
 
 
+def _select_domains(rd: RunDir, hook: str) -> dict[int, str]:
+    """latent -> the domain whose concept queries it prefers most (select stage's pair statistics)."""
+    from safesail.train.selection import load_pair_stats, pair_stats_path
+
+    if not pair_stats_path(rd.root, hook).is_file():
+        return {}
+    st = load_pair_stats(rd.root, hook)
+    doms = [d for d in DOMAINS if f"{d}.concept_rate" in st]
+    if not doms:
+        return {}
+    diff = torch.stack([st[f"{d}.concept_rate"] - st[f"{d}.neutral_rate"] for d in doms])
+    return {int(j): doms[int(k)] for j, k in zip(st["latent_ids"].tolist(), diff.argmax(0).tolist())}
+
+
 def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> list[dict]:
     """[{hook, latent, domain, explanation, tagged}] in (hook, latent) order, at most max_latents.
 
@@ -117,13 +131,14 @@ def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> list[dict]:
     chosen = tagged if s.latents == "tagged" and tagged else keys
     if s.latents == "tagged" and not tagged:
         log.warning("verify: no latent is tagged with a safety domain; checking the candidate latents instead")
-    out = []
+    out, by_pairs = [], {h: _select_domains(rd, h) for h in hooks}
     for hook, latent in chosen[:s.max_latents]:
         t = tags.get((hook, latent)) or {}
         doms = [d for d in t.get("tags") or [] if d in DOMAINS]
         e = expls.get((hook, latent)) or {}
         out.append({"hook": hook, "latent": int(latent), "tagged": bool(doms),
-                    "domain": doms[0] if doms else _pair_domain(t) or DOMAINS[int(latent) % len(DOMAINS)],
+                    "domain": (doms[0] if doms else _pair_domain(t) or by_pairs[hook].get(int(latent))
+                               or DOMAINS[int(latent) % len(DOMAINS)]),
                     "explanation": e.get("explanation") if e.get("status", "ok") == "ok" else None})
     return out
 
