@@ -13,7 +13,8 @@ Training sides, interleaved per repeat so machine load hits all alike (same data
 - `sparsify-adam`: the same with Adam at 8x its Adam rule (2e-4/sqrt(n/2^14)), the better of
   the two Adam settings measured (issue 17).
 Reported per side: held-out FVU, dead fraction (latents that never fire on the held-out rows),
-tokens/s (median over repeats); planted data also MMCS to the true atoms.
+tokens/s (median over repeats); planted data also MMCS to the true atoms; ours also the
+learned-nothing signals, and with `--seed-check` `seed_mmcs` (its decoder against a seed+1 run's).
 
 Sweep: 4 TopK SAEs (k 16/32/64/128) trained in one pass reading the on-disk cache, with the
 SAE steps on `--sae-threads` threads, against 4 separate runs (each reading the cache) at the
@@ -122,7 +123,15 @@ def compare(args) -> list[dict]:
                 figs[side] = evaluate(enc, dec, held, w_dec, atoms)
                 if metrics:
                     figs[side].update({m: metrics.get(m) for m in ("decoder_init_cos", "enc_dec_cos", "fvu_plateau")})
+                    figs[side]["_w_dec"] = w_dec.detach().cpu()
+        if args.seed_check:  # latent stability: the same recipe from another seed
+            from safesail.train.signals import decoder_mmcs
+
+            other = argparse.Namespace(**{**vars(args), "seed": args.seed + 1})
+            w_other = run_ours(batches, args.latents, k, other)[3]
+            figs["ours"]["seed_mmcs"] = decoder_mmcs(figs["ours"].pop("_w_dec"), w_other)
         for side in sides:
+            figs[side].pop("_w_dec", None)
             row = {"k": k, "side": side, "tokens": tokens, "tok_s": tokens / statistics.median(times[side]),
                    **figs[side]}
             rows.append(row)
@@ -170,6 +179,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed-check", action="store_true", help="also train ours from seed+1: decoder MMCS between the two")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-ks", type=int, nargs="+", default=[16, 32, 64, 128])

@@ -102,6 +102,9 @@ class SAEConfig:
         else:
             object.__setattr__(self, name, value)
 
+    def __repr__(self) -> str:
+        return "SAEConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SAEConfig) and self.to_dict() == other.to_dict()
 
