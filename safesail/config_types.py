@@ -216,10 +216,23 @@ class ScoreConfig:
     max_latents: Optional[int]
 
 
+@dataclass
+class LLMConfig:
+    """The keys every LLM back end has; a back end's own keys are in its `Settings` subclass of this
+    (`safesail/interpret/clients/<backend>.py`), loaded with `clients.registry.load_llm`."""
+    backend: str
+    name: Optional[str]
+    context_window: int
+    concurrency: int
+    timeout_s: float
+    cache: bool
+
+
 # config group (top-level key) -> its dataclass
 GROUPS: dict[str, type] = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "cache": CacheConfig,
                            "train": TrainConfig, "sae": SweepConfig, "select": SelectConfig,
-                           "collect": CollectConfig, "score": ScoreConfig, "diagnose": DiagnoseConfig}
+                           "collect": CollectConfig, "score": ScoreConfig, "diagnose": DiagnoseConfig,
+                           "llm": LLMConfig}
 
 _NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
           dict: "a mapping", type(None): "null"}

@@ -1,15 +1,14 @@
 """The LLM client interface shared by the explain and score stages.
 
-Two back ends implement it (`openai_http.OpenAIClient`, `local.LocalClient`);
-`make_client(llm_cfg, cache_path)` builds one from a `configs/llm/*.yaml`
-group and wraps it in the on-disk SQLite response cache (`cache.CachedClient`).
+Two back ends implement it (`openai_http.OpenAIClient`, `local.LocalClient`), each registered
+by its `llm.backend` name; `registry.make_client(llm_cfg, cache_path)` builds one from a
+`configs/llm/*.yaml` group and wraps it in the on-disk SQLite response cache (`cache.CachedClient`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -127,26 +126,3 @@ class CallStats:
     @property
     def hit_rate(self) -> float:
         return self.hits / self.calls if self.calls else 0.0
-
-
-def make_client(llm_cfg, cache_path: Path | None = None, cache_dir: str | Path | None = None,
-                device: str = "cpu") -> LLMClient:
-    """Build the client named by `llm_cfg.backend` (local | openai), wrapped in the response cache."""
-    from safesail.errors import UserError
-
-    backend = str(llm_cfg.get("backend", "local"))
-    if backend == "local":
-        from safesail.interpret.clients.local import LocalClient
-
-        client: LLMClient = LocalClient.from_cfg(llm_cfg, cache_dir=cache_dir, device=device)
-    elif backend in ("openai", "http"):
-        from safesail.interpret.clients.openai_http import OpenAIClient
-
-        client = OpenAIClient.from_cfg(llm_cfg)
-    else:
-        raise UserError(f"unknown llm.backend {backend!r}; use local or openai (any OpenAI-compatible server).")
-    if cache_path is None or not llm_cfg.get("cache", True):
-        return client
-    from safesail.interpret.clients.cache import CachedClient
-
-    return CachedClient(client, Path(cache_path))

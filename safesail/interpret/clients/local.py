@@ -25,13 +25,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import torch
 
+from safesail.config_types import LLMConfig, load_group
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, Completion, LLMClient, LLMError, PromptLogprobs
 from safesail.interpret.clients.local_engine import LocalEngine, shared_engine
+from safesail.interpret.clients.registry import register_backend
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ def pick_threads(setting: Any) -> int | None:
     return n
 
 
+@register_backend("local")
 class LocalClient(LLMClient):
     supports_prompt_logprobs = True
 
@@ -115,28 +118,45 @@ class LocalClient(LLMClient):
         self._stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id,
                           *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
 
+    @dataclass
+    class Settings(LLMConfig):
+        """The keys of an `llm` group with `backend: local` (defaults: configs/llm/local.yaml, qwen-coder-*.yaml).
+        `model` is a model config group (configs/model/*.yaml); `threads`: null, an integer or keep."""
+        model: dict
+        batch_size: int
+        batch_wait_ms: float
+        threads: Union[None, int, str]
+        prefix_cache_mb: float
+
     @classmethod
     def from_cfg(cls, cfg, cache_dir: str | Path | None = None, device: str = "cpu") -> "LocalClient":
+        """From an `llm` config group (every key checked by its type; defaults only in the YAML)."""
+        return cls.from_settings(load_group(cfg, cls.Settings, "llm"), cache_dir=cache_dir, device=device)
+
+    @classmethod
+    def from_settings(cls, s: "LocalClient.Settings", cache_dir: str | Path | None = None,
+                      device: str = "cpu") -> "LocalClient":
+        from omegaconf import OmegaConf
+
         from safesail.models import load_model
         from safesail.models.loading import model_folder, resolve_device, resolve_dtype
 
-        threads = pick_threads(cfg.get("threads"))
+        threads = pick_threads(s.threads)
         if threads is not None and threads != torch.get_num_threads():
-            log.info("local LLM: %d torch thread(s) (llm.threads=%s)", threads, cfg.get("threads"))
+            log.info("local LLM: %d torch thread(s) (llm.threads=%s)", threads, s.threads)
             torch.set_num_threads(threads)
         cache_dir = cache_dir or os.environ.get("SAFESAIL_CACHE", Path.home() / ".cache" / "safesail")
+        model_cfg = OmegaConf.create(s.model)
         dev = resolve_device(device)
-        folder = model_folder(cfg.model, cache_dir)
+        folder = model_folder(model_cfg, cache_dir)
         key = (str(Path(folder).resolve()) if Path(folder).exists() else folder,
-               str(resolve_dtype(cfg.model.get("dtype"), dev)), str(dev))
-        mb = float(cfg.get("prefix_cache_mb", 512))
-        loaded, engine = shared_engine(key, lambda: load_model(cfg.model, dev, cache_dir=cache_dir), int(mb * (1 << 20)))
-        name = str(cfg.get("name") or loaded.name)
-        window = int(cfg.get("context_window") or cfg.model.get("max_length") or 2048)
+               str(resolve_dtype(model_cfg.get("dtype"), dev)), str(dev))
+        loaded, engine = shared_engine(key, lambda: load_model(model_cfg, dev, cache_dir=cache_dir),
+                                       int(s.prefix_cache_mb * (1 << 20)))
+        name = s.name or loaded.name
         ident = {"backend": "local", "model": name, "path": Path(loaded.path).name, "dtype": str(loaded.dtype)}
-        return cls(loaded.model, loaded.tokenizer, name, context_window=window,
-                   batch_size=int(cfg.get("batch_size", 4)), batch_wait_ms=float(cfg.get("batch_wait_ms", 20)),
-                   identity=ident, engine=engine)
+        return cls(loaded.model, loaded.tokenizer, name, context_window=s.context_window, batch_size=s.batch_size,
+                   batch_wait_ms=s.batch_wait_ms, identity=ident, engine=engine)
 
     def cache_identity(self) -> dict[str, Any]:
         return {"backend": "local", "model": self.model_name, **self._identity}

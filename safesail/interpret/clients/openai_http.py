@@ -13,13 +13,16 @@ import asyncio
 import logging
 import os
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import openai
 
+from safesail.config_types import LLMConfig, load_group
 from safesail.errors import UserError
 from safesail.interpret.clients.base import (TRANSPORT_FAILURES, ChatRequest, Completion, LLMClient, LLMError,
                                              PromptLogprobs)
+from safesail.interpret.clients.registry import register_backend
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random | No
     return min(cap, base * (2 ** attempt)) * (0.5 + r)
 
 
+@register_backend("openai", "http")
 class OpenAIClient(LLMClient):
     def __init__(self, model: str | None, base_url: str, api_key: str | None = None, context_window: int = 8192,
                  concurrency: int = 4, timeout_s: float = 60.0, max_retries: int = 5, backoff_base_s: float = 1.0,
@@ -80,30 +84,42 @@ class OpenAIClient(LLMClient):
                                           timeout=self.timeout_s, http_client=http_client)
         self.retries = 0  # how many retries this client made (for logs and tests)
 
+    @dataclass
+    class Settings(LLMConfig):
+        """The keys of an `llm` group with `backend: openai` (defaults: configs/llm/openai.yaml, vllm.yaml, ...)."""
+        model: Optional[str]
+        base_url: Optional[str]
+        api_key_env: Optional[str]
+        max_retries: int
+        backoff_base_s: float
+        backoff_max_s: float
+        logprobs_top_n: int
+        supports_prompt_logprobs: bool
+        tokenizer: Optional[str]
+
     @classmethod
     def from_cfg(cls, cfg, **kw) -> "OpenAIClient":
-        key_env = cfg.get("api_key_env")
-        key = os.environ.get(key_env) if key_env else None
-        base_url = cfg.get("base_url")
-        if not base_url:
+        """From an `llm` config group (every key checked by its type; defaults only in the YAML)."""
+        return cls.from_settings(load_group(cfg, cls.Settings, "llm"), **kw)
+
+    @classmethod
+    def from_settings(cls, s: "OpenAIClient.Settings", cache_dir=None, device=None, **kw) -> "OpenAIClient":
+        key = os.environ.get(s.api_key_env) if s.api_key_env else None
+        if not s.base_url:
             raise UserError("llm.base_url is empty; set it to the server's OpenAI-compatible URL, "
                             "e.g. llm.base_url=http://localhost:8000/v1.")
-        if "api.openai.com" in str(base_url) and not key:
-            raise UserError(f"the environment variable {key_env or 'OPENAI_API_KEY'} holding the API key is not set; "
-                            "export it or point llm.api_key_env at the variable that holds your key.")
+        if "api.openai.com" in s.base_url and not key:
+            raise UserError(f"the environment variable {s.api_key_env or 'OPENAI_API_KEY'} holding the API key is "
+                            "not set; export it or point llm.api_key_env at the variable that holds your key.")
         tokenizer = None
-        if cfg.get("tokenizer"):
+        if s.tokenizer:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(cfg.tokenizer))
-        return cls(model=cfg.get("model"), base_url=str(base_url), api_key=key,
-                   context_window=int(cfg.get("context_window", 8192)), concurrency=int(cfg.get("concurrency", 4)),
-                   timeout_s=float(cfg.get("timeout_s", 60)), max_retries=int(cfg.get("max_retries", 5)),
-                   backoff_base_s=float(cfg.get("backoff_base_s", 1.0)),
-                   backoff_max_s=float(cfg.get("backoff_max_s", 60.0)),
-                   logprobs_top_n=int(cfg.get("logprobs_top_n", 20)),
-                   supports_prompt_logprobs=bool(cfg.get("supports_prompt_logprobs", False)),
-                   tokenizer=tokenizer, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(s.tokenizer)
+        return cls(model=s.model, base_url=s.base_url, api_key=key, context_window=s.context_window,
+                   concurrency=s.concurrency, timeout_s=s.timeout_s, max_retries=s.max_retries,
+                   backoff_base_s=s.backoff_base_s, backoff_max_s=s.backoff_max_s, logprobs_top_n=s.logprobs_top_n,
+                   supports_prompt_logprobs=s.supports_prompt_logprobs, tokenizer=tokenizer, **kw)
 
     # ---- identity ------------------------------------------------------------
     @property
