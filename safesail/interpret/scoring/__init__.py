@@ -6,7 +6,7 @@ one writer; `correlation` is the simulation scorer's metric (Pearson over scored
 
 from safesail.interpret.scoring.correlation import (SCORE_FAILURES, LatentScore, ScoreUndefined, SegmentSim,
                                                     pearson, score_segments)
-from safesail.interpret.scoring.records import KINDS, ScoreRecord, ScoreWriter, read_scores, scores_by_latent
+from safesail.interpret.scoring.records import ScoreRecord, ScoreWriter, read_scores, scores_by_latent
 
-__all__ = ["KINDS", "SCORE_FAILURES", "LatentScore", "ScoreRecord", "ScoreUndefined", "ScoreWriter", "SegmentSim",
+__all__ = ["SCORE_FAILURES", "LatentScore", "ScoreRecord", "ScoreUndefined", "ScoreWriter", "SegmentSim",
            "pearson", "read_scores", "score_segments", "scores_by_latent"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 
 CONTROLS = ("shuffled", "constant")
-CONSTANT_EXPLANATION = "ordinary text with nothing in particular"
 
 
 def _norm(text) -> str:

@@ -13,6 +13,7 @@ import time
 from safesail.interpret.scoring.binary import BinaryJudge, Item, batch_order, binary_run, check_metric
 from safesail.interpret.scoring.prompts import binary as layout
 from safesail.interpret.scoring.protocol import Example, ScorerRun
+from safesail.interpret.scoring.registry import register_scorer
 
 
 def detection_items(examples: list[Example]) -> list[Item]:
@@ -36,3 +37,11 @@ class DetectionScorer:
         items = batch_order(detection_items(examples))
         answers, cost = await self.judge.judge(explanation, items)
         return binary_run(items, answers, cost, t0, self.min_ok_fraction, self.metric)
+
+
+@register_scorer("detection")
+def build(client, sc: dict, sem, windows) -> DetectionScorer:
+    from safesail.interpret.scoring.prompts.detection import TASK
+
+    judge = BinaryJudge(client, TASK, sc["mode"], sc["detection"]["batch_size"], sem=sem)
+    return DetectionScorer(judge, sc["min_ok_fraction"], sc["binary_metric"])

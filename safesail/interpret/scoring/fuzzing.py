@@ -17,6 +17,7 @@ import time
 from safesail.interpret.scoring.binary import BinaryJudge, Item, batch_order, binary_run, check_metric
 from safesail.interpret.scoring.prompts import binary as layout
 from safesail.interpret.scoring.protocol import Example, ScorerRun
+from safesail.interpret.scoring.registry import register_scorer
 
 
 def true_marks(acts: list[float], max_marks: int) -> list[int]:
@@ -67,3 +68,11 @@ class FuzzingScorer:
         items = batch_order(fuzzing_items(examples, self.max_marks))
         answers, cost = await self.judge.judge(explanation, items)
         return binary_run(items, answers, cost, t0, self.min_ok_fraction, self.metric)
+
+
+@register_scorer("fuzzing")
+def build(client, sc: dict, sem, windows) -> FuzzingScorer:
+    from safesail.interpret.scoring.prompts.fuzzing import TASK
+
+    judge = BinaryJudge(client, TASK, sc["mode"], sc["fuzzing"]["batch_size"], sem=sem)
+    return FuzzingScorer(judge, sc["fuzzing"]["max_marks"], sc["min_ok_fraction"], sc["binary_metric"])

@@ -29,7 +29,6 @@ from typing import Iterable
 from safesail import layout
 from safesail.jsonl import append_jsonl, iter_jsonl, open_append
 
-KINDS = ("simulation", "detection", "fuzzing")
 STATUSES = ("ok", "failed")
 FILE_NAME = layout.SCORES
 # Per-example status in details["examples"][i]["status"]: a re-run re-sends every "retryable" one.
@@ -48,7 +47,7 @@ class ScoreRecord:
     hook: str
     layer: int | None
     latent: int
-    kind: str                              # one of KINDS
+    kind: str                              # a registered scorer (registry.scorer_kinds())
     value: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
@@ -65,8 +64,10 @@ class ScoreRecord:
     time: str = ""
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown score kind {self.kind!r}; one of {KINDS}")
+        from safesail.interpret.scoring.registry import scorer_kinds
+
+        if self.kind not in scorer_kinds():
+            raise ValueError(f"unknown score kind {self.kind!r}; one of {scorer_kinds()}")
         if self.status not in STATUSES:
             raise ValueError(f"unknown score status {self.status!r}; one of {STATUSES}")
         self.hook = str(self.hook)

@@ -16,6 +16,7 @@ from safesail.errors import UserError
 from safesail.interpret.scoring.correlation import ScoreUndefined, SegmentSim, pearson, score_segments
 from safesail.interpret.scoring.inputs import WindowLookup
 from safesail.interpret.scoring.protocol import Cost, Example, ScorerRun, gate, item_status
+from safesail.interpret.scoring.registry import register_scorer
 from safesail.interpret.scoring.simulator import Simulator
 
 GRANULARITIES = ("segment", "query")
@@ -113,3 +114,9 @@ def _resampler(sims: list[SegmentSim]):
             return None
 
     return value_of
+
+
+@register_scorer("simulation")
+def build(client, sc: dict, sem, windows) -> SimulationScorer:
+    sim = Simulator(client, sc["mode"], sc["max_value"], sc["json_tokens_per_token"])
+    return SimulationScorer(sim, sc["granularity"], sc["segments_per_call"], sc["min_ok_fraction"], windows, sem)

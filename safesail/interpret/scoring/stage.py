@@ -14,6 +14,7 @@ sent again. Format: docs/scoring.md.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from safesail.config_types import LLMConfig, ScoreConfig, load_group
 from safesail.errors import UserError
 from safesail.interpret.scoring import controls as ctl
 from safesail.interpret.scoring.inputs import explanation_key, load_explanations, load_score_segments
@@ -38,24 +40,12 @@ _COMPACT = ("segment_id", "id", "pred", "p_yes", "status", "failure")
 
 
 def score_settings(cfg: DictConfig) -> dict:
-    """The `score` group with defaults, checked (one sentence per bad setting)."""
-    sc = OmegaConf.to_container(cfg.get("score") or {}, resolve=True) or {}
-    out = {"scorers": check_names(sc["scorers"] if "scorers" in sc else ["simulation"]),
-           "controls": [str(c) for c in (sc.get("controls") if sc.get("controls") is not None else ctl.CONTROLS)],
-           "constant_explanation": str(sc.get("constant_explanation") or ctl.CONSTANT_EXPLANATION),
-           "bootstrap": int(sc.get("bootstrap", 200)),
-           "binary_metric": str(sc.get("binary_metric") or "balanced_accuracy"),
-           "min_beats_rate": float(sc.get("min_beats_rate", 0.8)),
-           "mode": sc.get("mode", "auto"), "granularity": sc.get("granularity", "segment"),
-           "segments_per_call": int(sc.get("segments_per_call", 1)),
-           "max_value": int(sc.get("max_value", 10)), "min_ok_fraction": float(sc.get("min_ok_fraction", 1.0)),
-           "concurrency": int(sc.get("concurrency") or cfg.llm.get("concurrency", 4)),
-           "query_max_tokens": int(sc.get("query_max_tokens", 384)),
-           "json_tokens_per_token": int(sc.get("json_tokens_per_token", 24)),
-           "detection": {"batch_size": int((sc.get("detection") or {}).get("batch_size", 10))},
-           "fuzzing": {"batch_size": int((sc.get("fuzzing") or {}).get("batch_size", 10)),
-                       "max_marks": int((sc.get("fuzzing") or {}).get("max_marks", 3))},
-           "hooks": sc.get("hooks"), "max_latents": sc.get("max_latents")}
+    """The typed `score` group (config_types.ScoreConfig; defaults only in configs/score/default.yaml)
+    as a dict, checked (one sentence per bad setting); `concurrency: null` takes llm.concurrency."""
+    out = dataclasses.asdict(load_group(cfg.get("score"), ScoreConfig, "score"))
+    out["scorers"] = check_names(out["scorers"])
+    if out["concurrency"] is None:
+        out["concurrency"] = load_group(cfg.get("llm"), LLMConfig, "llm").concurrency
     bad = [c for c in out["controls"] if c not in ctl.CONTROLS]
     if bad:
         raise UserError(f"unknown score.controls {bad!r}; use a subset of {list(ctl.CONTROLS)}.")
