@@ -69,6 +69,18 @@ def _db_content(db_path: Path) -> dict:
         db.close()
 
 
+def _assert_same_db(got: dict, clean: dict) -> None:
+    """Everything equal, scores to relative 1e-4: the local LLM batches prompts in arrival order,
+    so a resumed run's batches differ from a clean run's and move the last bits of a score."""
+    assert got.keys() == clean.keys()
+    for key, (expl, score, *rest) in clean.items():
+        g_expl, g_score, *g_rest = got[key]
+        assert (g_expl, g_rest) == (expl, rest), key
+        assert (g_score is None) == (score is None), key
+        if score is not None:
+            assert g_score == pytest.approx(score, rel=1e-4, abs=1e-6), key
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_db(tmp_path, cache_dir):
     env = _env(cache_dir)
@@ -86,12 +98,12 @@ def test_killed_run_resumes_to_the_same_db(tmp_path, cache_dir):
             kills += 1
     assert kills >= 4, "the run finished before most kills; the test no longer exercises resume"
     _run_to_end(root, env)
-    assert _db_content(root / "smoke" / "neurons.sqlite") == clean
+    _assert_same_db(_db_content(root / "smoke" / "neurons.sqlite"), clean)
 
     # A finished run re-runs as a no-op and keeps the same DB.
     again = _run_to_end(root, env)
     assert "open the diagnose page with" in again.stdout
-    assert _db_content(root / "smoke" / "neurons.sqlite") == clean
+    _assert_same_db(_db_content(root / "smoke" / "neurons.sqlite"), clean)
 
 
 def test_run_refuses_another_experiments_run_dir(tmp_path, cache_dir):
