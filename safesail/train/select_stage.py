@@ -63,6 +63,14 @@ class SelectSettings(SelectConfig):
             raise UserError("select.t_grid must list thresholds in (0, 1], e.g. [0.05, 0.1, 0.2, 0.3, 0.5].")
         return s
 
+    @classmethod
+    def defaults(cls, **changes) -> "SelectSettings":
+        """configs/select/default.yaml with `changes` applied (library callers and tests)."""
+        from safesail.config import CONFIG_DIR
+
+        raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "select" / "default.yaml"), resolve=True)
+        return cls.from_cfg(OmegaConf.create({"select": {**raw, **changes}}))
+
     def metric_key(self) -> dict:
         """The settings that change an SAE's figures (the per-SAE cache key)."""
         return {"fire_threshold": float(self.fire_threshold), "correct_for_chance": bool(self.correct_for_chance),

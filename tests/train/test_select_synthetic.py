@@ -51,7 +51,7 @@ def test_wired_latent_ranks_first_and_wired_sae_wins(tiny_model, pair_acts):
     wires = {WIRED[d]: _tid(tok, c) for d, (c, _) in choose_words(tiny_model).items()}
     good = wired_sae(acts, pa.token_ids, wires, 256, HOOK, "tiny", seed=1)
     rand = random_sae(acts.shape[1], 256, HOOK, "tiny", seed=2, center=acts.mean(0))
-    settings = SelectSettings()
+    settings = SelectSettings.defaults()
     figs_good, stats_good = evaluate_sae(good, acts, pa.query_index, pa.n_queries, pairs, settings)
     figs_rand, stats_rand = evaluate_sae(rand, acts, pa.query_index, pa.n_queries, pairs, settings)
     for d, j in WIRED.items():
@@ -71,7 +71,7 @@ def test_wired_latent_ranks_first_and_wired_sae_wins(tiny_model, pair_acts):
     records[1]["eligible"], records[1]["ineligible_reason"] = False, "FVU 0.900 above select.max_fvu=0.6"
     assert choose(HOOK, records, settings)["sae"] == "random"
     # and the override wins over everything
-    ov = SelectSettings(override={HOOK: "wired"})
+    ov = SelectSettings.defaults(override={HOOK: "wired"})
     got = choose(HOOK, records, ov)
     assert got["sae"] == "wired" and got["override"] and "despite the guardrail" in got["reason"]
 
@@ -80,8 +80,8 @@ def test_chance_correction_keeps_a_random_sae_near_zero(pair_acts):
     pairs, pa = pair_acts
     acts = pa.acts[HOOK]
     rand = random_sae(acts.shape[1], 256, HOOK, "tiny", seed=3, center=acts.mean(0))
-    figs, _ = evaluate_sae(rand, acts, pa.query_index, pa.n_queries, pairs, SelectSettings())
+    figs, _ = evaluate_sae(rand, acts, pa.query_index, pa.n_queries, pairs, SelectSettings.defaults())
     figs_raw, _ = evaluate_sae(rand, acts, pa.query_index, pa.n_queries, pairs,
-                               SelectSettings(correct_for_chance=False))
+                               SelectSettings.defaults(correct_for_chance=False))
     assert figs["macro"]["i_cdf"] <= figs_raw["macro"]["i_cdf"]
     assert figs["macro"]["i_cdf"] < 0.05
