@@ -6,10 +6,24 @@ import json
 
 import torch
 
+from omegaconf import OmegaConf
+
+from safesail.config import CONFIG_DIR
 from safesail.interpret.collect import CollectSettings, HookInputs, collect_latents
 from safesail.rundir import RunDir
 
 HOOK = "layers.1.mlp_out"
+
+
+def collect_group(**values):
+    """configs/collect/default.yaml (run.seed 0) with `values` on top: the collect group a test passes."""
+    root = OmegaConf.create({"run": {"seed": 0}, "collect": OmegaConf.load(CONFIG_DIR / "collect" / "default.yaml")})
+    return OmegaConf.merge(root, {"collect": values}).collect
+
+
+def collect_settings(**values) -> CollectSettings:
+    """Typed collect settings: the YAML defaults, with the values a test states explicitly."""
+    return CollectSettings.from_cfg(collect_group(**values))
 
 
 class StandInSAE(torch.nn.Module):
@@ -52,8 +66,8 @@ def make_collected_run(cfg, tiny_model, n_latents: int = 8) -> RunDir:
     rd = RunDir.from_cfg(cfg)
     windows = _windows(tiny_model, rd.root)
     sae = StandInSAE(tiny_model.hidden_size, n_latents)
-    s = CollectSettings(k_top=32, n_bins=8, n_levels=4, segment_len=12, explain_per_level=2, score_per_level=1,
-                        random_pool=32, min_examples=2, batch_size=8)
+    s = collect_settings(k_top=32, n_bins=8, n_levels=4, segment_len=12, explain_per_level=2, score_per_level=1,
+                         random_pool=32, min_examples=2, batch_size=8)
     hooks = [HookInputs(HOOK, sae, list(range(n_latents)), rd.latents(HOOK), {"which_latents": "list"})]
     collect_latents(tiny_model, hooks, iter(windows), rd.root / "latents", s, "fp", {"model": "tiny"})
     return rd

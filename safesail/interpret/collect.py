@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from safesail.config_types import CollectConfig, load_group
 from safesail.errors import UserError
 from safesail.hooks import HookPoint, capture_activations, special_token_mask
 from safesail.interpret.latent_stats import LatentHistogram, RunningLatentStats
@@ -40,34 +41,26 @@ SEGMENT_CHUNK_ROWS = 200_000
 
 
 @dataclass
-class CollectSettings:
-    k_top: int = 256
-    quantile: float = 0.999
-    n_bins: int = 32
-    n_levels: int = 10
-    segment_len: int = 24
-    segment_left: float = 0.75
-    explain_per_level: int = 2
-    score_per_level: int = 2
-    random_explain: int = 2
-    random_score: int = 8
-    oversample: int = 3
-    random_pool: int = 512
-    min_examples: int = 4
-    batch_size: int = 8
-    seed: int = 0
-    keep_scratch: bool = False
+class CollectSettings(CollectConfig):
+    """collect.*: types in config_types.CollectConfig, defaults in configs/collect/default.yaml."""
 
     @classmethod
     def from_cfg(cls, c: DictConfig) -> "CollectSettings":
-        kw = {k: c.get(k) for k in cls.__dataclass_fields__ if c.get(k) is not None}
-        s = cls(**kw)
+        s = load_group(c, cls, "collect")
         for name in ("k_top", "n_bins", "n_levels", "segment_len", "batch_size", "oversample"):
             if int(getattr(s, name)) < 1:
                 raise UserError(f"collect.{name} is {getattr(s, name)}; set it to a positive integer.")
         if not 0.0 < float(s.quantile) < 1.0:
             raise UserError(f"collect.quantile is {s.quantile}; use a fraction between 0 and 1, e.g. 0.999.")
         return s
+
+    def stats_key(self) -> dict:
+        """The settings that shape the statistics and segments (the corpus keys are fingerprinted on their own)."""
+        return {k: v for k, v in vars(self).items() if k not in _CORPUS_KEYS}
+
+
+# collect.* keys that choose the corpus and the latents rather than how they are summarised
+_CORPUS_KEYS = ("data", "ctx_len", "max_tokens", "latents")
 
 
 @dataclass
@@ -420,21 +413,21 @@ def run_collect_stage(cfg: DictConfig, args: list[str]) -> None:
     rd.save_config(cfg)
     s = CollectSettings.from_cfg(cfg.collect)
     data_cfg = corpus_cfg(cfg)
-    ctx_len = int(cfg.collect.get("ctx_len") or data_cfg.get("ctx_len") or 256)
-    max_tokens = cfg.collect.get("max_tokens")
+    ctx_len = int(s.ctx_len or data_cfg.ctx_len)
+    max_tokens = s.max_tokens
     sae_dirs = chosen_sae_dirs(cfg, rd.root)
     saes, plan = {}, {}
     for hook, folder in sorted(sae_dirs.items()):
         sae = load_sae(folder)
         sc = _sae_cfg(sae)
         n_lat = int(sc.get("n_latents") or sc.get("num_latents"))
-        mode, ids = resolve_latents(cfg.collect.get("latents", "candidates"), rd, hook, n_lat)
+        mode, ids = resolve_latents(s.latents, rd, hook, n_lat)
         saes[hook] = sae
         plan[hook] = {"sae": str(Path(folder).resolve().relative_to(rd.root.resolve())) if
                       Path(folder).resolve().is_relative_to(rd.root.resolve()) else str(folder),
                       "sae_cfg": sc, "mode": mode, "latents": ids}
     fp = fingerprint({"v": FORMAT_VERSION, "model": cfg.model.name, "data": OmegaConf.to_container(data_cfg),
-                      "ctx_len": ctx_len, "max_tokens": max_tokens, "settings": vars(s), "plan": plan})
+                      "ctx_len": ctx_len, "max_tokens": max_tokens, "settings": s.stats_key(), "plan": plan})
     if rd.stage_done("collect", fp):
         log.info("collect: already done for these settings (%s); nothing to do", rd.root / "latents")
         return

@@ -13,7 +13,7 @@ from safesail.interpret.collect import CollectSettings, HookInputs, collect_late
 from safesail.interpret.latent_stats import LatentHistogram, RunningLatentStats, quantile_from_top
 from safesail.interpret.segments import LevelReservoir, SegmentSpec, deal_splits, level_of, segment_span
 
-from collect_helpers import StandInSAE, _windows
+from collect_helpers import StandInSAE, _windows, collect_group, collect_settings
 
 HOOK = "layers.1.mlp_out"
 
@@ -82,8 +82,8 @@ def _run(tiny_model, windows, out_root, settings, fp="fp1", sae=None):
 
 def test_collect_writes_stats_and_segments(tiny_model, tmp_path):
     windows = _windows(tiny_model, tmp_path)
-    s = CollectSettings(k_top=32, n_bins=8, n_levels=4, segment_len=10, explain_per_level=2, score_per_level=2,
-                        random_explain=1, random_score=2, random_pool=64, min_examples=3, batch_size=4)
+    s = collect_settings(k_top=32, n_bins=8, n_levels=4, segment_len=10, explain_per_level=2, score_per_level=2,
+                         random_explain=1, random_score=2, random_pool=64, min_examples=3, batch_size=4)
     sae = StandInSAE(tiny_model.hidden_size, 24)
     _run(tiny_model, windows, tmp_path / "latents", s, sae=sae)
     out = tmp_path / "latents" / HOOK
@@ -137,7 +137,7 @@ def test_collect_writes_stats_and_segments(tiny_model, tmp_path):
 
 def test_collect_resumes_after_a_kill(tiny_model, tmp_path):
     windows = _windows(tiny_model, tmp_path)
-    s = CollectSettings(k_top=16, n_bins=4, n_levels=3, segment_len=8, random_pool=32, batch_size=4)
+    s = collect_settings(k_top=16, n_bins=4, n_levels=3, segment_len=8, random_pool=32, batch_size=4)
     sae = StandInSAE(tiny_model.hidden_size, 24)
 
     def dying(ws, after):
@@ -177,7 +177,7 @@ def test_segments_do_not_depend_on_the_latent_chunk_size(tiny_model, tmp_path, m
     import safesail.interpret.collect as collect
 
     windows = _windows(tiny_model, tmp_path, max_tokens=1024)
-    s = CollectSettings(k_top=16, n_bins=4, n_levels=3, segment_len=8, random_pool=32, batch_size=8)
+    s = collect_settings(k_top=16, n_bins=4, n_levels=3, segment_len=8, random_pool=32, batch_size=8)
     sae = StandInSAE(tiny_model.hidden_size, 24)
     _run(tiny_model, windows, tmp_path / "one", s, sae=sae)
     monkeypatch.setattr(collect, "SEGMENT_CHUNK_ROWS", 5 * 3 * s.oversample * 4)  # 5 latents per chunk
@@ -204,6 +204,15 @@ def test_bad_collect_settings_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="safesail select"):  # candidates need selection.json
         resolve_latents("candidates", rd, HOOK, 4)
     with pytest.raises(UserError, match="collect.k_top"):
-        CollectSettings.from_cfg(OmegaConf.create({"k_top": 0}))
+        CollectSettings.from_cfg(collect_group(k_top=0))
     with pytest.raises(UserError, match="collect.quantile"):
-        CollectSettings.from_cfg(OmegaConf.create({"quantile": 1.5}))
+        CollectSettings.from_cfg(collect_group(quantile=1.5))
+    with pytest.raises(UserError, match=r"^collect\.k_top must be an integer, not 'many'"):
+        CollectSettings.from_cfg(collect_group(k_top="many"))
+    partial = collect_group()
+    del partial["random_pool"]
+    with pytest.raises(UserError, match=r"lacks collect\.random_pool"):
+        CollectSettings.from_cfg(partial)
+    s = collect_settings()  # the defaults come from configs/collect/default.yaml alone
+    assert (s.k_top, s.quantile, s.max_tokens, s.latents, s.seed) == (256, 0.999, 32768, "candidates", 0)
+    assert "latents" not in s.stats_key() and s.stats_key()["k_top"] == 256
