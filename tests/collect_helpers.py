@@ -16,14 +16,15 @@ HOOK = "layers.1.mlp_out"
 
 
 def collect_group(**values):
-    """configs/collect/default.yaml (run.seed 0) with `values` on top: the collect group a test passes."""
-    root = OmegaConf.create({"run": {"seed": 0}, "collect": OmegaConf.load(CONFIG_DIR / "collect" / "default.yaml")})
+    """configs/collect/default.yaml (seed: the root config's run.seed) with `values` on top."""
+    root = OmegaConf.create({"run": OmegaConf.load(CONFIG_DIR / "config.yaml").run,
+                             "collect": OmegaConf.load(CONFIG_DIR / "collect" / "default.yaml")})
     return OmegaConf.merge(root, {"collect": values}).collect
 
 
 def collect_settings(**values) -> CollectSettings:
     """Typed collect settings: the YAML defaults, with the values a test states explicitly."""
-    return CollectSettings.from_cfg(collect_group(**values))
+    return CollectSettings.defaults(**values)
 
 
 class StandInSAE(torch.nn.Module):

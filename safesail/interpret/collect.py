@@ -54,6 +54,16 @@ class CollectSettings(CollectConfig):
             raise UserError(f"collect.quantile is {s.quantile}; use a fraction between 0 and 1, e.g. 0.999.")
         return s
 
+    @classmethod
+    def defaults(cls, **changes) -> "CollectSettings":
+        """configs/collect/default.yaml with `changes` applied (library callers and tests); `seed` follows
+        the root config's run.seed."""
+        from safesail.config import CONFIG_DIR
+
+        root = OmegaConf.create({"run": OmegaConf.load(CONFIG_DIR / "config.yaml").run,
+                                 "collect": OmegaConf.load(CONFIG_DIR / "collect" / "default.yaml")})
+        return cls.from_cfg(OmegaConf.merge(root, {"collect": changes}).collect)
+
     def stats_key(self) -> dict:
         """The settings that shape the statistics and segments (the corpus keys are fingerprinted on their own)."""
         return {k: v for k, v in vars(self).items() if k not in _CORPUS_KEYS}
