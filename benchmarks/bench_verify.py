@@ -153,12 +153,14 @@ def stage_part(args) -> dict:
     from safesail.verify.records import effects_path, read_effects
 
     root = Path(args.run)
-    rec = json.loads((root / "stages" / "verify.json").read_text())
+    stage = root / "stages" / "verify.json"
+    rec = json.loads(stage.read_text()) if stage.is_file() else {"summary": {}}   # a partial run: its done units
+    units = [json.loads(line) for line in (root / "verify" / "done.jsonl").read_text().splitlines() if line.strip()]
     effects = read_effects(effects_path(root))
     by = defaultdict(dict)
     for e in effects:
         if e.lang is None:
-            by[(e.hook, e.latent, e.target)][e.metric] = e
+            by[(e.hook, e.latent, e.target, e.domain if e.target == "diff_in_means" else None)][e.metric] = e
     tagged = [k for k in by if k[2] == "latent"]
     wins, rows = 0, []
     for k in sorted(tagged, key=lambda k: (k[0], k[1])):
@@ -175,15 +177,20 @@ def stage_part(args) -> dict:
                      "refusal_rate_ablate": _fig(m.get("refusal_rate_change_ablate")),
                      "refusal_lp_steer": _fig(m.get("refusal_logprob_change_steer")),
                      "answer_changed": _fig(m.get("answer_changed")),
+                     "fires_on_query": (m["answer_changed"].details.get("fires_on_query") if "answer_changed" in m
+                                        else None),
+                     "promoted_logprob_change": _fig(m.get("promoted_logprob_change")),
                      "segment_loss_change": _fig(m.get("segment_loss_change"))})
-    refs = [{"direction": f"{k[0]}:{m['answer_changed'].domain}",
+    refs = [{"direction": f"{k[0]}:{k[3]}",
              "on_concept": getattr(m.get("on_concept_rate"), "value", None),
              "vs_unsteered": _fig(m.get("on_concept_vs_unsteered")),
              "refusal_lp_ablate": _fig(m.get("refusal_logprob_change_ablate")),
              "refusal_lp_steer": _fig(m.get("refusal_logprob_change_steer")),
-             "answer_changed": _fig(m.get("answer_changed"))}
+             "answer_changed": _fig(m.get("answer_changed")),
+             "promoted_logprob_change": _fig(m.get("promoted_logprob_change"))}
             for k, m in by.items() if k[2] == "diff_in_means" and "answer_changed" in m]
-    fig = {"run": str(root), "seconds": rec["summary"].get("seconds"), "latents": len(tagged),
+    fig = {"run": str(root), "seconds": rec["summary"].get("seconds"), "finished": stage.is_file(),
+           "units_done": len(units), "unit_seconds": [u["seconds"] for u in units], "latents": len(tagged),
            "steer_on_concept_wins": wins, "win_share": round(wins / len(tagged), 3) if tagged else None,
            "latents_detail": rows, "diff_in_means": refs}
     print(json.dumps(fig, indent=1, ensure_ascii=False))
