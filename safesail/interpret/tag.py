@@ -41,7 +41,7 @@ DOMAINS = prompts.DOMAINS
 
 def tag_settings(cfg: DictConfig) -> dict:
     t = OmegaConf.to_container(cfg.get("tag") or {}, resolve=True) or {}
-    s = {"rule": str(t.get("rule", "both")),
+    s = {"rule": str(t.get("rule", "pairs_only")),
          "alpha": float(t.get("alpha", pe.DEFAULTS["alpha"])),
          "min_concept_rate": float(t.get("min_concept_rate", pe.DEFAULTS["min_concept_rate"])),
          "min_rate_diff": float(t.get("min_rate_diff", pe.DEFAULTS["min_rate_diff"])),
@@ -182,7 +182,7 @@ def run_tag_stage(cfg: DictConfig, args: list[str]) -> None:
     rd = RunDir.from_cfg(cfg)
     expls = load_explanations(rd)
     keys = sorted(expls)
-    use_llm = s["use_llm"] and s["rule"] != "pairs_only"
+    use_llm = s["use_llm"]   # asked even under pairs_only: the LLM evidence is recorded and measured
     fp = fingerprint({"tag": {k: v for k, v in s.items() if k != "concurrency"},
                       "llm": OmegaConf.to_container(cfg.llm, resolve=True) if use_llm else None,
                       "explanations": [[h, l, explanation_key(expls[(h, l)])] for h, l in keys],
