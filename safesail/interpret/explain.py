@@ -291,7 +291,7 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
         return
     top = ecfg.get("top_per_domain")
     if top is not None and latents is None:
-        chosen = strongest_candidates(rd, hooks, int(top))
+        chosen = strongest_candidates(rd, collected_hooks(rd), int(top))   # over every hook, then explain.hooks
         tasks = [t for h in hooks if h in chosen for t in load_tasks(rd, h, chosen[h])]
         log.info("explain: the %d latents with the strongest pair evidence (%d per domain)", len(tasks), int(top))
     else:
