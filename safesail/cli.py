@@ -70,6 +70,12 @@ def disk_error_message(e: OSError) -> str | None:
 INTERRUPTED = "interrupted; re-run the same command to resume"
 
 
+def _interrupted() -> None:
+    """Ctrl-C: the one line on a line of its own (after a progress bar or the terminal's "^C"), exit 130."""
+    print("\n" + INTERRUPTED, file=sys.stderr)
+    sys.exit(130)
+
+
 def _usage() -> str:
     lines = ["usage: safesail <stage> [args] [key=value ...] [-m]", "", "stages:"]
     lines += [f"  {s.name:<9} {s.help}" for s in STAGES]
@@ -91,8 +97,7 @@ def _run_stage(fn, cfg, stage_args: list[str]) -> None:
     except UserError as e:
         _fail(str(e))  # one clear sentence, no traceback, exit 2
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
     except OSError as e:
         message = disk_error_message(e)
         if message is None:
@@ -127,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         except UserError as e:
             _fail(str(e))
         except KeyboardInterrupt:
-            print(INTERRUPTED, file=sys.stderr)
-            sys.exit(130)
+            _interrupted()
 
     import hydra
     from omegaconf import DictConfig
@@ -145,8 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _entry()
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
     finally:
         sys.argv = saved
 
