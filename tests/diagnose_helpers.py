@@ -9,6 +9,7 @@ include script-injection explanations. The neuron DB imports them like the real 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,3 +135,47 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def serve_tiny_engine(lm, folder: Path, compare_line: str | None = None) -> LiveServer:
+    """A LiveServer (use it as a context manager) of the diagnose app on the tiny model, SAEs on layers 0, 1, 3.
+
+    With `compare_line`, that line is written to `folder/compare.jsonl` and served as the comparison presets."""
+    from safesail.diagnose.api.common import ServerSettings
+    from safesail.diagnose.server import create_app
+
+    engine = make_engine(lm, build_tiny_db(lm, [0, 1, 3], folder), max_new_tokens=12, top=30)
+    settings = ServerSettings()
+    if compare_line is not None:
+        presets = folder / "compare.jsonl"
+        presets.write_text(compare_line + "\n", encoding="utf-8")
+        settings = ServerSettings(compare_file=str(presets))
+    return LiveServer(create_app(engine, settings))
+
+
+@contextmanager
+def chromium_page(height: int = 1000, record_dialogs: bool = False):
+    """A Playwright page in headless /usr/bin/chromium, 1400 px wide; console errors collect in
+    `page.console_errors`, and with `record_dialogs` dialogs are dismissed and their messages kept in `page.dialogs`."""
+    import pytest
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing; install the Debian package chromium (see DEVELOPERS.md).")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": height})
+        if record_dialogs:
+            pg.dialogs = []
+            pg.on("dialog", lambda d: (pg.dialogs.append(d.message), d.dismiss()))
+        pg.console_errors = []
+        pg.on("console", lambda m: pg.console_errors.append(m.text) if m.type == "error" else None)
+        yield pg
+        browser.close()

@@ -9,22 +9,14 @@ inside a character. A screenshot with the glyphs goes to test-artifacts/diagnose
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from diagnose_helpers import LiveServer, build_tiny_db, make_engine
-from safesail.diagnose.api.common import ServerSettings
-from safesail.diagnose.server import create_app
+from diagnose_helpers import ARTIFACTS, chromium_page, serve_tiny_engine
 from safesail.diagnose.streaming import CallbackStreamer
 from safesail.token_text import incomplete_tail, token_pieces
 
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 ZH = "请解释一下光合作用。"
 HI = "भारत की राजधानी क्या है?"
 
@@ -49,28 +41,15 @@ def test_a_stream_cut_inside_a_character_has_no_replacement_character(tiny_model
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("chars")
-    engine = make_engine(tiny_model, build_tiny_db(tiny_model, [0, 1, 3], folder), max_new_tokens=12, top=30)
-    presets = folder / "compare.jsonl"
-    presets.write_text(f'{{"id": "photo", "domain": "violence", "en": "Explain photosynthesis.", "zh": "{ZH}", '
-                       f'"hi": "{HI}"}}\n', encoding="utf-8")
-    with LiveServer(create_app(engine, ServerSettings(compare_file=str(presets)))) as srv:
+    line = f'{{"id": "photo", "domain": "violence", "en": "Explain photosynthesis.", "zh": "{ZH}", "hi": "{HI}"}}'
+    with serve_tiny_engine(tiny_model, tmp_path_factory.mktemp("chars"), line) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing; install the Debian package chromium (see DEVELOPERS.md).")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.console_errors = []
-        pg.on("console", lambda m: pg.console_errors.append(m.text) if m.type == "error" else None)
+    with chromium_page(height=1000) as pg:
         yield pg
-        browser.close()
 
 
 def _chips(page, strip: str) -> list[dict]:

@@ -3,43 +3,23 @@ pick a latent from a token's table, add it with a strength, regenerate, read bot
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from diagnose_helpers import LiveServer, build_tiny_db, make_engine
-from safesail.diagnose.api.common import ServerSettings
-from safesail.diagnose.server import create_app
+from diagnose_helpers import ARTIFACTS, chromium_page, serve_tiny_engine
 
 pytestmark = pytest.mark.browser
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("steer-browser")
-    engine = make_engine(tiny_model, build_tiny_db(tiny_model, [0, 1, 3], folder), max_new_tokens=12, top=30)
-    with LiveServer(create_app(engine, ServerSettings())) as srv:
+    with serve_tiny_engine(tiny_model, tmp_path_factory.mktemp("steer-browser")) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing; install the Debian package chromium (see DEVELOPERS.md).")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1200})
-        pg.console_errors = []
-        pg.on("console", lambda m: pg.console_errors.append(m.text) if m.type == "error" else None)
+    with chromium_page(height=1200) as pg:
         yield pg
-        browser.close()
 
 
 def test_steer_control_regenerates_side_by_side(server, page):

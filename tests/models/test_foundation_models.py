@@ -6,16 +6,22 @@ from safesail.errors import UserError
 from safesail.hooks import HookPoint, capture_activations, hook_points, special_token_mask
 
 
-def test_tiny_model_hooks_stop_early(tiny_model):
-    lm = tiny_model
-    ids = torch.tensor([encode_chat(lm.tokenizer, "How do I bake bread? 你好 नमस्ते", "sys")])
-    points = hook_points([0, 1], "mlp_out", lm.num_layers)
+def _capture_watching_layer_3(lm, ids, points):
+    """capture_activations (stopping early) with a hook on layer 3; returns (acts, seen): seen is [] when
+    the forward pass never reached layer 3."""
     seen = []
     handle = lm.model.model.layers[3].register_forward_hook(lambda *a: seen.append(1))
     try:
         acts = capture_activations(lm.model, ids, None, points)
     finally:
         handle.remove()
+    return acts, seen
+
+
+def test_tiny_model_hooks_stop_early(tiny_model):
+    lm = tiny_model
+    ids = torch.tensor([encode_chat(lm.tokenizer, "How do I bake bread? 你好 नमस्ते", "sys")])
+    acts, seen = _capture_watching_layer_3(lm, ids, hook_points([0, 1], "mlp_out", lm.num_layers))
     assert set(acts) == {"layers.0.mlp_out", "layers.1.mlp_out"}
     assert acts["layers.0.mlp_out"].shape == (1, ids.shape[1], lm.hidden_size)
     assert seen == []  # the forward pass stopped after layer 1
@@ -53,13 +59,7 @@ def test_other_architectures_hook_and_stop_early(arch, cache_dir):
     lm = load_model(cfg.model, "cpu", cache_dir=cache_dir)
     assert type(lm.model).__name__.lower().startswith(arch)
     ids = torch.tensor([encode_chat(lm.tokenizer, "What is the capital of France?", "sys")])
-    points = hook_points([0, 2], "resid", lm.num_layers)
-    seen = []
-    handle = lm.model.model.layers[3].register_forward_hook(lambda *a: seen.append(1))
-    try:
-        acts = capture_activations(lm.model, ids, None, points)
-    finally:
-        handle.remove()
+    acts, seen = _capture_watching_layer_3(lm, ids, hook_points([0, 2], "resid", lm.num_layers))
     assert seen == [] and set(acts) == {"layers.0.resid", "layers.2.resid"}
     # the residual stream after block L is hidden_states[L + 1] of a full forward pass
     full = lm.model(input_ids=ids, output_hidden_states=True).hidden_states

@@ -50,12 +50,17 @@ def _import(cfg, release: Path, db: Path, *extra: str):
     run_db_command(cfg, ["import", "--from", str(release), "--db", str(db), "--model", "qwen2.5-3b-instruct", *extra])
 
 
-def test_export_after_import_is_the_release_byte_for_byte(real_release, smoke_cfg, tmp_path):
-    cfg = smoke_cfg()
+def _import_and_export(cfg, release: Path, tmp_path: Path) -> Path:
+    """Import the release into tmp_path/release.sqlite, export it (no JSONL) to tmp_path/export; returns that."""
     db = tmp_path / "release.sqlite"
-    _import(cfg, real_release, db)
+    _import(cfg, release, db)
     out = tmp_path / "export"
     run_db_command(cfg, ["export", "--db", str(db), "--out", str(out), "--no-jsonl"])
+    return out
+
+
+def test_export_after_import_is_the_release_byte_for_byte(real_release, smoke_cfg, tmp_path):
+    out = _import_and_export(smoke_cfg(), real_release, tmp_path)
     for name in ("en_db.json", "cn_db.json"):
         src = (real_release / "data" / "neuron_db" / name).read_bytes()
         assert src.isascii() and b"\n" not in src
@@ -63,11 +68,7 @@ def test_export_after_import_is_the_release_byte_for_byte(real_release, smoke_cf
 
 
 def test_indices_imported_without_tables_are_exported(real_release, smoke_cfg, tmp_path):
-    cfg = smoke_cfg()
-    db = tmp_path / "release.sqlite"
-    _import(cfg, real_release, db)
-    out = tmp_path / "export"
-    run_db_command(cfg, ["export", "--db", str(db), "--out", str(out), "--no-jsonl"])
+    out = _import_and_export(smoke_cfg(), real_release, tmp_path)
     # the release's indices come without quantile tables; they are exported as imported (order, duplicates)
     assert torch.equal(torch.load(out / "indices_layer35.pt"), torch.load(SAMPLES / "indices_layer35.pt"))
     assert not (out / "quantile_layer35.pt").exists()
