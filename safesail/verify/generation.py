@@ -21,6 +21,18 @@ def _pad_id(lm) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
+def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, width] token ids padded with `pad` (on the left when `left`, else the right) and their attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[j, cols] = torch.tensor(s)
+        mask[j, cols] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
     """Greedy answers (token ids, end-of-turn token removed) of each prompt."""
@@ -28,12 +40,8 @@ def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, p in enumerate(chunk):
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = 1
+        ids, mask = _padded(chunk, pad, left=True)
+        width = ids.shape[1]
         gen = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=max_new_tokens,
                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         for row in gen[:, width:].tolist():
@@ -53,12 +61,7 @@ def next_token_logprobs(lm, prompts: list[list[int]], batch_size: int = 8) -> to
     rows = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, p in enumerate(chunk):
-            ids[j, :len(p)] = torch.tensor(p)
-            mask[j, :len(p)] = 1
+        ids, mask = _padded(chunk, pad)
         logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
         last = torch.tensor([len(p) - 1 for p in chunk], device=logits.device)
         rows.append(torch.log_softmax(logits[torch.arange(len(chunk)), last], -1).cpu())
@@ -74,12 +77,7 @@ def continuation_logprobs(lm, prompts: list[list[int]], continuations: list[list
     out = []
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
+        ids, mask = _padded(chunk, pad)
         logp = torch.log_softmax(lm.model(input_ids=ids.to(lm.device),
                                           attention_mask=mask.to(lm.device)).logits.float(), -1).cpu()
         for j in range(len(chunk)):
