@@ -6,20 +6,18 @@ class under `@register_arch`, so adding an architecture is one new file there (d
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from safesail.errors import UserError
+from safesail.registry import Registry
 
 if TYPE_CHECKING:
     from safesail.saes.base import SAE
     from safesail.saes.config import SAEConfig
 
-ARCH_CLASSES: dict[str, type["SAE"]] = {}
-_discovered = False
+_REGISTRY: Registry[type["SAE"]] = Registry("safesail.saes.archs", "SAE architectures")
+ARCH_CLASSES: dict[str, type["SAE"]] = _REGISTRY.entries
 T = TypeVar("T")
 
 
@@ -28,35 +26,20 @@ def register_arch(cls: T) -> T:
     name = getattr(cls, "arch", "")
     if not name:
         raise TypeError(f"{cls.__name__} needs a class attribute `arch` (its name in configs)")
-    if name in ARCH_CLASSES and ARCH_CLASSES[name] is not cls:
-        raise TypeError(f"two SAE architectures are named {name!r}: {ARCH_CLASSES[name].__name__} and {cls.__name__}")
-    ARCH_CLASSES[name] = cls
-    return cls
+    return _REGISTRY.add(name, cls)
 
 
 def discover() -> None:
     """Import every architecture module in safesail/saes/archs/ (once)."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    from safesail.saes import archs
-
-    for mod in sorted(m.name for m in pkgutil.iter_modules(archs.__path__)):
-        importlib.import_module(f"safesail.saes.archs.{mod}")
+    _REGISTRY.discover()
 
 
 def arch_names() -> list[str]:
-    discover()
-    return list(ARCH_CLASSES)
+    return _REGISTRY.names()
 
 
 def arch_class(arch: str) -> type["SAE"]:
-    discover()
-    try:
-        return ARCH_CLASSES[arch]
-    except KeyError:
-        raise UserError(f"SAE architecture {arch!r} is unknown; use one of {', '.join(ARCH_CLASSES)}.") from None
+    return _REGISTRY.lookup(arch, "SAE architecture {name!r} is unknown; use one of {allowed}.", sort=False)
 
 
 def build_sae(cfg: "SAEConfig | dict", device: str | torch.device | None = None,

@@ -10,19 +10,18 @@ device)` constructor. Adding a back end is therefore one new file (docs/extendin
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from safesail.config_types import LLMConfig, load_group
 from safesail.errors import UserError
+from safesail.registry import Registry
 
 if TYPE_CHECKING:
     from safesail.interpret.clients.base import LLMClient
 
-BACKENDS: dict[str, type] = {}
-_discovered = False
+_REGISTRY: Registry[type] = Registry("safesail.interpret.clients", "LLM back ends")
+BACKENDS: dict[str, type] = _REGISTRY.entries
 T = TypeVar("T")
 
 
@@ -35,37 +34,23 @@ def register_backend(*names: str):
         if not callable(getattr(cls, "from_settings", None)):
             raise TypeError(f"{cls.__name__} needs a classmethod from_settings(settings, cache_dir, device)")
         for name in names:
-            if name in BACKENDS and BACKENDS[name] is not cls:
-                raise TypeError(f"two LLM back ends are named {name!r}: {BACKENDS[name].__name__} and {cls.__name__}")
-            BACKENDS[name] = cls
+            _REGISTRY.add(name, cls)
         return cls
     return deco
 
 
 def discover() -> None:
     """Import every module of safesail/interpret/clients/ (once), so that each back end registers."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    from safesail.interpret import clients
-
-    for mod in sorted(m.name for m in pkgutil.iter_modules(clients.__path__)):
-        importlib.import_module(f"safesail.interpret.clients.{mod}")
+    _REGISTRY.discover()
 
 
 def backend_names() -> list[str]:
-    discover()
-    return list(BACKENDS)
+    return _REGISTRY.names()
 
 
 def backend_class(name) -> type:
-    discover()
-    try:
-        return BACKENDS[str(name)]
-    except KeyError:
-        raise UserError(f"llm.backend {name!r} is unknown; use one of {', '.join(sorted(BACKENDS))} "
-                        "(llm=<file> picks a configs/llm/*.yaml).") from None
+    return _REGISTRY.lookup(str(name), "llm.backend {name!r} is unknown; use one of {allowed} "
+                            "(llm=<file> picks a configs/llm/*.yaml).")
 
 
 def load_llm(llm_cfg) -> LLMConfig:

@@ -8,45 +8,32 @@ so adding a scorer is one new file (docs/extending.md). `sc` is the typed `score
 from __future__ import annotations
 
 import asyncio
-import importlib
-import pkgutil
 from typing import Callable
 
 from safesail.errors import UserError
 from safesail.interpret.clients.base import LLMClient
 from safesail.interpret.scoring.protocol import Scorer
+from safesail.registry import Registry
 
-SCORERS: dict[str, Callable[..., Scorer]] = {}
-_discovered = False
+_REGISTRY: Registry[Callable[..., Scorer]] = Registry("safesail.interpret.scoring", "scorers", skip_packages=True)
+SCORERS: dict[str, Callable[..., Scorer]] = _REGISTRY.entries
 
 
 def register_scorer(kind: str):
     """Decorator of a scorer's builder: `score.scorers=[..., <kind>]` runs it; its records carry `kind`."""
     def deco(build: Callable[..., Scorer]) -> Callable[..., Scorer]:
-        if kind in SCORERS and SCORERS[kind] is not build:
-            raise TypeError(f"two scorers are named {kind!r}")
-        SCORERS[kind] = build
-        return build
+        return _REGISTRY.add(kind, build)
     return deco
 
 
 def discover() -> None:
     """Import every module of safesail/interpret/scoring/ (once), so that each scorer registers."""
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    from safesail.interpret import scoring
-
-    for m in sorted(pkgutil.iter_modules(scoring.__path__), key=lambda m: m.name):
-        if not m.ispkg:
-            importlib.import_module(f"safesail.interpret.scoring.{m.name}")
+    _REGISTRY.discover()
 
 
 def scorer_kinds() -> tuple[str, ...]:
     """The registered scorer names (the allowed `kind` of a score record)."""
-    discover()
-    return tuple(sorted(SCORERS))
+    return tuple(_REGISTRY.names(sort=True))
 
 
 def check_names(names) -> list[str]:
