@@ -10,7 +10,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterator, Self
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +65,24 @@ def append_jsonl(f: IO[str], rec: dict, fsync: bool = False) -> None:
     f.flush()
     if fsync:
         os.fsync(f.fileno())
+
+
+class JsonlWriter:
+    """Appends records to one JSONL file (`open_append`), one flushed line each; a context manager."""
+
+    def __init__(self, path: Path, fsync: bool = False):
+        self.path = Path(path)
+        self._fsync = fsync
+        self._f = open_append(self.path)
+
+    def write_json(self, rec: dict) -> None:
+        append_jsonl(self._f, rec, fsync=self._fsync)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

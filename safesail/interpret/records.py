@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from safesail.atomic import atomic_save_safetensors, atomic_write_json
 from safesail.errors import UserError
-from safesail.jsonl import append_jsonl, iter_jsonl, open_append
+from safesail.jsonl import JsonlWriter, iter_jsonl
 from safesail import layout
 
 # The stats key of each latent's normaliser: the collect.quantile quantile (0.999 by default,
@@ -134,25 +134,11 @@ def read_tags(path: Path) -> dict[tuple[str, int], TagRecord]:
     return _read(path, TagRecord)
 
 
-class RecordWriter:
+class RecordWriter(JsonlWriter):
     """Appends records (typed or plain dicts of the same keys) to one JSONL file, one flushed line each."""
 
-    def __init__(self, path: Path, fsync: bool = False):
-        self.path = Path(path)
-        self._fsync = fsync
-        self._f = open_append(self.path)
-
     def write(self, rec) -> None:
-        append_jsonl(self._f, rec.to_json() if isinstance(rec, _Record) else dict(rec), fsync=self._fsync)
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> "RecordWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.write_json(rec.to_json() if isinstance(rec, _Record) else dict(rec))
 
 
 def explanation_writer(path: Path) -> RecordWriter:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from safesail import layout
-from safesail.jsonl import append_jsonl, iter_jsonl, open_append
+from safesail.jsonl import JsonlWriter, iter_jsonl
 
 TARGETS = ("latent", "diff_in_means", "random_latent")
 CHECKS = ("output_effect", "necessity", "sufficiency", "refusal")
@@ -97,22 +97,9 @@ def iter_effect_dicts(path: Path) -> Iterator[dict]:
         yield e.to_json()
 
 
-class EffectWriter:
+class EffectWriter(JsonlWriter):
     """Appends records to an effects file; each `write` is flushed (a crash loses at most one line)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._f = open_append(self.path)
 
     def write(self, effects: Iterable[Effect]) -> None:
         for e in effects:
-            append_jsonl(self._f, e.to_json())
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> "EffectWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+            self.write_json(e.to_json())

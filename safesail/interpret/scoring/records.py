@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable
 
 from safesail import layout
-from safesail.jsonl import append_jsonl, iter_jsonl, open_append
+from safesail.jsonl import JsonlWriter, iter_jsonl
 
 STATUSES = ("ok", "failed")
 FILE_NAME = layout.SCORES
@@ -150,21 +150,8 @@ def scores_by_latent(path: Path) -> dict[tuple[str, int], dict[str, ScoreRecord]
     return out
 
 
-class ScoreWriter:
+class ScoreWriter(JsonlWriter):
     """Appends records to a scores file; each `write` is flushed (a crash loses at most one line)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._f = open_append(self.path)
-
     def write(self, rec: ScoreRecord) -> None:
-        append_jsonl(self._f, rec.to_json())
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> "ScoreWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        self.write_json(rec.to_json())
