@@ -153,6 +153,16 @@ def extract_json_object(text: str):
     raise SimulationFailure("unparsable_reply", "no JSON object in the reply")
 
 
+def only_key(obj, key: str):
+    """`obj[key]` of a reply's JSON `obj` that must be an object of that one key (else a SimulationFailure)."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise SimulationFailure("unparsable_reply", f'the JSON is not an object with key "{key}"')
+    extra = sorted(set(obj) - {key})
+    if extra:
+        raise SimulationFailure("extra_keys", f"unexpected keys {extra[:5]!r}")
+    return obj[key]
+
+
 def _same_token(got: str, want: str) -> bool:
     return got == want or got.strip() == want.strip() or got == prompts.render_token(want)
 
@@ -163,13 +173,7 @@ def parse_json_prediction(text: str, tokens: list[str], scale_max: int) -> list[
         raise SimulationFailure("unparsable_reply", "empty reply")
     if len(text) > MAX_REPLY_CHARS:
         raise SimulationFailure("unparsable_reply", f"reply of {len(text)} characters is too long")
-    obj = extract_json_object(text)
-    if not isinstance(obj, dict) or "activations" not in obj:
-        raise SimulationFailure("unparsable_reply", 'the JSON is not an object with key "activations"')
-    extra = sorted(set(obj) - {"activations"})
-    if extra:
-        raise SimulationFailure("extra_keys", f"unexpected keys {extra[:5]!r}")
-    return _entries(obj["activations"], tokens, scale_max)
+    return _entries(only_key(extract_json_object(text), "activations"), tokens, scale_max)
 
 
 def parse_json_many(text: str, segments: list[list[str]], scale_max: int) -> list[list[float] | SimulationFailure]:

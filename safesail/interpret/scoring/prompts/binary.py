@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 
 from safesail.interpret.scoring.prompts.simulation import PLACEHOLDER, SEPARATOR
-from safesail.interpret.scoring.simulator import SimulationFailure, extract_json_object
+from safesail.interpret.scoring.simulator import SimulationFailure, extract_json_object, only_key
 
 YES, NO = " yes", " no"  # after the TAB: a space keeps TAB and answer apart in Qwen's tokenizer ("\tno" is one token)
 YES_NO = (YES, NO)
@@ -90,13 +90,7 @@ def parse_answers(text: str, n: int) -> list[bool]:
     """The answers of a JSON reply (booleans; the words yes/no/true/false are taken too)."""
     if not isinstance(text, str) or not text.strip():
         raise SimulationFailure("unparsable_reply", "empty reply")
-    obj = extract_json_object(text)
-    if not isinstance(obj, dict) or "answers" not in obj:
-        raise SimulationFailure("unparsable_reply", 'the JSON is not an object with key "answers"')
-    extra = sorted(set(obj) - {"answers"})
-    if extra:
-        raise SimulationFailure("extra_keys", f"unexpected keys {extra[:5]!r}")
-    answers = obj["answers"]
+    answers = only_key(extract_json_object(text), "answers")
     if not isinstance(answers, list):
         raise SimulationFailure("unparsable_reply", '"answers" is not a list')
     if len(answers) != n:
