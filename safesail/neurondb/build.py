@@ -265,7 +265,7 @@ def interpret_file(rd: RunDir, name: str) -> Path:
 
 def read_records(rd: RunDir, name: str) -> dict[tuple, dict]:
     """The last record per key of one interpret file: (hook, latent) for explanations and tags,
-    (hook, latent, kind) for scores (read through the scoring stage's own reader)."""
+    (hook, latent, kind) for scores, each read through its stage's own typed reader."""
     path = interpret_file(rd, name)
     if name == "scores":
         from safesail.interpret.scoring.records import ScoreRecord, read_scores
@@ -273,7 +273,12 @@ def read_records(rd: RunDir, name: str) -> dict[tuple, dict]:
         # a shallow dict of the record's fields: dataclasses.asdict would deep-copy every details payload
         names = tuple(ScoreRecord.__dataclass_fields__)
         return {key: {n: getattr(r, n) for n in names} for key, r in read_scores(path).items()}
-    return inputs.read_jsonl_last(path)
+    from safesail.interpret.records import read_explanations, read_tags
+
+    # the interpret stages' own typed readers (malformed lines are skipped the same way there and here);
+    # `to_json` keeps the record's unknown keys (sae, lang, ...) for the row writers
+    reader = read_explanations if name == "explanations" else read_tags
+    return {key: r.to_json() for key, r in reader(path).items()}
 
 
 _TABLES = {"explanations": ("explanations", "t.latent_id"), "scores": ("scores", "t.latent_id || '/' || t.kind"),

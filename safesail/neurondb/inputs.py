@@ -19,7 +19,7 @@ import numpy as np
 
 from safesail.errors import UserError
 from safesail.rundir import RunDir
-from safesail.jsonl import iter_jsonl, last_per_latent
+from safesail.jsonl import iter_jsonl
 from safesail.rundir import file_sha256
 
 log = logging.getLogger(__name__)
@@ -35,11 +35,6 @@ def sha256_file(path: Path) -> str | None:
 
 def record_hash(rec: dict) -> str:
     return hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def read_jsonl_last(path: Path) -> dict[tuple[str, int], dict]:
-    """The last record per (hook, latent) of an append-only JSONL file (a torn last line is skipped)."""
-    return last_per_latent(path)
 
 
 def _resolve(rd: RunDir, p) -> Path:
