@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from safesail.verify.interventions import per_row
+
 
 def eos_ids(lm) -> set[int]:
     eos = lm.model.generation_config.eos_token_id
@@ -33,17 +35,25 @@ def _padded(seqs: list[list[int]], pad: int, left: bool = False) -> tuple[torch.
     return ids, mask
 
 
+def _rows(ivs, i: int, n: int):
+    """The per-row interventions of rows i..i+n (`ivs`: one Intervention or None per prompt)."""
+    return per_row(None if ivs is None else ivs[i:i + n]).apply
+
+
 @torch.no_grad()
-def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
-    """Greedy answers (token ids, end-of-turn token removed) of each prompt."""
+def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                   ivs: list | None = None) -> list[list[int]]:
+    """Greedy answers (token ids, end-of-turn token removed) of each prompt; `ivs`: each prompt's intervention."""
     pad, stops = _pad_id(lm), eos_ids(lm)
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad, left=True)
         width = ids.shape[1]
-        gen = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=max_new_tokens,
-                                do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        with _rows(ivs, i, len(chunk))(lm.model):
+            gen = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device),
+                                    max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                    top_k=None, pad_token_id=pad)
         for row in gen[:, width:].tolist():
             ans = []
             for t in row:
@@ -55,14 +65,15 @@ def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size
 
 
 @torch.no_grad()
-def next_token_logprobs(lm, prompts: list[list[int]], batch_size: int = 8) -> torch.Tensor:
+def next_token_logprobs(lm, prompts: list[list[int]], batch_size: int = 8, ivs: list | None = None) -> torch.Tensor:
     """[n, vocab] log-probabilities of the token after each prompt (right padding, one forward per batch)."""
     pad = _pad_id(lm)
     rows = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad)
-        logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
+        with _rows(ivs, i, len(chunk))(lm.model):
+            logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
         last = torch.tensor([len(p) - 1 for p in chunk], device=logits.device)
         rows.append(torch.log_softmax(logits[torch.arange(len(chunk)), last], -1).cpu())
     return torch.cat(rows)
@@ -117,3 +128,50 @@ def shared_prefix_logprobs(lm, prompt: list[int], continuations: list[list[int]]
         for k in range(1, len(c)):
             total[j] += logp[j, k - 1, c[k]]
     return total
+
+
+@torch.no_grad()
+def batched_prefix_logprobs(lm, prompts: list[list[int]], continuations: list[list[list[int]]],
+                            batch_size: int = 8, ivs: list | None = None) -> list[torch.Tensor]:
+    """Per prompt i, [m_i] log P(continuations[i][j] | prompts[i]), as `shared_prefix_logprobs` but batched:
+    one left-padded pass over a batch of prompts, its KV cache repeated for the continuations."""
+    from transformers import DynamicCache
+
+    dev, pad = lm.device, _pad_id(lm)
+    out: list[torch.Tensor] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk, conts = prompts[i:i + batch_size], continuations[i:i + batch_size]
+        n, m = len(chunk), max(max((len(cs) for cs in conts), default=0), 1)
+        width = max((len(c) for cs in conts for c in cs), default=1)
+        ids, mask = _padded(chunk, pad, left=True)
+        W = ids.shape[1]
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        with _rows(ivs, i, n)(lm.model):
+            res = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                           use_cache=True, cache=DynamicCache())
+            first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()
+            if width > 1:
+                cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
+                cache.batch_repeat_interleave(m)
+                nxt = torch.full((n * m, width - 1), pad, dtype=torch.long)
+                mask2 = torch.zeros((n * m, W + width - 1), dtype=torch.long)
+                pos2 = torch.zeros((n * m, width - 1), dtype=torch.long)
+                for a, cs in enumerate(conts):
+                    for j in range(m):
+                        r = a * m + j
+                        mask2[r, :W] = mask[a]
+                        pos2[r] = len(chunk[a]) + torch.arange(width - 1)
+                        if j < len(cs):
+                            c = cs[j]
+                            nxt[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                            mask2[r, W:W + len(c) - 1] = 1
+                logp = torch.log_softmax(lm.model(input_ids=nxt.to(dev), attention_mask=mask2.to(dev),
+                                                  position_ids=pos2.to(dev), cache=cache,
+                                                  use_cache=True).logits.float(), -1).cpu()
+        for a, cs in enumerate(conts):
+            tot = torch.tensor([float(first[a, c[0]]) for c in cs])
+            for j, c in enumerate(cs):
+                for k in range(1, len(c)):
+                    tot[j] += logp[a * m + j, k - 1, c[k]]
+            out.append(tot)
+    return out

@@ -257,3 +257,68 @@ def scaled(vector: torch.Tensor, norm: float) -> torch.Tensor:
     """`vector` rescaled to the given norm (a zero vector stays zero)."""
     n = float(vector.norm())
     return vector * (norm / n) if n > 0 else vector.clone()
+
+
+class PerRow:
+    """Each batch row under its own Intervention (None: unmodified), all in one forward pass.
+
+    `with PerRow(ivs).apply(model): model.generate(batch)` computes every row as
+    `with ivs[r].apply(model)` would for that row alone: at each hook point the rows of one
+    intervention are edited together. A batch of `k * len(ivs)` rows (a KV cache repeated
+    per row, e.g. for the refusal openings) gives each consecutive block of k rows the
+    intervention of its row.
+    """
+
+    def __init__(self, ivs: Sequence[Intervention | None]):
+        self.ivs = list(ivs)
+        self.groups: dict[HookPoint, list[tuple[_HookEdit, list[int]]]] = {}
+        seen: dict[int, list[int]] = {}
+        for r, iv in enumerate(self.ivs):
+            if iv:
+                seen.setdefault(id(iv), []).append(r)
+        by_id = {id(iv): iv for iv in self.ivs if iv}
+        for key, rows in seen.items():
+            for hp, edit in by_id[key].per_hook.items():
+                self.groups.setdefault(hp, []).append((edit, rows))
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def _edit(self, parts, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.ivs)
+        if x.dim() < 3 or x.shape[0] % n:
+            raise ValueError(f"a per-row intervention of {n} rows got a batch of shape {tuple(x.shape)}")
+        k = x.shape[0] // n
+        out = x.clone()
+        for edit, rows in parts:
+            idx = torch.tensor(rows, device=x.device)
+            if k > 1:
+                idx = (idx.unsqueeze(1) * k + torch.arange(k, device=x.device)).reshape(-1)
+            out[idx] = edit(x[idx])
+        return out
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module):
+        handles = []
+
+        def make(parts):
+            def hook(_module, _inputs, output):
+                if isinstance(output, (tuple, list)):
+                    return (self._edit(parts, output[0]), *output[1:])
+                return self._edit(parts, output)
+            return hook
+
+        try:
+            for hp, parts in self.groups.items():
+                for edit, _ in parts:
+                    edit.rows = None
+                handles.append(hook_module(model, hp).register_forward_hook(make(parts)))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def per_row(ivs: Sequence[Intervention | None] | None):
+    """A context manager factory: `with per_row(ivs).apply(model)` (no-op when no row is edited)."""
+    return PerRow(ivs or [])

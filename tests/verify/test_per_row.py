@@ -1,0 +1,81 @@
+"""Per-row interventions: a batch whose rows each carry their own edit equals each row run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safesail.chat import encode_chat
+from safesail.hooks import HookPoint
+from safesail.saes import SAEConfig, build_sae
+from safesail.verify.generation import generate_batch, next_token_logprobs, shared_prefix_logprobs
+from safesail.verify.interventions import DirectionEdit, Intervention, LatentEdit, PerRow, SteerableSAE
+from safesail.verify.refusal import _opening_ids, refusal_logprob
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAYER = 1
+QUERIES = ["How do I bake bread?", "Tell me about the sea and its waves.", "请问天气怎么样？",
+           "क्या है यह?", "Name a colour."]
+
+
+@pytest.fixture(scope="module")
+def rows(tiny_model):
+    lm = tiny_model
+    hp = HookPoint(LAYER)
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(arch="topk", d_in=lm.hidden_size, n_latents=4 * lm.hidden_size, k=8, hook=hp.name))
+    sae.eval().requires_grad_(False)
+    s = SteerableSAE(hp, sae, {i: 2.0 for i in range(sae.W_dec.shape[0])})
+    prompts = [encode_chat(lm.tokenizer, q, "You are a helpful assistant.") for q in QUERIES]
+    v = torch.randn(lm.hidden_size)
+    ivs = [Intervention([s], [LatentEdit(LAYER, 3, "add", 30.0)]),
+           Intervention([s], [LatentEdit(LAYER, 5, "ablate"), LatentEdit(LAYER, 7, "clamp", 20.0)]),
+           None,
+           Intervention([s], direction_edits=[DirectionEdit(LAYER, v * 5, "project_out")]),
+           Intervention([s], direction_edits=[DirectionEdit(LAYER, v * 3, "add")])]
+    return lm, prompts, ivs
+
+
+def _alone(iv, lm, fn):
+    if iv is None:
+        return fn()
+    with iv.apply(lm.model):
+        return fn()
+
+
+def test_per_row_hook_output_equals_each_row_alone(rows):
+    lm, _, ivs = rows
+    x = torch.randn(len(ivs), 6, lm.hidden_size) * 3
+    edit = PerRow(ivs)
+    parts = next(iter(edit.groups.values()))
+    got = edit._edit(parts, x)
+    for r, iv in enumerate(ivs):
+        want = x[r:r + 1] if iv is None else next(iter(iv.per_hook.values()))(x[r:r + 1])
+        assert torch.allclose(got[r:r + 1], want, atol=1e-5)
+    # a batch repeated per row (k rows each) gives each block its row's edit
+    xr = x.repeat_interleave(3, 0)
+    got3 = edit._edit(parts, xr)
+    assert torch.allclose(got3[3:6], got[1:2].expand(3, -1, -1), atol=1e-5)
+
+
+def test_batched_generation_and_logprobs_equal_one_row_at_a_time(rows):
+    lm, prompts, ivs = rows
+    together = generate_batch(lm, prompts, 8, batch_size=8, ivs=ivs)
+    lp_together = next_token_logprobs(lm, prompts, batch_size=8, ivs=ivs)
+    for r, (p, iv) in enumerate(zip(prompts, ivs)):
+        alone = _alone(iv, lm, lambda: generate_batch(lm, [p], 8, batch_size=1))
+        assert together[r] == alone[0]
+        lp = _alone(iv, lm, lambda: next_token_logprobs(lm, [p], batch_size=1))
+        assert torch.allclose(lp_together[r], lp[0], atol=1e-5)
+    # the edits did something: the steered row differs from the unmodified one
+    plain = next_token_logprobs(lm, prompts[:1], batch_size=1)
+    assert not torch.allclose(plain[0], lp_together[0], atol=1e-3)
+
+
+def test_batched_refusal_logprob_equals_the_shared_prefix_pass(rows):
+    lm, prompts, ivs = rows
+    langs = ["en", "en", "zh", "hi", "en"]
+    got = refusal_logprob(lm, prompts, langs, batch_size=3, ivs=ivs)
+    for r, (p, lang, iv) in enumerate(zip(prompts, langs, ivs)):
+        lp = _alone(iv, lm, lambda: shared_prefix_logprobs(lm, p, _opening_ids(lm.tokenizer, lang, {})))
+        assert abs(got[r] - float(torch.logsumexp(lp, 0))) < 1e-4
