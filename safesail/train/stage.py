@@ -188,41 +188,52 @@ def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict
             p.unlink()
 
 
+def _same_windows(stores: list[ActivationStore]) -> bool:
+    """True when the caches hold the same token windows (one `safesail cache` run over several hooks)."""
+    keys = ("data_fingerprint", "num_windows", "ctx_len", "eval_every", "model")
+    return len({tuple(str(s.meta.get(k)) for k in keys) for s in stores}) == 1
+
+
 def _evaluate(cfg, device: torch.device, rd: RunDir, stores: dict[str, ActivationStore], pending: list,
               eval_fp: str) -> None:
-    from safesail.train.evaluate import evaluate_ce, evaluate_reconstruction
+    from safesail.rundir import atomic_write_json
+    from safesail.train.evaluate import evaluate_ce_hooks, evaluate_reconstruction
 
     if not pending:
         return
     ec = cfg.train.eval
-    loaded = None
     by_hook: dict[str, list[tuple[SAEConfig, Path]]] = {}
     for c, f in pending:
         by_hook.setdefault(c.hook, []).append((c, f))
-    for hook, items in by_hook.items():
+    saes = {hook: [load_sae(f, device) for _, f in items] for hook, items in by_hook.items()}
+    rec: dict[str, list[dict]] = {}
+    for hook in by_hook:
         store = stores[hook]
-        saes = [load_sae(f, device) for _, f in items]
-        rec = evaluate_reconstruction(
-            saes, store.iter_batches(int(ec.batch_size), shuffle=False, split="eval", drop_last=False),
+        rec[hook] = evaluate_reconstruction(
+            saes[hook], store.iter_batches(int(ec.batch_size), shuffle=False, split="eval", drop_last=False),
             device, max_tokens=int(ec.tokens) if ec.get("tokens") else None)
-        if rec and rec[0]["eval_tokens"] == 0:
+        if rec[hook] and rec[hook][0]["eval_tokens"] == 0:
             log.warning("the activation cache of %s has no held-out tokens; FVU/L0 are not measured", hook)
-        ce: list[dict] = [{} for _ in saes]
-        if int(ec.get("ce_tokens") or 0) > 0:
-            if loaded is None:
-                from safesail.models import load_model
+    ce: dict[str, list[dict]] = {hook: [{} for _ in saes[hook]] for hook in by_hook}
+    if int(ec.get("ce_tokens") or 0) > 0:
+        from safesail.models import load_model
 
-                loaded = load_model(cfg.model, device, cache_dir=cfg.get("cache_dir"))
-            ce = evaluate_ce(loaded.model, loaded.tokenizer, hook, saes, store.iter_token_windows("eval"),
-                             batch_size=int(ec.ce_batch_size), max_tokens=int(ec.ce_tokens))
-        for (c, f), r, e in zip(items, rec, ce):
+        loaded = load_model(cfg.model, device, cache_dir=cfg.get("cache_dir"))
+        hooks = list(by_hook)
+        # one clean forward per window for every hook when the caches share their windows
+        groups = [hooks] if _same_windows([stores[h] for h in hooks]) else [[h] for h in hooks]
+        for group in groups:
+            ce.update(evaluate_ce_hooks(loaded.model, loaded.tokenizer, {h: saes[h] for h in group},
+                                        stores[group[0]].iter_token_windows("eval"),
+                                        batch_size=int(ec.ce_batch_size), max_tokens=int(ec.ce_tokens)))
+        del loaded
+    for hook, items in by_hook.items():
+        for (c, f), r, e in zip(items, rec[hook], ce[hook]):
             m = read_metrics(f) or {}
             m.update(r)
             m.update(e)
             m.update(evaluated=True, eval_fingerprint=eval_fp, fingerprint=c.extra.get("fingerprint"),
                      config=read_cfg(f).to_dict())
-            from safesail.rundir import atomic_write_json
-
             atomic_write_json(f / "metrics.json", m)
-            log.info("%s/%s: fvu %.4f l0 %.1f dead %.3f ce_recovered %s", hook, c.name, r["fvu"], r["l0"],
-                     r["dead_fraction"], e.get("ce_loss_recovered"))
+            log.info("%s/%s: fvu %.4f l0 %.1f dead %.3f ce_recovered %s +- %s", hook, c.name, r["fvu"], r["l0"],
+                     r["dead_fraction"], e.get("ce_loss_recovered"), e.get("ce_loss_recovered_se"))
