@@ -15,7 +15,6 @@ returns codes in the raw scale.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -146,8 +145,9 @@ class SAE(nn.Module):
         k_aux = self.cfg.k_aux or self.cfg.d_in // 2
         scale = min(num_dead / k_aux, 1.0)
         k_aux = min(k_aux, num_dead)
-        masked = pre.masked_fill(~dead_mask[None], -math.inf)
-        top, idx = masked.topk(k_aux, dim=1, sorted=False)
+        dead_idx = dead_mask.nonzero().flatten()   # top-k over the dead columns only (was all n, masked)
+        top, j = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
+        idx = dead_idx[j]
         vals = gather_preacts(x_c, self.W_enc, self.b_enc, idx, top.clone()).relu()
         e_hat = sparse_decode(vals, idx, self.W_dec)
         return scale * (e_hat.float() - e.detach()).pow(2).sum() / total_var

@@ -47,6 +47,7 @@ from safesail.train.distributed import DistContext
 from safesail.atomic import atomic_torch_save
 from safesail.train.checkpoint import checkpoint_position, read_checkpoint  # noqa: F401 (re-exported)
 from safesail.train.optim import make_optimizer
+from safesail.train.resample import resample_dead
 from safesail.train.step_pool import StepPool
 from safesail.train.wandb_log import start_wandb
 from safesail.train.signals import curve_signals, weight_signals
@@ -80,6 +81,8 @@ class TrainOptions:
     distributed: str = "ddp"              # ddp | sae_parallel (see safesail/train/distributed.py)
     sae_threads: int = 1                  # SAEs of a batch stepped concurrently (CPU: each gets
                                           # torch threads / sae_threads intra-op threads)
+    resample_every: int = 0               # steps between dead-latent resamplings (0: never; safesail/train/resample.py)
+    resample_until: float = 0.5           # ... only in this first share of the run (total_steps needed)
 
 
 @dataclass
@@ -114,6 +117,7 @@ class SAETrainState:
         self.curve: list[list[float]] = []    # [step, fvu moving average], about 20 points
         self.dead_tokens: int | None = opts.dead_tokens
         self.step_seconds = 0.0
+        self.resampled = 0
 
     def lr_at(self, step: int) -> float:
         base = self.base_lr
@@ -144,6 +148,11 @@ class SAETrainState:
         self.sae.remove_parallel_grad()
         self.opt.step()
         self.sae.normalize_decoder()
+        if self._resample_now(ctx):
+            n = resample_dead(self.sae, self.opt, dead, x, out.recon.detach(), generator=torch.Generator(
+                device=x.device).manual_seed(int(self.cfg.seed) * 1_000_003 + self.step))
+            self.resampled += n
+            self.stale[dead] = 0
         fired = out.fired.to(torch.int32)
         figures = torch.stack([out.loss.detach().float(), out.fvu.detach().float(), out.aux_loss.detach().float(),
                                out.l0.detach().float() * x.shape[0]])
@@ -158,6 +167,12 @@ class SAETrainState:
         return {"loss": loss, "fvu": fvu, "auxk": aux, "l0": l0sum / n_global, "lr": self.lr_at(self.step - 1),
                 "dead_fraction": float((self.stale >= self.dead_tokens).float().mean())}
 
+    def _resample_now(self, ctx: DistContext) -> bool:
+        every, total = self.opts.resample_every, self.opts.total_steps
+        if not every or ctx.data_parallel or self.step == 0 or (self.step + 1) % every:
+            return False
+        return total is None or self.step + 1 <= self.opts.resample_until * total
+
     def timed_step(self, *args) -> dict[str, float]:
         t0 = time.perf_counter()
         out = self.train_step(*args)
@@ -167,7 +182,7 @@ class SAETrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "model": self.sae.state_dict(), "optim": self.opt.state_dict(),
                 "step": self.step, "tokens": self.tokens, "stale": self.stale.cpu(), "recent": self.recent,
-                "curve": self.curve}
+                "curve": self.curve, "resampled": self.resampled}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.sae.load_state_dict(st["model"])
@@ -176,6 +191,7 @@ class SAETrainState:
         self.stale.copy_(st["stale"].to(self.stale.device))
         self.recent = dict(st.get("recent", {}))
         self.curve = [list(p) for p in st.get("curve", [])]
+        self.resampled = int(st.get("resampled", 0))
 
     def export(self, scale: float) -> TrainedSAE:
         with self.opt.eval_params():  # schedule-free: the averaged weights
@@ -185,7 +201,7 @@ class SAETrainState:
         sae.eval()
         metrics = {f"train_{k}": v for k, v in self.recent.items()}
         metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.base_lr, optimizer=self.cfg.optimizer,
-                       dead_tokens=self.dead_tokens, train_fvu_curve=self.curve)
+                       dead_tokens=self.dead_tokens, train_fvu_curve=self.curve, resampled=self.resampled)
         metrics.update(weight_signals(sae))
         metrics.update(curve_signals(self.curve))
         return TrainedSAE(sae=sae, metrics=metrics)
@@ -222,7 +238,8 @@ def _check_finite(x: torch.Tensor, where: str) -> None:
 def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[int, str] = (1, "ddp")) -> str:
     keep = {k: v for k, v in vars(opts).items() if k in ("total_steps", "max_steps", "lr_warmup_steps",
                                                          "lr_decay_fraction", "adam_betas", "adam_eps",
-                                                         "dead_tokens", "autocast", "decoder_impl")}
+                                                         "dead_tokens", "autocast", "decoder_impl",
+                                                         "resample_every", "resample_until")}
     return make_fingerprint({"saes": [c.to_dict() for c in configs], "opts": keep, "world": list(world)})
 
 
