@@ -26,14 +26,20 @@ import torch.nn.functional as F
 
 
 def sparse_rows_product(idx: torch.Tensor, coef: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-    """`S.T @ x` for the sparse `S[i, idx[i, j]] = coef[i, j]` of shape [b, n]: a [n, d] tensor."""
+    """`S.T @ x` for the sparse `S[i, idx[i, j]] = coef[i, j]` of shape [b, n]: a [n, d] tensor.
+
+    `S.T` is built directly in CSR form (entries sorted by latent): on CPU 1.3-1.7x faster than
+    the COO product, which coalesces (sorts) on every call (benchmarks in docs/training.md)."""
     b, k = idx.shape
-    rows = torch.arange(b, device=idx.device).repeat_interleave(k)
+    flat = idx.reshape(-1)
+    order = flat.argsort()
+    rows = torch.div(order, k, rounding_mode="floor")
+    crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
+    crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        s = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), coef.reshape(-1).to(x.dtype), (n, b),
-                                    is_coalesced=False, check_invariants=False)
-        return torch.sparse.mm(s, x)
+        s = torch.sparse_csr_tensor(crow, rows, coef.reshape(-1)[order].to(x.dtype), (n, b), check_invariants=False)
+        return s @ x
 
 
 def sampled_rows_dot(g: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
