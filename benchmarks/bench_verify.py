@@ -15,8 +15,18 @@ Parts (run one or several with --parts):
   (95% interval of the paired difference above 0), ablation effects on refusal, the diff-in-means
   direction beside the best single latents.
 
+* ``speed``: the verify stage's wall time with an older version of the package (``--old-src``: a
+  directory holding its ``safesail/``, ``configs/`` and ``data/``, e.g. from
+  ``git archive <commit> safesail configs data``; each run starts in its source directory)
+  beside the working tree's, on fresh copies of one run directory (``--run``; its ``verify/`` and
+  the judge's cached replies are not carried over, so both pay every judge call), one after the other,
+  the same ``--set`` overrides for both.
+
     python benchmarks/bench_verify.py --parts refusal steer --threads 1
     python benchmarks/bench_verify.py --parts stage --run runs/demo
+    python benchmarks/bench_verify.py --parts speed --run runs/demo --old-src /tmp/old \
+        --set experiment=demo verify.max_latents=2 verify.queries_per_domain=6 verify.reference=false \
+        --set-new verify.strength_scan=[]
 """
 
 from __future__ import annotations
@@ -197,6 +207,44 @@ def stage_part(args) -> dict:
     return fig
 
 
+def speed_part(args) -> dict:
+    import shutil
+    import sqlite3
+    import subprocess
+
+    src = Path(args.run)
+    out = {}
+    for name, path in (("old", args.old_src), ("new", REPO)):
+        root = Path(args.scratch) / f"speed-{name}"
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(src, root / src.name, ignore=shutil.ignore_patterns("verify", "activations", "wandb"))
+        (root / src.name / "stages" / "verify.json").unlink(missing_ok=True)
+        cache = root / src.name / "interpret" / "llm_cache.sqlite"
+        if cache.is_file():   # drop the judge's cached replies (explain/score/tag replies stay)
+            with sqlite3.connect(cache) as db:
+                tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+                for t in tables:
+                    cols = [r[1] for r in db.execute(f"pragma table_info({t})")]
+                    if "request" in cols:
+                        db.execute(f"delete from {t} where request like '%Is the%text about the topic%'")
+        env = dict(os.environ, PYTHONPATH=str(path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+        cmd = [sys.executable, "-m", "safesail", "verify", f"run.root={root}", f"run.name={src.name}",
+               *args.set, *(args.set_new if name == "new" else [])]
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(path))
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: {proc.stderr[-2000:]}")
+        units = [json.loads(x) for x in (root / src.name / "verify" / "done.jsonl").read_text().splitlines() if x]
+        out[name] = {"wall_s": round(dt, 1), "units": len(units), "load_before": load0,
+                     "load_after": os.getloadavg()[0]}
+        print(name, out[name], flush=True)
+    out["speedup"] = round(out["old"]["wall_s"] / out["new"]["wall_s"], 2)
+    print(json.dumps(out, indent=1))
+    return out
+
+
 def _fig(e):
     return None if e is None else [round(e.value, 4) if e.value is not None else None,
                                    None if e.ci_low is None else round(e.ci_low, 4),
@@ -205,7 +253,7 @@ def _fig(e):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "stage"])
+    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "stage", "speed"])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=list(MODEL_OVERRIDES))
     ap.add_argument("--per-group", type=int, default=0, help="at most this many pairs per (domain, language); 0: all")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -214,13 +262,19 @@ def main() -> None:
     ap.add_argument("--db", type=Path)
     ap.add_argument("--run", help="run directory for --parts stage")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--old-src", help="--parts speed: directory with the older safesail/ and configs/")
+    ap.add_argument("--set", nargs="*", default=[], help="--parts speed: overrides for both runs (key=value)")
+    ap.add_argument("--set-new", nargs="*", default=[], help="--parts speed: overrides for the new run only "
+                                                             "(keys the old version lacks)")
+    ap.add_argument("--scratch", default="/tmp/bench-verify", help="--parts speed: where the run copies go")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fig = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads", "load": os.getloadavg()}
     for part in args.parts:
-        fig[part] = {"refusal": refusal_part, "steer": steer_part, "stage": stage_part}[part](args)
+        fig[part] = {"refusal": refusal_part, "steer": steer_part, "stage": stage_part,
+                     "speed": speed_part}[part](args)
     fig["load_after"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(fig, indent=1, ensure_ascii=False), encoding="utf-8")

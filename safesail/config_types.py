@@ -217,6 +217,28 @@ class ScoreConfig:
 
 
 @dataclass
+class VerifyConfig:
+    latents: Literal["tagged", "candidates"]
+    max_latents: int
+    strength: float
+    strength_scan: list[float]
+    scan_queries: int
+    fluency_drop: float
+    queries_per_domain: int
+    langs: list[str]
+    reference_pairs: int
+    segments: int
+    max_new_tokens: int
+    batch_size: int
+    wave: int
+    top_tokens: int
+    n_boot: int
+    judge: bool
+    reference: bool
+    seed: int
+
+
+@dataclass
 class LLMConfig:
     """The keys every LLM back end has; a back end's own keys are in its `Settings` subclass of this
     (`safesail/interpret/clients/<backend>.py`), loaded with `clients.registry.load_llm`."""
@@ -232,7 +254,7 @@ class LLMConfig:
 GROUPS: dict[str, type] = {"run": RunConfig, "model": ModelConfig, "data": DataConfig, "cache": CacheConfig,
                            "train": TrainConfig, "sae": SweepConfig, "select": SelectConfig,
                            "collect": CollectConfig, "score": ScoreConfig, "diagnose": DiagnoseConfig,
-                           "llm": LLMConfig}
+                           "verify": VerifyConfig, "llm": LLMConfig}
 
 _NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
           dict: "a mapping", type(None): "null"}

@@ -113,23 +113,24 @@ def _originals(engine) -> _Originals:
     return cache
 
 
-def _refusal(engine, req: SteerRequest, answer: str, iv: Intervention | None) -> RefusalScore:
+def _refusal_logprobs(engine, req: SteerRequest, ivs: list[Intervention | None]) -> list[float]:
+    """The refusal log-prob of the prompt under each of `ivs` (None: unmodified), in one batched pass."""
     lm, lang = engine.lm, query_lang(req.query)
     prompt, _ = encode_prompt(lm.tokenizer, req.query, engine.settings.system_prompt)
-    with (iv.apply(lm.model) if iv else _Null()), torch.no_grad():
-        lp = refusal_logprob(lm, [prompt], [lang])[0]
-    return RefusalScore(logprob=lp, refused=is_refusal(answer), lang=lang)
+    with torch.no_grad():
+        return refusal_logprob(lm, [prompt] * len(ivs), [lang] * len(ivs), batch_size=len(ivs), ivs=ivs)
 
 
 def _annotated_side(engine, req: SteerRequest, answer: str, truncated: bool, generate_s: float,
-                    iv: Intervention | None) -> SteerSide:
+                    iv: Intervention | None, refusal_lp: float) -> SteerSide:
     """Per-token latents of a generated answer (read under `iv` when given) and its refusal score."""
     with (iv.apply(engine.lm.model) if iv else _Null()), torch.no_grad():
         a = engine.annotate(req.query, answer)
     a.generated, a.truncated = True, truncated
     a.timings.generate_s = generate_s
     a.timings.total_s += generate_s
-    return SteerSide(result=engine.response(a, req.top, req.filters), refusal=_refusal(engine, req, answer, iv))
+    refusal = RefusalScore(logprob=refusal_lp, refused=is_refusal(answer), lang=query_lang(req.query))
+    return SteerSide(result=engine.response(a, req.top, req.filters), refusal=refusal)
 
 
 class _RowStreamer:
@@ -205,14 +206,16 @@ def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None
             on_text("original", original.result.answer)
     rows = [False, True] if req.include_original and original is None else [True]
     answers, gen_s = _generate_rows(engine, req, iv, rows, deadline, on_text)
+    # both sides' refusal scores in one batch of two rows, the edits on the second only
+    lps = _refusal_logprobs(engine, req, [None, iv] if len(rows) == 2 else [iv])
     if len(rows) == 2:
         (o_text, o_trunc), (s_text, s_trunc) = answers
-        original = _annotated_side(engine, req, o_text, o_trunc, gen_s, None)
+        original = _annotated_side(engine, req, o_text, o_trunc, gen_s, None, lps[0])
         if temp == 0:
             cache.put(key, original)
     else:
         s_text, s_trunc = answers[0]
-    steered = _annotated_side(engine, req, s_text, s_trunc, gen_s, iv)
+    steered = _annotated_side(engine, req, s_text, s_trunc, gen_s, iv, lps[-1])
     return SteerResponse(query=req.query, edits=req.edits, original=original, steered=steered,
                          steer_s=time.perf_counter() - t0)
 

@@ -14,16 +14,16 @@ Every figure is a mean over items with a bootstrap interval (`scoring.metrics.bo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from safesail.interpret.scoring.metrics import bootstrap_interval
-from safesail.verify.generation import generate_batch, next_token_logprobs
+from safesail.verify.generation import generate_full, next_token_logprobs
 from safesail.verify.interventions import Intervention
 from safesail.verify.records import Effect
-from safesail.verify.refusal import is_refusal, refusal_logprob
+from safesail.verify.refusal import from_opening_logprobs, is_refusal, opening_ids
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Answers:
     texts: list[str]
     refusal_lp: list[float]
     refused: list[bool]
+    first: torch.Tensor | None = None     # [n, vocab] next-token log-probs after each prompt
 
 
 @dataclass
@@ -67,34 +68,72 @@ def mean_ci(values: list[float], s: CheckSettings) -> tuple[float | None, float 
 
 
 class Verifier:
-    """Runs the checks on a loaded model; `judge(topic, texts) -> verdicts` (None: no judge)."""
+    """Runs the checks on a loaded model; `judge([(topic, text)]) -> verdicts` (None: no judge)."""
 
     def __init__(self, lm, settings: CheckSettings, judge: Callable | None):
         self.lm, self.s, self.judge = lm, settings, judge
         self._memo: dict = {}
+        self._verdicts: dict[tuple[str, str], bool | None] = {}
 
-    # ---- conditions ---------------------------------------------------------------------
-    def answers(self, prompts: list[list[int]], langs: list[str], iv: Intervention | None = None) -> Answers:
-        ctx = iv.apply(self.lm.model) if iv else _null()
-        with ctx:
-            ids = generate_batch(self.lm, prompts, self.s.max_new_tokens, self.s.batch_size)
-            lp = refusal_logprob(self.lm, prompts, langs, memo=self._memo)
+    # ---- conditions (batched: every row of every request in shared generate / forward calls) ----
+    def answers_many(self, reqs: list[tuple[list[list[int]], list[str], Intervention | None]]) -> list[Answers]:
+        """Answers of each (prompts, langs, intervention) request; rows carry their own edits (`PerRow`)."""
+        prompts = [p for ps, _, _ in reqs for p in ps]
+        langs = [x for _, ls, _ in reqs for x in ls]
+        ivs = [iv for ps, _, iv in reqs for _ in ps]
+        if not prompts:
+            return [Answers([], [], [], [], torch.zeros(0)) for _ in reqs]
+        # one generate per batch: answers, the next-token distribution and (from the same prompt cache)
+        # the refusal openings' log-probs
+        g = generate_full(self.lm, prompts, self.s.max_new_tokens, self.s.batch_size, ivs=ivs,
+                          continuations=opening_ids(self.lm.tokenizer, langs, self._memo))
+        ids, lp = g.ids, from_opening_logprobs(g.continuations)
         texts = [self.lm.tokenizer.decode(a, skip_special_tokens=True) for a in ids]
-        return Answers(ids, texts, lp, [is_refusal(t) for t in texts])
+        out, k = [], 0
+        for ps, _, _ in reqs:
+            sl = slice(k, k + len(ps))
+            out.append(Answers(ids[sl], texts[sl], lp[sl], [is_refusal(t) for t in texts[sl]], g.first[sl]))
+            k += len(ps)
+        return out
+
+    def answers(self, prompts: list[list[int]], langs: list[str], iv: Intervention | None = None) -> Answers:
+        return self.answers_many([(prompts, langs, iv)])[0]
+
+    def next_logprobs_many(self, reqs: list[tuple[list[list[int]], Intervention | None]]) -> list[torch.Tensor]:
+        prompts = [p for ps, _ in reqs for p in ps]
+        if not prompts:
+            return [torch.zeros(0) for _ in reqs]
+        lp = next_token_logprobs(self.lm, prompts, self.s.batch_size, ivs=[iv for ps, iv in reqs for _ in ps])
+        return list(lp.split([len(ps) for ps, _ in reqs]))
 
     def next_logprobs(self, prompts: list[list[int]], iv: Intervention | None = None) -> torch.Tensor:
-        with (iv.apply(self.lm.model) if iv else _null()):
-            return next_token_logprobs(self.lm, prompts, self.s.batch_size)
+        return self.next_logprobs_many([(prompts, iv)])[0]
+
+    def baselines(self, sets: list[QuerySet]) -> None:
+        """The unmodified answers and next-token log-probs of the query sets that lack them, in one batch."""
+        todo = [qs for qs in sets if qs.base_concept is None]
+        if not todo:
+            return
+        ans = self.answers_many([r for qs in todo for r in ((qs.concept, qs.langs, None), (qs.neutral, qs.langs, None))])
+        for k, qs in enumerate(todo):
+            qs.base_concept, qs.base_neutral = ans[2 * k], ans[2 * k + 1]
+            qs.base_next = qs.base_neutral.first
 
     def baseline(self, qs: QuerySet) -> QuerySet:
-        if qs.base_concept is None:
-            qs.base_concept = self.answers(qs.concept, qs.langs)
-            qs.base_neutral = self.answers(qs.neutral, qs.langs)
-            qs.base_next = self.next_logprobs(qs.neutral)
+        self.baselines([qs])
         return qs
 
+    def prejudge(self, items: list[tuple[str, str]]) -> None:
+        """Ask the judge about every (topic, text) not yet judged, all in one concurrent batch."""
+        if self.judge is None:
+            return
+        todo = list(dict.fromkeys(it for it in items if it not in self._verdicts))
+        for (topic, text), v in zip(todo, self.judge(todo)):
+            self._verdicts[(topic, text)] = v
+
     def _judged(self, qs: QuerySet, topic: str, texts: list[str]) -> list[float]:
-        verdicts = self.judge(topic, texts)
+        self.prejudge([(topic, t) for t in texts])
+        verdicts = [self._verdicts[(topic, t)] for t in texts]
         return [1.0 if v else 0.0 for v in verdicts], sum(v is None for v in verdicts)
 
     # ---- the checks ----------------------------------------------------------------------
@@ -113,11 +152,11 @@ class Verifier:
         down = [[tok.decode([int(i)]), round(float(dla[i]), 4), int(i)] for i in (-dla).topk(k).indices]
         return dla, up, down
 
-    def output_effect(self, base: dict, direction: torch.Tensor, steer: Intervention, qs: QuerySet) -> list[Effect]:
+    def output_effect(self, base: dict, direction: torch.Tensor, steered: torch.Tensor, qs: QuerySet) -> list[Effect]:
+        """`steered`: [n_neutral, vocab] next-token log-probs of the neutral queries with the direction added."""
         dla, up, down = self.direct_logits(direction)
         out = [Effect(**base, check="output_effect", metric="direct_logit_max", value=float(dla.max()),
                       n=int(dla.numel()), details={"promoted": up, "suppressed": down})]
-        steered = self.next_logprobs(qs.neutral, steer)
         ids = torch.tensor([t[2] for t in up])
         change = (steered[:, ids] - qs.base_next[:, ids]).mean(1).tolist()
         m, lo, hi = mean_ci(change, self.s)
@@ -129,27 +168,11 @@ class Verifier:
                           n=len(kl)))
         return out
 
-    def segment_loss(self, base: dict, ablate: Intervention, codes_of: Callable, segments: list[dict]) -> list[Effect]:
-        """Mean change of next-token loss where the latent fires, per segment (ablated - unmodified)."""
-        per_seg = []
-        for seg in segments:
-            ids = torch.tensor([seg["token_ids"]], device=self.lm.device)
-            if ids.shape[1] < 2:
-                continue
-            fires = (codes_of(ids) > 0)[:-1]
-            if not bool(fires.any()):
-                continue
-            with torch.no_grad():
-                lp0 = torch.log_softmax(self.lm.model(input_ids=ids).logits[0, :-1].float(), -1)
-                with ablate.apply(self.lm.model):
-                    lp1 = torch.log_softmax(self.lm.model(input_ids=ids).logits[0, :-1].float(), -1)
-            nxt = ids[0, 1:]
-            rows = torch.arange(len(nxt), device=nxt.device)
-            d = (lp0[rows, nxt] - lp1[rows, nxt])[fires.to(nxt.device)]
-            per_seg.append(float(d.mean()))
+    def segment_loss(self, base: dict, per_seg: list[float], tried: int) -> list[Effect]:
+        """Mean over segments of the next-token loss change where the latent fires (ablated - unmodified)."""
         m, lo, hi = mean_ci(per_seg, self.s)
         return [Effect(**base, check="necessity", metric="segment_loss_change", value=m, ci_low=lo, ci_high=hi,
-                       n=len(per_seg), details={"segments_tried": len(segments)})]
+                       n=len(per_seg), details={"segments_tried": tried})]
 
     def necessity_answers(self, base: dict, ablated: Answers, qs: QuerySet, fires: list[bool] | None) -> list[Effect]:
         changed = [1.0 if a != b else 0.0 for a, b in zip(ablated.ids, qs.base_concept.ids)]

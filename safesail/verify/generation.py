@@ -7,6 +7,8 @@ answers are cut at the end-of-turn token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from safesail.verify.interventions import per_row
@@ -40,12 +42,34 @@ def _rows(ivs, i: int, n: int):
     return per_row(None if ivs is None else ivs[i:i + n]).apply
 
 
+MAX_ROWS = 48   # (prompt, continuation) rows per pass over a repeated prompt cache
+
+
+@dataclass
+class Generated:
+    ids: list[list[int]]                  # greedy answers, end-of-turn token removed
+    first: torch.Tensor                   # [n, vocab] log-probs of the first answer token (the next-token distribution)
+    continuations: list[torch.Tensor] | None = None   # per prompt: [m_i] log P(continuation_j | prompt)
+
+
 @torch.no_grad()
-def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                   ivs: list | None = None) -> list[list[int]]:
-    """Greedy answers (token ids, end-of-turn token removed) of each prompt; `ivs`: each prompt's intervention."""
+def generate_full(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8, ivs: list | None = None,
+                  continuations: list[list[list[int]]] | None = None, sort_by_length: bool = True) -> Generated:
+    """Greedy answers of each prompt (`ivs`: each prompt's intervention), the next-token log-probs after
+    each prompt, and with `continuations` their log-probabilities given the prompt, read from the
+    generation's own KV cache of the prompt (no second pass over the prompts). Prompts are batched in
+    order of length (less padding); results come back in the prompts' order."""
+    if sort_by_length and len(prompts) > batch_size:
+        order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+        g = generate_full(lm, [prompts[k] for k in order], max_new_tokens, batch_size,
+                          [ivs[k] for k in order] if ivs else None,
+                          [continuations[k] for k in order] if continuations is not None else None, False)
+        back = sorted(range(len(order)), key=lambda k: order[k])
+        return Generated([g.ids[k] for k in back], g.first[torch.tensor(back)],
+                         [g.continuations[k] for k in back] if g.continuations is not None else None)
     pad, stops = _pad_id(lm), eos_ids(lm)
     out: list[list[int]] = []
+    firsts, conts_out = [], []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad, left=True)
@@ -53,14 +77,67 @@ def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size
         with _rows(ivs, i, len(chunk))(lm.model):
             gen = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device),
                                     max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                    top_k=None, pad_token_id=pad)
-        for row in gen[:, width:].tolist():
+                                    top_k=None, pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
+        first = torch.log_softmax(gen.logits[0].float(), -1).cpu()
+        firsts.append(first)
+        if continuations is not None:
+            cache = _cache_of(gen)
+            if cache.get_seq_length() > width:
+                cache.crop(width - cache.get_seq_length())
+            conts_out += _continuations(lm, cache, chunk, mask, first, continuations[i:i + batch_size],
+                                        ivs[i:i + batch_size] if ivs else None)
+        for row in gen.sequences[:, width:].tolist():
             ans = []
             for t in row:
                 if t in stops:
                     break
                 ans.append(t)
             out.append(ans)
+    return Generated(out, torch.cat(firsts) if firsts else torch.zeros(0),
+                     conts_out if continuations is not None else None)
+
+
+def generate_batch(lm, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                   ivs: list | None = None) -> list[list[int]]:
+    """Greedy answers (token ids, end-of-turn token removed) of each prompt; `ivs`: each prompt's intervention."""
+    return generate_full(lm, prompts, max_new_tokens, batch_size, ivs).ids
+
+
+def _cache_of(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def _continuations(lm, cache, chunk, mask, first, conts, ivs) -> list[torch.Tensor]:
+    """log P(continuation | prompt) from a KV cache of the left-padded prompts (`mask`): one row per
+    (prompt, continuation) of two or more tokens, rows of similar length together, at most MAX_ROWS rows
+    a pass, each row reading its prompt's cache."""
+    from transformers import DynamicCache
+
+    dev, pad = lm.device, _pad_id(lm)
+    W = mask.shape[1]
+    out = [torch.tensor([float(first[a, c[0]]) for c in cs]) for a, cs in enumerate(conts)]
+    rows = sorted(((a, j, c) for a, cs in enumerate(conts) for j, c in enumerate(cs) if len(c) > 1),
+                  key=lambda r: len(r[2]))
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    for r0 in range(0, len(rows), MAX_ROWS):
+        part = rows[r0:r0 + MAX_ROWS]
+        idx = torch.tensor([a for a, _, _ in part], device=layers[0][0].device)
+        sub_cache = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in layers])
+        width = max(len(c) for _, _, c in part)
+        nxt = torch.full((len(part), width - 1), pad, dtype=torch.long)
+        mask2 = torch.zeros((len(part), W + width - 1), dtype=torch.long)
+        pos2 = torch.zeros((len(part), width - 1), dtype=torch.long)
+        for r, (a, _, c) in enumerate(part):
+            mask2[r, :W] = mask[a]
+            pos2[r] = len(chunk[a]) + torch.arange(width - 1)
+            nxt[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+            mask2[r, W:W + len(c) - 1] = 1
+        with per_row([ivs[a] for a, _, _ in part] if ivs else None).apply(lm.model):
+            logits = lm.model(input_ids=nxt.to(dev), attention_mask=mask2.to(dev), position_ids=pos2.to(dev),
+                              cache=sub_cache, use_cache=True).logits.float()
+        logp = torch.log_softmax(logits, -1).cpu()
+        for r, (a, j, c) in enumerate(part):
+            out[a][j] += logp[r, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum()
     return out
 
 
@@ -134,44 +211,20 @@ def shared_prefix_logprobs(lm, prompt: list[int], continuations: list[list[int]]
 def batched_prefix_logprobs(lm, prompts: list[list[int]], continuations: list[list[list[int]]],
                             batch_size: int = 8, ivs: list | None = None) -> list[torch.Tensor]:
     """Per prompt i, [m_i] log P(continuations[i][j] | prompts[i]), as `shared_prefix_logprobs` but batched:
-    one left-padded pass over a batch of prompts, its KV cache repeated for the continuations."""
+    one left-padded pass over a batch of prompts (logits of its last position only), its KV cache
+    repeated for the continuations."""
     from transformers import DynamicCache
 
     dev, pad = lm.device, _pad_id(lm)
     out: list[torch.Tensor] = []
     for i in range(0, len(prompts), batch_size):
-        chunk, conts = prompts[i:i + batch_size], continuations[i:i + batch_size]
-        n, m = len(chunk), max(max((len(cs) for cs in conts), default=0), 1)
-        width = max((len(c) for cs in conts for c in cs), default=1)
+        chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad, left=True)
-        W = ids.shape[1]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        with _rows(ivs, i, n)(lm.model):
+        with _rows(ivs, i, len(chunk))(lm.model):
             res = lm.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                           use_cache=True, cache=DynamicCache())
-            first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()
-            if width > 1:
-                cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
-                cache.batch_repeat_interleave(m)
-                nxt = torch.full((n * m, width - 1), pad, dtype=torch.long)
-                mask2 = torch.zeros((n * m, W + width - 1), dtype=torch.long)
-                pos2 = torch.zeros((n * m, width - 1), dtype=torch.long)
-                for a, cs in enumerate(conts):
-                    for j in range(m):
-                        r = a * m + j
-                        mask2[r, :W] = mask[a]
-                        pos2[r] = len(chunk[a]) + torch.arange(width - 1)
-                        if j < len(cs):
-                            c = cs[j]
-                            nxt[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-                            mask2[r, W:W + len(c) - 1] = 1
-                logp = torch.log_softmax(lm.model(input_ids=nxt.to(dev), attention_mask=mask2.to(dev),
-                                                  position_ids=pos2.to(dev), cache=cache,
-                                                  use_cache=True).logits.float(), -1).cpu()
-        for a, cs in enumerate(conts):
-            tot = torch.tensor([float(first[a, c[0]]) for c in cs])
-            for j, c in enumerate(cs):
-                for k in range(1, len(c)):
-                    tot[j] += logp[a * m + j, k - 1, c[k]]
-            out.append(tot)
+                           use_cache=True, cache=DynamicCache(), logits_to_keep=1)
+        first = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()
+        out += _continuations(lm, _cache_of(res), chunk, mask, first, continuations[i:i + batch_size],
+                              ivs[i:i + batch_size] if ivs else None)
     return out

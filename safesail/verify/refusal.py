@@ -60,6 +60,17 @@ def refusal_logprob(lm, prompts: list[list[int]], langs: list[str | None], memo:
     memo = {} if memo is None else memo
     conts = [_opening_ids(lm.tokenizer, lang, memo) for lang in langs]
     lps = batched_prefix_logprobs(lm, prompts, conts, batch_size, ivs)
+    return from_opening_logprobs(lps)
+
+
+def opening_ids(tokenizer, langs: list[str | None], memo: dict | None = None) -> list[list[list[int]]]:
+    """Per prompt language: the token ids of its refusal openings."""
+    memo = {} if memo is None else memo
+    return [_opening_ids(tokenizer, lang, memo) for lang in langs]
+
+
+def from_opening_logprobs(lps: list[torch.Tensor]) -> list[float]:
+    """The refusal log-prob of each prompt from the log-probs of its openings."""
     return [float(torch.logsumexp(lp, 0)) if len(lp) else -math.inf for lp in lps]
 
 

@@ -79,3 +79,27 @@ def test_batched_refusal_logprob_equals_the_shared_prefix_pass(rows):
     for r, (p, lang, iv) in enumerate(zip(prompts, langs, ivs)):
         lp = _alone(iv, lm, lambda: shared_prefix_logprobs(lm, p, _opening_ids(lm.tokenizer, lang, {})))
         assert abs(got[r] - float(torch.logsumexp(lp, 0))) < 1e-4
+
+
+def test_generate_full_reads_next_token_and_openings_from_the_generation_cache(rows):
+    from safesail.verify.generation import generate_full
+
+    lm, prompts, ivs = rows
+    langs = ["en", "en", "zh", "hi", "en"]
+    conts = [_opening_ids(lm.tokenizer, lang, {}) for lang in langs]
+    g = generate_full(lm, prompts, 6, batch_size=4, ivs=ivs, continuations=conts)
+    assert g.ids == generate_batch(lm, prompts, 6, batch_size=4, ivs=ivs)
+    assert torch.allclose(g.first, next_token_logprobs(lm, prompts, batch_size=8, ivs=ivs), atol=1e-4)
+    want = refusal_logprob(lm, prompts, langs, batch_size=2, ivs=ivs)
+    for r in range(len(prompts)):
+        assert abs(float(torch.logsumexp(g.continuations[r], 0)) - want[r]) < 1e-4
+
+
+def test_generate_full_batches_by_length_and_returns_the_prompts_order(rows):
+    from safesail.verify.generation import generate_full
+
+    lm, prompts, ivs = rows
+    sorted_ = generate_full(lm, prompts, 5, batch_size=2, ivs=ivs)
+    plain = generate_full(lm, prompts, 5, batch_size=2, ivs=ivs, sort_by_length=False)
+    assert sorted_.ids == plain.ids
+    assert torch.allclose(sorted_.first, plain.first, atol=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -102,3 +103,32 @@ def test_bad_verify_settings_are_one_sentence(smoke_cfg, override, words):
 
     with pytest.raises(UserError, match=words):
         VerifySettings.from_cfg(smoke_cfg(override))
+
+
+@pytest.mark.slow
+def test_raising_max_latents_extends_the_run_instead_of_restarting(tagged_run, tmp_path, cache_dir):
+    env = _env(cache_dir)
+    root = _copy(tagged_run, tmp_path / "extend")
+    verify = root / "smoke" / "verify"
+    proc = subprocess.run(_cmd(root, "verify", "verify.max_latents=2"), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = {r["unit"] for r in map(json.loads, (verify / "done.jsonl").read_text().splitlines())}
+    before = {json.dumps(r, sort_keys=True) for r in _records(root) if r["target"] != "diff_in_means"}
+    proc = subprocess.run(_cmd(root, "verify", "verify.max_latents=3"), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (verify / "done.jsonl").read_text().splitlines()]
+    second = [r["unit"] for r in lines[len(first):]]
+    latents_first = {u for u in first if u.startswith("latent:")}
+    assert len(latents_first) == 2
+    # the two latents done before are not redone; the third is added
+    assert not latents_first & set(second) and sum(u.startswith("latent:") for u in second) == 1
+    after = _records(root)
+    assert {r["latent"] for r in after if r["target"] == "latent"} >= {int(u.rsplit(":", 1)[1]) for u in latents_first}
+    kept = {json.dumps(r, sort_keys=True) for r in after if r["target"] != "diff_in_means"}
+    assert before <= kept
+    # every unit of the larger plan has its records, each once
+    assert len({(r["hook"], r["latent"], r["target"], r["check"], r["metric"], r["domain"], r["lang"])
+                for r in after}) == len(after)
+    assert len({u for u in map(lambda r: r["unit"], lines)}) == len(set(first) | set(second))

@@ -1,0 +1,280 @@
+"""A wave of verify units (latents and reference directions) run together.
+
+Every condition of every unit of a wave (ablated concept queries, steered and random-latent
+neutral queries, the reference direction's project-out and add) becomes rows of the same
+batched `generate` and refusal passes, each row with its own intervention
+(`interventions.PerRow`); the corpus segments of all latents are scored in one unmodified
+and one per-row ablated pass; the judge gets every (topic, answer) of the wave in one
+concurrent batch. Results equal running the units one at a time (per-row edits are tested
+equal to single-row runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from safesail.hooks import HookPoint, hook_module
+from safesail.verify.checks import QuerySet, Verifier
+from safesail.verify.generation import _pad_id, _padded, generate_full
+from safesail.verify.interventions import (
+    DirectionEdit,
+    Intervention,
+    LatentEdit,
+    PerRow,
+    SteerableSAE,
+    scaled,
+    steering_norm,
+)
+from safesail.verify.records import Effect
+
+log = logging.getLogger(__name__)
+
+DOMAIN_TOPICS = {"politics": "politics, government, elections or protest",
+                 "pornography": "sex, nudity or pornography",
+                 "violence": "violence, weapons or physically hurting people",
+                 "terror": "terrorism, extremist groups or attacks on the public"}
+
+
+def random_latent(s: SteerableSAE, latent: int, exclude: set[int], seed: int) -> int:
+    rng = random.Random(f"{seed}:{s.hook.layer}:{latent}")
+    while True:
+        j = rng.randrange(s.n_latents)
+        if j != latent and j not in exclude:
+            return j
+
+
+@dataclass
+class Unit:
+    """One latent (`kind="latent"`) or one (hook, domain) reference direction (`kind="ref"`)."""
+    key: str
+    kind: str
+    sae: SteerableSAE
+    qs: QuerySet
+    base: dict
+    item: dict = field(default_factory=dict)
+    steer: Intervention | None = None
+    ablate: Intervention | None = None       # project-out for a reference direction
+    control: Intervention | None = None
+    control_latent: int | None = None
+    direction: torch.Tensor | None = None
+    segments: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    out: dict = field(default_factory=dict)   # filled by run_wave
+
+
+def latent_unit(key: str, sae: SteerableSAE, item: dict, qs: QuerySet, strength: float, exclude: set[int],
+                seed: int, segments: list[dict]) -> Unit | None:
+    hp, i = sae.hook, item["latent"]
+    if i not in sae.scales:
+        log.warning("verify: %s latent %d never fired in collect (no 0.999 quantile); skipped", hp, i)
+        return None
+    u = Unit(key, "latent", sae, qs, {"hook": hp.name, "layer": hp.layer, "latent": i, "target": "latent",
+                                      "domain": qs.domain},
+             item=item, ablate=Intervention([sae], [LatentEdit(hp.layer, i, "ablate")]),
+             control_latent=random_latent(sae, i, exclude, seed), direction=sae.direction(i), segments=segments)
+    set_strength(u, strength)
+    return u
+
+
+def set_strength(u: Unit, strength: float) -> None:
+    """Steer the latent at `strength`, and the random control latent with the same norm."""
+    hp, i, sae = u.sae.hook, u.base["latent"], u.sae
+    norm = steering_norm(sae, i, strength)
+    u.steer = Intervention([sae], [LatentEdit(hp.layer, i, "add", strength)])
+    u.control = Intervention([sae], direction_edits=[DirectionEdit(hp.layer, scaled(sae.direction(u.control_latent)
+                                                                                    .float(), norm))])
+    u.extra["strength"] = float(strength)
+
+
+def fluent(ids: list[int], mean_lp: float, base_lp: float, max_drop: float) -> bool:
+    """An answer is fluent when it is not empty, not a loop (at least half its tokens distinct) and the
+    unmodified model finds it at most `max_drop` nats per token less likely than its own answers."""
+    return bool(ids) and len(set(ids)) >= 0.5 * len(ids) and mean_lp >= base_lp - max_drop
+
+
+def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries: int, max_drop: float) -> None:
+    """Per latent: steer its first `n_queries` neutral queries at each strength of the scan (all in one
+    batch) and keep the largest strength at which at least 2/3 of the answers are fluent (the smallest
+    one when none is); the scan goes to `details.scan`."""
+    lat = [u for u in units if u.kind == "latent"]
+    if not lat or not strengths:
+        return
+    rows = []   # (unit, strength, query index)
+    for u in lat:
+        for st in strengths:
+            rows += [(u, st, q) for q in range(min(n_queries, len(u.qs.neutral)))]
+    ivs = {(id(u), st): Intervention([u.sae], [LatentEdit(u.sae.hook.layer, u.base["latent"], "add", st)])
+           for u in lat for st in strengths}
+    prompts = [u.qs.neutral[q] for u, _, q in rows]
+    ans = generate_full(v.lm, prompts, v.s.max_new_tokens, v.s.batch_size, [ivs[(id(u), st)] for u, st, _ in rows]).ids
+    base_rows = list({(id(u.qs), q): (u.qs, q) for u, _, q in rows}.values())
+    seqs = [p + a for p, a in zip(prompts, ans)] + [qs.neutral[q] + qs.base_neutral.ids[q] for qs, q in base_rows]
+    lps, _ = _token_logprobs(v.lm, seqs, v.s.batch_size)
+
+    def mean_lp(k: int, n_prompt: int, n_ans: int) -> float:
+        return float(lps[k][n_prompt - 1:n_prompt - 1 + n_ans].mean()) if n_ans else float("-inf")
+
+    base_lp = {(id(qs), q): mean_lp(len(rows) + k, len(qs.neutral[q]), len(qs.base_neutral.ids[q]))
+               for k, (qs, q) in enumerate(base_rows)}
+    for u in lat:
+        scan = []
+        for st in strengths:
+            ks = [k for k, (uu, s2, _) in enumerate(rows) if uu is u and s2 == st]
+            ok = [fluent(ans[k], mean_lp(k, len(prompts[k]), len(ans[k])), base_lp[(id(u.qs), rows[k][2])], max_drop)
+                  for k in ks]
+            changed = [ans[k] != u.qs.base_neutral.ids[rows[k][2]] for k in ks]
+            scan.append({"strength": st, "fluent": sum(ok) / len(ok), "changed": sum(changed) / len(changed)})
+        good = [x["strength"] for x in scan if x["fluent"] >= 2 / 3]
+        set_strength(u, max(good) if good else min(strengths))
+        u.extra["scan"] = scan
+
+
+def reference_unit(key: str, sae: SteerableSAE, vector: torch.Tensor, qs: QuerySet, norm: float,
+                   n_pairs: int) -> Unit:
+    hp = sae.hook
+    vec = scaled(vector.float(), norm)
+    return Unit(key, "ref", sae, qs, {"hook": hp.name, "layer": hp.layer, "latent": None, "target": "diff_in_means",
+                                          "domain": qs.domain},
+                steer=Intervention([sae], direction_edits=[DirectionEdit(hp.layer, vec, "add")]),
+                ablate=Intervention([sae], direction_edits=[DirectionEdit(hp.layer, vec, "project_out")]),
+                direction=vec, extra={"norm": round(norm, 5), "raw_norm": round(float(vector.norm()), 5), "pairs": n_pairs})
+
+
+# ---- batched corpus-segment and query passes ---------------------------------------------------------
+
+def _keeper(store: dict, name: str):
+    def hook(_module, _inputs, output):
+        store[name] = (output[0] if isinstance(output, tuple) else output).detach()
+    return hook
+
+
+@torch.no_grad()
+def _token_logprobs(lm, seqs: list[list[int]], batch_size: int, ivs=None, capture: list[HookPoint] = ()):
+    """Per sequence: [len-1] log P(next token), and (with `capture`) {hook: [len, d]} activations."""
+    pad, lps, acts = _pad_id(lm), [], []
+    for a in range(0, len(seqs), batch_size):
+        chunk = seqs[a:a + batch_size]
+        ids, mask = _padded(chunk, pad)
+        got: dict[str, torch.Tensor] = {}
+        handles = [hook_module(lm.model, hp).register_forward_hook(_keeper(got, hp.name)) for hp in capture]
+        try:
+            with PerRow(ivs[a:a + len(chunk)] if ivs else []).apply(lm.model):
+                logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
+        finally:
+            for h in handles:
+                h.remove()
+        logp = torch.log_softmax(logits, -1).cpu()
+        for j, s in enumerate(chunk):
+            nxt = torch.tensor(s[1:], dtype=torch.long)
+            lps.append(logp[j, torch.arange(len(s) - 1), nxt])
+            acts.append({k: v[j, :len(s)].float() for k, v in got.items()})
+    return lps, acts
+
+
+def _segment_losses(v: Verifier, units: list[Unit]) -> None:
+    """unit.out["segments"]: the per-segment loss change where the latent fires (ablated - unmodified)."""
+    rows = [(u, g) for u in units if u.kind == "latent" for g in u.segments if len(g["token_ids"]) >= 2]
+    for u in units:
+        u.out["segments"] = []
+    if not rows:
+        return
+    seqs = [list(g["token_ids"]) for _, g in rows]
+    hooks = sorted({u.sae.hook for u, _ in rows}, key=lambda h: h.layer)
+    base, acts = _token_logprobs(v.lm, seqs, v.s.batch_size, capture=hooks)
+    fires = []
+    for (u, _), a in zip(rows, acts):
+        x = a[u.sae.hook.name].to(u.sae.sae.W_dec.dtype)
+        fires.append(u.sae.sae.encode(x)[:, u.base["latent"]] > 0)
+    keep = [k for k, f in enumerate(fires) if bool(f[:-1].any())]
+    abl, _ = _token_logprobs(v.lm, [seqs[k] for k in keep], v.s.batch_size, ivs=[rows[k][0].ablate for k in keep])
+    for k, lp1 in zip(keep, abl):
+        f = fires[k][:-1]
+        rows[k][0].out["segments"].append(float((base[k] - lp1)[f].mean()))
+
+
+def _fires_on_concept(v: Verifier, units: list[Unit]) -> None:
+    """unit.out["fires"]: per concept query, whether the latent fires anywhere in it (one pass per query set)."""
+    by_set: dict[int, list[Unit]] = {}
+    for u in units:
+        if u.kind == "latent":
+            by_set.setdefault(id(u.qs), []).append(u)
+    for group in by_set.values():
+        qs = group[0].qs
+        hooks = sorted({u.sae.hook for u in group}, key=lambda h: h.layer)
+        _, acts = _token_logprobs(v.lm, [p for p in qs.concept], v.s.batch_size, capture=hooks)
+        for u in group:
+            u.out["fires"] = [bool((u.sae.sae.encode(a[u.sae.hook.name].to(u.sae.sae.W_dec.dtype))
+                                    [:, u.base["latent"]] > 0).any()) for a in acts]
+
+
+# ---- the wave -------------------------------------------------------------------------------------------
+
+def _topic(u: Unit) -> str:
+    if u.kind == "ref":
+        return DOMAIN_TOPICS.get(u.qs.domain, u.qs.domain)
+    return u.item.get("explanation") or DOMAIN_TOPICS.get(u.qs.domain, u.qs.domain)
+
+
+def run_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, scan_queries: int = 3,
+             max_drop: float = 3.0) -> dict[str, list[Effect]]:
+    """The records of each unit (by key), every unit's conditions computed in shared batches; with `scan`,
+    each latent's steering strength is first calibrated (`calibrate`)."""
+    v.baselines(list({id(u.qs): u.qs for u in units}.values()))
+    calibrate(v, units, list(scan or []), scan_queries, max_drop)
+    reqs, where = [], []
+    for u in units:
+        qs = u.qs
+        for name, prompts, iv in (("ablated", qs.concept, u.ablate), ("steered", qs.neutral, u.steer),
+                                  ("control", qs.neutral, u.control)):
+            if iv is not None:
+                where.append((u, name))
+                reqs.append((prompts, qs.langs, iv))
+    for (u, name), ans in zip(where, v.answers_many(reqs)):
+        u.out[name] = ans
+    for u in units:
+        u.out["next"] = u.out["steered"].first    # next-token log-probs of the steered neutral queries
+    _segment_losses(v, units)
+    _fires_on_concept(v, units)
+    if v.judge is not None:
+        items = []
+        for u in units:
+            t = _topic(u)
+            for a in (u.qs.base_neutral, u.out["steered"], u.out.get("control")):
+                if a is not None:
+                    items += [(t, x) for x in a.texts]
+        v.prejudge(items)
+    return {u.key: finish(v, u) for u in units}
+
+
+def finish(v: Verifier, u: Unit) -> list[Effect]:
+    qs, base = u.qs, u.base
+    out = v.output_effect(base, u.direction, u.out["next"], qs)
+    ablated, steered, ctrl = u.out["ablated"], u.out["steered"], u.out.get("control")
+    if u.kind == "latent":
+        out += v.segment_loss(base, u.out["segments"], len(u.segments))
+        out += v.necessity_answers(base, ablated, qs, u.out["fires"])
+        cbase = dict(base, latent=u.control_latent, target="random_latent")
+        out += v.sufficiency(base, _topic(u), steered, qs, ctrl, cbase)
+    else:
+        out += v.necessity_answers(base, ablated, qs, None)
+        out += v.sufficiency(base, _topic(u), steered, qs, None, None)
+    out += v.refusal(base, "ablate", ablated, qs.base_concept, qs.langs)
+    out += v.refusal(base, "steer", steered, qs.base_neutral, qs.langs)
+    if ctrl is not None:
+        out += v.refusal(dict(base, latent=u.control_latent, target="random_latent"), "steer", ctrl,
+                         qs.base_neutral, qs.langs)
+    for e in out:
+        if u.kind == "latent":
+            e.details.setdefault("strength", u.extra["strength"])
+            if "scan" in u.extra and e.check == "sufficiency" and e.target == "latent":
+                e.details["scan"] = u.extra["scan"]
+            if e.target == "random_latent":
+                e.details["control_for"] = base["latent"]
+            e.details.setdefault("explanation", u.item.get("explanation"))
+        else:
+            e.details.update(u.extra)
+    return out
