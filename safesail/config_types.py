@@ -208,6 +208,7 @@ class ScoreConfig:
     segments_per_call: int
     query_max_tokens: int
     max_value: int
+    prompt_style: str
     json_tokens_per_token: int
     detection: DetectionConfig
     fuzzing: FuzzingConfig

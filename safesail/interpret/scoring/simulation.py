@@ -17,9 +17,13 @@ from safesail.interpret.scoring.correlation import ScoreUndefined, SegmentSim, p
 from safesail.interpret.scoring.inputs import WindowLookup
 from safesail.interpret.scoring.protocol import Cost, Example, ScorerRun, gate, item_status
 from safesail.interpret.scoring.registry import register_scorer
+from safesail.interpret.scoring.prompts.simulation import STYLES
 from safesail.interpret.scoring.simulator import Simulator
 
 GRANULARITIES = ("segment", "query")
+# prompt styles (in the prompt version) under which a character split over tokens is shown once
+# (`shown_units`); v1 shows every token, its empty pieces as the empty-token sign
+JOIN_SPLIT_CHARACTERS = frozenset(s for s in STYLES if s != "v1")
 
 
 class SimulationScorer:
@@ -68,13 +72,18 @@ class SimulationScorer:
         n = self.segments_per_call
         groups = [sims[i:i + n] for i in range(0, len(sims), n)]
 
+        join = self.sim.style in JOIN_SPLIT_CHARACTERS
+        units = {id(s): shown_units(s.tokens) if join else (s.tokens, list(range(len(s.tokens)))) for s in sims}
+
         async def run(group: list[SegmentSim]):
             async with self.sem:
-                return await self.sim.simulate_many(explanation, [s.tokens for s in group])
+                return await self.sim.simulate_many(explanation, [units[id(s)][0] for s in group])
 
         for group, results in zip(groups, await asyncio.gather(*(run(g) for g in groups))):
             for s, res in zip(group, results):
-                s.pred, s.failure = res.pred, res.failure
+                owner = units[id(s)][1]
+                s.pred = None if res.pred is None else [res.pred[o] for o in owner]
+                s.failure = res.failure
                 cost.add(res)
 
     async def _by_query(self, explanation: str, sims: list[SegmentSim], examples: list[Example], cost: Cost) -> None:
@@ -105,6 +114,28 @@ class SimulationScorer:
                 s.pred = res.pred[off:off + len(s.tokens)]
 
 
+def shown_units(tokens: list[str]) -> tuple[list[str], list[int]]:
+    """The segment as the simulator is shown it, and the unit each token belongs to.
+
+    A token that ends inside a character has the empty piece ("": collect's `token_pieces`; its
+    character comes whole with the token that completes it); on its own line it would read as
+    nothing. It is shown joined to the following tokens up to the first non-empty one, and every
+    token of a unit gets the unit's prediction, so the scored tokens stay the segment's."""
+    units: list[str] = []
+    owner: list[int] = []
+    pending = 0
+    for tok in tokens:
+        owner.append(len(units))
+        if tok == "":
+            pending += 1
+            continue
+        units.append(tok)
+        pending = 0
+    if pending:  # a segment cut inside a character: its last empty pieces are one unit of their own
+        units.append("")
+    return units, owner
+
+
 def _resampler(sims: list[SegmentSim]):
     def value_of(idx: list[int]) -> float | None:
         ok = [sims[i] for i in idx if sims[i].pred is not None and sims[i].failure is None]
@@ -118,5 +149,5 @@ def _resampler(sims: list[SegmentSim]):
 
 @register_scorer("simulation")
 def build(client, sc: dict, sem, windows) -> SimulationScorer:
-    sim = Simulator(client, sc["mode"], sc["max_value"], sc["json_tokens_per_token"])
+    sim = Simulator(client, sc["mode"], sc["max_value"], sc["json_tokens_per_token"], sc["prompt_style"])
     return SimulationScorer(sim, sc["granularity"], sc["segments_per_call"], sc["min_ok_fraction"], windows, sem)

@@ -96,6 +96,20 @@ def expected_values(slot_logprobs: list[dict[str, float]], scale_max: int) -> li
     return out
 
 
+def yes_values(slot_logprobs: list[dict[str, float]], scale_max: int) -> list[float]:
+    """`scale_max` x P(Yes) at each slot, renormalised over the two answers (yes/no prompt styles);
+    a slot missing either answer raises `SimulationFailure("logprobs_missing")`."""
+    out = []
+    for i, lps in enumerate(slot_logprobs):
+        y, n = lps.get(prompts.YES), lps.get(prompts.NO)
+        if y is None or n is None or not (math.isfinite(y) or math.isfinite(n)):
+            raise SimulationFailure("logprobs_missing", f"no {prompts.YES}/{prompts.NO} log-probabilities at token {i}")
+        y = y if math.isfinite(y) else -math.inf
+        n = n if math.isfinite(n) else -math.inf
+        out.append(scale_max / (1.0 + math.exp(n - y)) if y >= n else scale_max * math.exp(y - n) / (1.0 + math.exp(y - n)))
+    return out
+
+
 def find_slots(tokens: list[str], n_before: int, n_slots: int) -> list[int]:
     """Indices of the prompt tokens after which the model writes each segment token's answer.
 
@@ -244,15 +258,25 @@ class Simulator:
     """Predicts per-token activations (on 0..scale_max) from an explanation."""
 
     def __init__(self, client: LLMClient, mode: str = "auto", max_value: int = 10,
-                 json_tokens_per_token: int = 24):
+                 json_tokens_per_token: int = 24, style: str = prompts.DEFAULT_STYLE):
+        if style not in prompts.STYLES:
+            raise UserError(f"unknown score.prompt_style {style!r}; use one of {', '.join(prompts.STYLES)}.")
         self.client = client
         self.mode = choose_mode(client, mode)
         self.scale_max = single_token_scale(client, max_value) if self.mode == "logprobs" else max_value
         self.json_tokens_per_token = json_tokens_per_token
+        self.style = style
 
     @property
     def prompt_version(self) -> str:
-        return f"{prompts.PROMPT_VERSION}-{self.mode}-0..{self.scale_max}"
+        """e.g. sim-v1-logprobs-0..9; the style applies to the logprobs form only (json keeps sim-v1)."""
+        style = self.style if self.mode == "logprobs" else prompts.DEFAULT_STYLE
+        return f"sim-{style}-{self.mode}-0..{self.scale_max}"
+
+    def _values(self, slot_logprobs: list[dict[str, float]]) -> list[float]:
+        if self.style in prompts.YES_NO:
+            return yes_values(slot_logprobs, self.scale_max)
+        return expected_values(slot_logprobs, self.scale_max)
 
     async def simulate(self, explanation: str, tokens: list[str]) -> SimResult:
         if not tokens:
@@ -273,12 +297,12 @@ class Simulator:
             return [await self.simulate(explanation, t) for t in segments]
         if self.mode == "json":
             return await self._json_many(explanation, segments)
-        prompt, n_before = prompts.logprob_prompt_many(explanation, segments, self.scale_max)
+        prompt, n_before = prompts.logprob_prompt_many(explanation, segments, self.scale_max, self.style)
         if self.client.count_tokens(prompt) >= self.client.context_window:  # too long: two halves
             half = len(segments) // 2
             return (await self.simulate_many(explanation, segments[:half])
                     + await self.simulate_many(explanation, segments[half:]))
-        candidates = [str(v) for v in range(self.scale_max + 1)]
+        candidates = prompts.answer_words(self.style, self.scale_max)
         try:
             res = await self.client.prompt_logprobs(prompt, candidates, slots_ending_with=prompts.SEPARATOR)
         except LLMError as e:
@@ -297,23 +321,23 @@ class Simulator:
             mine = slots[pos:pos + len(tokens)]
             pos += len(tokens)
             try:
-                r.pred = expected_values([res.next_logprobs[i] for i in mine], self.scale_max)
+                r.pred = self._values([res.next_logprobs[i] for i in mine])
             except SimulationFailure as f:
                 r.failure = str(f)
         return out
 
     async def _simulate_logprobs(self, explanation: str, tokens: list[str]) -> SimResult:
-        prompt, n_before = prompts.logprob_prompt(explanation, tokens, self.scale_max)
+        prompt, n_before = prompts.logprob_prompt(explanation, tokens, self.scale_max, self.style)
         n_prompt = self.client.count_tokens(prompt)
         if n_prompt >= self.client.context_window:
             return SimResult(None, f"context_overflow: {n_prompt} prompt tokens, window "
                                    f"{self.client.context_window}")
-        candidates = [str(v) for v in range(self.scale_max + 1)]
+        candidates = prompts.answer_words(self.style, self.scale_max)
         res = await self.client.prompt_logprobs(prompt, candidates, slots_ending_with=prompts.SEPARATOR)
         sim = SimResult(None, llm_calls=1, cached_calls=int(bool(res.cached)), prompt_tokens=res.prompt_tokens)
         try:
             slots = find_slots(res.tokens, n_before, len(tokens))
-            sim.pred = expected_values([res.next_logprobs[i] for i in slots], self.scale_max)
+            sim.pred = self._values([res.next_logprobs[i] for i in slots])
         except SimulationFailure as f:
             sim.failure = str(f)
         return sim

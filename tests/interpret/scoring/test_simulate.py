@@ -233,3 +233,52 @@ def test_json_mode_sends_several_segments_per_call_and_fails_them_one_by_one():
     assert got[0] == [3.0] and str(got[1]).startswith("unparsable_reply")
     with pytest.raises(SimulationFailure, match="count_mismatch"):
         parse_json_many('{"segments": []}', [["a"]], 9)
+
+
+# ---- prompt styles and characters split over tokens ---------------------------------------
+
+@pytest.mark.parametrize("style", sorted(prompts.STYLES))
+def test_every_prompt_style_finds_one_slot_per_token(style):
+    segs = [["I", " like", " pizza"], ["\t", "a\n", " "]]
+    prompt, n_before = prompts.logprob_prompt_many("food", segs, 9, style)
+    client = FakeClient()
+    toks = asyncio.run(client.prompt_logprobs(prompt, [str(v) for v in range(10)], "\t")).tokens
+    assert len(find_slots(toks, n_before, 6)) == 6
+    assert prompt.rstrip().endswith("<end>") and prompt.count("Explanation: food") == 1
+
+
+def test_unknown_prompt_style_is_refused():
+    with pytest.raises(ValueError, match="style"):
+        prompts.logprob_prompt_many("food", [["a"]], 9, "v0")
+
+
+def test_split_characters_are_shown_once_and_scored_on_every_token():
+    from safesail.interpret.scoring.simulation import shown_units
+
+    assert shown_units(["为", "", "恐", "a"]) == (["为", "恐", "a"], [0, 1, 1, 2])
+    assert shown_units(["a", "", ""]) == (["a", ""], [0, 1, 1])   # cut inside a character
+    assert shown_units([]) == ([], [])
+    client = FakeClient(keyword="恐")
+    seg = {"segment_id": "a", "kind": "activating", "tokens": ["为", "", "恐", "a"], "acts": [0, 4, 0, 0]}
+    run = asyncio.run(SimulationScorer(Simulator(client, "logprobs", style="v3")).score("fear", [Example.from_segment(seg)]))
+    _, n_before = prompts.logprob_prompt_many("fear", [["为", "恐", "a"]], 9, "v3")
+    assert client.calls[0][1].count("\t") == n_before + 3      # the worked examples' slots, 3 shown units
+    pred = run.items[0]["pred"]
+    assert len(pred) == 4 and pred[1] == pred[2] > 8 > pred[0]  # the empty piece shares its character's value
+    v1 = FakeClient(keyword="恐")
+    asyncio.run(SimulationScorer(Simulator(v1, "logprobs", style="v1")).score("fear", [Example.from_segment(seg)]))
+    assert v1.calls[0][1].count("\t") == 10 + 4                # v1: every token on its own line, as before
+
+
+def test_yes_no_styles_read_p_yes_on_the_scale():
+    from safesail.interpret.scoring.simulator import yes_values
+
+    assert prompts.answer_words("v8", 9) == ["Yes", "No"] and prompts.answer_words("v1", 9)[-1] == "9"
+    vals = yes_values([{"Yes": L(0.75), "No": L(0.25)}, {"Yes": L(0.02), "No": L(0.18)},
+                       {"Yes": -math.inf, "No": L(0.5)}], 9)
+    assert vals == pytest.approx([6.75, 0.9, 0.0])
+    with pytest.raises(SimulationFailure, match="logprobs_missing"):
+        yes_values([{"Yes": L(0.5)}], 9)
+    assert Simulator(FakeClient(), "logprobs", style="v8").prompt_version == "sim-v8-logprobs-0..9"
+    with pytest.raises(UserError, match="prompt_style"):
+        Simulator(FakeClient(), "logprobs", style="v0")

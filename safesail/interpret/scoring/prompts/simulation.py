@@ -28,6 +28,45 @@ _EXAMPLE_EXPLANATION = "words about food and eating"
 _EXAMPLE = [("I", 0), (" like", 0), (" eating", 6), (" pizza", 10), (" with", 0), (" my", 0),
             (" friends", 0), (" after", 0), (" lunch", 7), (".", 0)]
 
+# style "v2": three worked latents, none about the safety domains, each with two short segments in
+# which most tokens are 0 and the few that fit the explanation are high (a word-level latent, a
+# topic latent, a formatting latent), so the layout of several segments is shown too.
+_V2 = (
+    ("the word \"river\" and names of rivers",
+     ([("We", 0), (" walked", 0), (" along", 0), (" the", 0), (" river", 10), (" bank", 2), (" until", 0),
+       (" sunset", 0), (".", 0)],
+      [("The", 0), (" Nile", 9), (" and", 0), (" the", 0), (" Amazon", 8), (" are", 0), (" very", 0),
+       (" long", 0), (".", 0)])),
+    ("numbers in prices and amounts of money",
+     ([("It", 0), (" costs", 1), (" $", 4), ("12", 9), (" at", 0), (" the", 0), (" shop", 0), (".", 0)],
+      [("She", 0), (" has", 0), (" two", 0), (" cats", 0), (" and", 0), (" a", 0), (" dog", 0), (".", 0)])),
+    ("the start of an item in a list",
+     ([("You", 0), (" need", 0), (":", 0), ("\n", 3), ("-", 10), (" flour", 0), ("\n", 3), ("-", 10),
+       (" sugar", 0)],)),
+)
+# style -> (worked latents, whether each segment's text is shown on one line before its token lines,
+#           the placeholder written after every TAB of the segments to simulate)
+STYLES = {"v1": (((_EXAMPLE_EXPLANATION, (_EXAMPLE,)),), False, PLACEHOLDER), "v2": (_V2, False, PLACEHOLDER),
+          "v3": (_V2, True, PLACEHOLDER), "v4": (_V2, False, "0"), "v5": (_V2, True, "0"),
+          "v6": (_V2, False, PLACEHOLDER), "v7": (_V2, True, PLACEHOLDER),
+          "v8": (((_EXAMPLE_EXPLANATION, (_EXAMPLE,)),), False, PLACEHOLDER)}
+# styles whose answers are the words yes (the latent fires: a worked value >= 4 of 10) / no, not digits
+YES_NO = {"v6", "v7", "v8"}
+YES, NO = "Yes", "No"  # capitalised: Qwen merges a TAB with "no" into one token, not with "No"
+
+
+def answer_words(style: str, scale_max: int) -> list[str]:
+    """The one-token answers read at every slot: "0".."scale_max", or yes/no."""
+    return [YES, NO] if style in YES_NO else [str(v) for v in range(scale_max + 1)]
+
+
+def _answer(style: str, v: int, scale_max: int) -> str:
+    return (YES if v >= 4 else NO) if style in YES_NO else str(_scaled(v, scale_max))
+DEFAULT_STYLE = "v1"
+
+_INTRO_YES_NO = ("We study latents (neurons) inside a language model. Each latent looks for one particular "
+                 "thing in a text. Given an explanation of what a latent looks for, say for each token whether "
+                 "the latent fires on it: Yes or No. Most tokens get No.")
 _INTRO = ("We study latents (neurons) inside a language model. Each latent looks for one particular "
           "thing in a text. Given an explanation of what a latent looks for, predict how strongly it "
           "fires on each token, as a whole number from 0 (not at all) to {top} (as strongly as it ever "
@@ -47,30 +86,45 @@ def _scaled(v: int, scale_max: int) -> int:
     return int(round(v * scale_max / 10))
 
 
-def logprob_prompt(explanation: str, tokens: list[str], scale_max: int) -> tuple[str, int]:
+def logprob_prompt(explanation: str, tokens: list[str], scale_max: int,
+                   style: str = DEFAULT_STYLE) -> tuple[str, int]:
     """The completion prompt and the number of SEPARATORs before the segment's first slot.
 
     Slot i (the i-th SEPARATOR counted from that number) is where the model would write
     the activation of `tokens[i]`.
     """
-    return logprob_prompt_many(explanation, [tokens], scale_max)
+    return logprob_prompt_many(explanation, [tokens], scale_max, style)
 
 
-def logprob_prompt_many(explanation: str, segments: list[list[str]], scale_max: int) -> tuple[str, int]:
+def logprob_prompt_many(explanation: str, segments: list[list[str]], scale_max: int,
+                        style: str = DEFAULT_STYLE) -> tuple[str, int]:
     """One completion prompt for several segments of one latent (each its own <start>..<end> block).
 
     The slots of all segments follow each other in order after the first `n_before`
-    SEPARATORs; with one segment the prompt is exactly `logprob_prompt`'s."""
-    lines = [_INTRO.format(top=scale_max), "", "Latent A", f"Explanation: {_EXAMPLE_EXPLANATION}",
-             "Activations:", "<start>"]
-    lines += [f"{render_token(t)}{SEPARATOR}{_scaled(v, scale_max)}" for t, v in _EXAMPLE]
-    lines += ["<end>", "", "Latent B", f"Explanation: {_one_line(explanation)}", "Activations:"]
+    SEPARATORs; with one segment the prompt is exactly `logprob_prompt`'s. `style` picks the
+    worked examples (`STYLES`)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown simulation prompt style {style!r}; use one of {', '.join(STYLES)}")
+    examples, show_text, placeholder = STYLES[style]
+    lines = [_INTRO_YES_NO if style in YES_NO else _INTRO.format(top=scale_max), ""]
+    n_before = 0
+    for i, (expl, segs) in enumerate(examples):
+        lines += [f"Latent {chr(ord('A') + i)}", f"Explanation: {expl}", "Activations:"]
+        for seg in segs:
+            lines += _block([t for t, _ in seg], [_answer(style, v, scale_max) for _, v in seg], show_text)
+            n_before += len(seg)
+        lines.append("")
+    lines += [f"Latent {chr(ord('A') + len(examples))}", f"Explanation: {_one_line(explanation)}", "Activations:"]
     for tokens in segments:
-        lines.append("<start>")
-        lines += [f"{render_token(t)}{SEPARATOR}{PLACEHOLDER}" for t in tokens]
-        lines.append("<end>")
+        lines += _block(tokens, [placeholder] * len(tokens), show_text)
     lines += [""]
-    return "\n".join(lines), len(_EXAMPLE)
+    return "\n".join(lines), n_before
+
+
+def _block(tokens: list[str], values: list[str], show_text: bool) -> list[str]:
+    """One segment's lines: (its text on one line,) <start>, `token<TAB>value` per token, <end>."""
+    head = [f"Text: {_one_line(''.join(tokens))}"] if show_text else []
+    return head + ["<start>"] + [f"{render_token(t)}{SEPARATOR}{v}" for t, v in zip(tokens, values)] + ["<end>"]
 
 
 def _one_line(text: str) -> str:
