@@ -11,7 +11,8 @@ Training sides, interleaved per repeat so machine load hits all alike (same data
   decoder renormalised before each forward, parallel gradient removed, no AuxK, weights
   read back with `opt.eval()`;
 - `sparsify-adam`: the same with Adam at 8x its Adam rule (2e-4/sqrt(n/2^14)), the better of
-  the two Adam settings measured (issue 17).
+  the two Adam settings measured (issue 17);
+- `ours-bf16` (with `--ours-bf16`): ours under bf16 autocast (`train.autocast=true`), on CPU too.
 Reported per side: held-out FVU, dead fraction (latents that never fire on the held-out rows),
 tokens/s (median over repeats); planted data also MMCS to the true atoms; ours also the
 learned-nothing signals, and with `--seed-check` `seed_mmcs` (its decoder against a seed+1 run's).
@@ -61,12 +62,12 @@ def evaluate(encode, decode, x: torch.Tensor, w_dec: torch.Tensor, atoms) -> dic
     return out
 
 
-def run_ours(batches, n, k, args):
+def run_ours(batches, n, k, args, autocast: str | bool = "auto"):
     from safesail.train.trainer import TrainOptions, train_saes
 
     t0 = time.perf_counter()
     [t] = train_saes(batches, [dict(arch="topk", k=k, d_in=batches[0].shape[1], n_latents=n, seed=args.seed)],
-                     TrainOptions(progress=False, log_every=10 ** 9, device=args.device))
+                     TrainOptions(progress=False, log_every=10 ** 9, device=args.device, autocast=autocast))
     dt = time.perf_counter() - t0
     sae = t.sae.to(args.device)
     return dt, sae.encode, sae.decode, sae.W_dec, t.metrics
@@ -113,6 +114,8 @@ def compare(args) -> list[dict]:
     sides = {"ours": lambda k: run_ours(batches, args.latents, k, args),
              "sparsify-default": lambda k: run_sparsify(batches, args.latents, k, args, "signum"),
              "sparsify-adam": lambda k: run_sparsify(batches, args.latents, k, args, "adam")}
+    if args.ours_bf16:   # train.autocast=true: bf16 autocast also on CPU (native bf16 matmul on AVX512-BF16/AMX)
+        sides["ours-bf16"] = lambda k: run_ours(batches, args.latents, k, args, autocast=True)
     for k in args.ks:
         times = {s: [] for s in sides}
         figs = {}
@@ -180,6 +183,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed-check", action="store_true", help="also train ours from seed+1: decoder MMCS between the two")
+    ap.add_argument("--ours-bf16", action="store_true", help="also ours with bf16 autocast (train.autocast=true)")
     ap.add_argument("--sweep-only", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-ks", type=int, nargs="+", default=[16, 32, 64, 128])
