@@ -134,6 +134,7 @@ class SelectConfig:
     min_ce_loss_recovered: Optional[float]
     candidates_per_domain: int
     candidate_min_freq: float
+    candidate_rank: str
     override: dict
     batch_size: int
     chunk_tokens: int

@@ -95,30 +95,42 @@ def load_tasks(rd: RunDir, hook: str, latents: list[int] | None = None) -> list[
     return tasks
 
 
-def strongest_candidates(rd: RunDir, hooks: list[str], per_domain: int) -> dict[str, list[int]]:
-    """Per hook, the latents to explain: for each domain, the `per_domain` candidates of select (over all
-    hooks) with the strongest pair evidence there: the smallest exact McNemar p-value of concept-only vs
-    twin-only firing (`pair_evidence.py`), which prefers latents specific to the concept over broad ones that
-    fire on many twins too; ties go to the larger distinguishing frequency."""
+RANKS = ("select", "mcnemar")
+
+
+def strongest_candidates(rd: RunDir, hooks: list[str], per_domain: int, rank: str = "select") -> dict[str, list[int]]:
+    """Per hook, the latents to explain: for each domain, the `per_domain` best candidates of select over
+    all hooks. rank="select": by the ranking value select recorded for each candidate (`score`: the
+    swapped-word score under select.candidate_rank=word, docs/selection.md), ties by the larger
+    distinguishing frequency. rank="mcnemar": the smallest exact McNemar p-value of concept-only vs
+    twin-only firing (`pair_evidence.py`), ties by the larger distinguishing frequency."""
     from safesail.interpret.pair_evidence import mcnemar_p
     from safesail.train.selection import load_pair_stats, load_selection, pair_stats_path
 
+    if rank not in RANKS:
+        raise UserError(f"explain.rank={rank!r} is unknown; use {' or '.join(RANKS)}.")
     sel = load_selection(rd.root)
     cands = sel.get("candidates", {})
     n_pairs = sel.get("pairs", {}).get("by_domain") or {}
     by_domain: dict[str, list[tuple]] = {}
     for hook in hooks:
-        stats = load_pair_stats(rd.root, hook) if pair_stats_path(rd.root, hook).is_file() else None
+        stats = None
+        if rank == "mcnemar" and pair_stats_path(rd.root, hook).is_file():
+            stats = load_pair_stats(rd.root, hook)
         for group, lst in (cands.get(hook) or {}).items():
             if group == "all":
                 continue
             for c in lst:
-                j, p = int(c["latent"]), 1.0
-                if stats is not None and n_pairs.get(group) and f"{group}.distinguish_rate" in stats:
-                    n = int(n_pairs[group])
-                    p = mcnemar_p(int(round(float(stats[f"{group}.distinguish_rate"][j]) * n)),
-                                  int(round(float(stats[f"{group}.reverse_rate"][j]) * n)))
-                by_domain.setdefault(group, []).append((p, -float(c["freq"]), hook, j))
+                j = int(c["latent"])
+                if rank == "select":
+                    key = -float(c.get("score", c["freq"]))
+                else:
+                    key = 1.0
+                    if stats is not None and n_pairs.get(group) and f"{group}.distinguish_rate" in stats:
+                        n = int(n_pairs[group])
+                        key = mcnemar_p(int(round(float(stats[f"{group}.distinguish_rate"][j]) * n)),
+                                        int(round(float(stats[f"{group}.reverse_rate"][j]) * n)))
+                by_domain.setdefault(group, []).append((key, -float(c["freq"]), hook, j))
     out: dict[str, set[int]] = {}
     for group in sorted(by_domain):
         for _, _, hook, latent in sorted(by_domain[group])[:per_domain]:
@@ -140,7 +152,7 @@ def read_explanations(path: Path) -> dict[tuple[str, int], ExplanationRecord]:
 # ---- one latent ----------------------------------------------------------------------------------------
 
 def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tokens: int,
-               rotation: int = 0) -> tuple[list[dict], int]:
+               rotation: int = 0, style: str = "v3") -> tuple[list[dict], int]:
     """Messages that fit the context window: fewer segments first, then shorter ones around their peak;
     in a small window (a tiny test model) fewer worked examples before giving up."""
     budget = client.context_window - reply_tokens
@@ -148,11 +160,12 @@ def fit_prompt(client: LLMClient, task: LatentTask, max_segments: int, reply_tok
     n = len(segs)
     shown = N_SHOWN
     while shown > 0 and client.count_message_tokens(
-            build_explain_messages([around_peak(s, 8) for s in segs[:1]], task.max_act, rotation, shown)) > budget:
+            build_explain_messages([around_peak(s, 8) for s in segs[:1]], task.max_act, rotation, shown,
+                                   style)) > budget:
         shown -= 1
 
     def build(ss):
-        return build_explain_messages(ss, task.max_act, rotation, shown)
+        return build_explain_messages(ss, task.max_act, rotation, shown, style)
 
     while n > 1 and client.count_message_tokens(build(segs[:n])) > budget:
         n -= 1
@@ -291,9 +304,10 @@ def run_explain_stage(cfg: DictConfig, args: list[str], client: LLMClient | None
         return
     top = ecfg.get("top_per_domain")
     if top is not None and latents is None:
-        chosen = strongest_candidates(rd, collected_hooks(rd), int(top))   # over every hook, then explain.hooks
+        rank = str(ecfg.get("rank") or "select")
+        chosen = strongest_candidates(rd, collected_hooks(rd), int(top), rank)   # over every hook, then explain.hooks
         tasks = [t for h in hooks if h in chosen for t in load_tasks(rd, h, chosen[h])]
-        log.info("explain: the %d latents with the strongest pair evidence (%d per domain)", len(tasks), int(top))
+        log.info("explain: the %d best candidates (%d per domain, rank=%s)", len(tasks), int(top), rank)
     else:
         tasks = [t for h in hooks for t in load_tasks(rd, h, latents)]
     if client is None:

@@ -14,6 +14,16 @@ and for a group G of pairs (one domain, or all pairs):
     f_j = max(d_j - r_j, 0)    (or d_j when the chance correction is off)
     L0,t   = #{ j : f_j >= t }
     I_CDF  = mean_j f_j  = integral_0^1 L0,t / n_latents dt
+
+Swapped-word figures (which latents see the concept words themselves): a token of a query is
+*swapped* when its id does not occur in the pair's other query (the concept words in c_i, the
+neutral words in n_i); the rest are *shared*. With a_j^w(q) and a_j^s(q) the maxima over q's
+swapped and shared tokens, fired against the same tau * s_j:
+
+    word_rate_j    = mean_{i in G} fire(a^w_j(c_i))    fires on the concept's own words
+    word_reverse_j = mean_{i in G} fire(a^w_j(n_i))    fires on the twin's swapped-in words
+    shared_rate_j  = mean over all 2P queries of fire(a^s_j(q))   fires on words both share (breadth)
+    word_score_j   = word_rate_j - word_reverse_j - shared_rate_j   (select.candidate_rank=word)
 """
 
 from __future__ import annotations
@@ -60,6 +70,10 @@ class ContrastStats:
     reverse: dict[str, torch.Tensor] = field(default_factory=dict)        # r_j
     freq: dict[str, torch.Tensor] = field(default_factory=dict)           # f_j
     mean_act_diff: dict[str, torch.Tensor] = field(default_factory=dict)  # mean a_j(c) - a_j(n)
+    word_rate: dict[str, torch.Tensor] = field(default_factory=dict)      # fires on the concept's swapped words
+    word_reverse: dict[str, torch.Tensor] = field(default_factory=dict)   # fires on the twin's swapped words
+    shared_rate: dict[str, torch.Tensor] = field(default_factory=dict)    # fires on shared words (all queries)
+    word_score: dict[str, torch.Tensor] = field(default_factory=dict)     # word_rate - word_reverse - shared_rate
 
     @property
     def domains(self) -> list[str]:
@@ -70,12 +84,26 @@ class ContrastStats:
         return int(next(iter(self.freq.values())).numel())
 
 
+def swapped_mask(query_index: torch.Tensor, token_ids: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """[T] bool: token t of query q is swapped when its id does not occur in q's twin (q xor 1:
+    queries 2i and 2i+1 are pair i's concept query and neutral twin)."""
+    qi, ids = query_index.long().tolist(), token_ids.long().tolist()
+    per_query: list[set[int]] = [set() for _ in range(n_queries)]
+    for q, x in zip(qi, ids):
+        per_query[q].add(x)
+    return torch.tensor([x not in per_query[q ^ 1] for q, x in zip(qi, ids)], dtype=torch.bool)
+
+
 def contrast_stats(concept_max: torch.Tensor, neutral_max: torch.Tensor, pair_domains: list[str],
                    threshold: float, correct_for_chance: bool = True,
-                   scale: torch.Tensor | None = None, domain_order: list[str] | None = None) -> ContrastStats:
+                   scale: torch.Tensor | None = None, domain_order: list[str] | None = None,
+                   words: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                   ) -> ContrastStats:
     """Figures of every latent from query-level activations of the concept and neutral queries.
 
     concept_max, neutral_max: [P, N] (row i = pair i); pair_domains: the P pairs' domains.
+    words: optionally the same maxima over swapped and shared tokens only, (concept swapped, neutral
+    swapped, concept shared, neutral shared), for the swapped-word figures.
     """
     if concept_max.shape != neutral_max.shape:
         raise ValueError(f"concept and neutral tables differ in shape: {tuple(concept_max.shape)} "
@@ -103,6 +131,15 @@ def contrast_stats(concept_max: torch.Tensor, neutral_max: torch.Tensor, pair_do
         stats.reverse[g] = r
         stats.freq[g] = (d - r).clamp_min(0) if correct_for_chance else d
         stats.mean_act_diff[g] = (cmax[rows] - nmax[rows]).mean(0)
+    if words is not None:
+        cw, nw, cs, ns = (fires(w.float(), scale, threshold).float() for w in words)
+        shared = torch.cat([cs, ns]).mean(0)
+        for g in stats.groups:
+            rows = torch.tensor([g == ALL or d == g for d in pair_domains], device=cmax.device)
+            stats.word_rate[g] = cw[rows].mean(0)
+            stats.word_reverse[g] = nw[rows].mean(0)
+            stats.shared_rate[g] = shared.clone()   # one tensor per group: safetensors refuses shared memory
+            stats.word_score[g] = stats.word_rate[g] - stats.word_reverse[g] - shared
     return stats
 
 
@@ -137,19 +174,39 @@ def sae_figures(stats: ContrastStats, t_grid: list[float]) -> dict:
     return out
 
 
-def top_latents(stats: ContrastStats, group: str, n: int, min_freq: float) -> list[dict]:
-    """The latents that distinguish a group's pairs most often (ties: larger mean activation gap).
+RANKS = ("word", "freq")
 
-    Only latents with f_j >= min_freq (and > 0) are kept; at most n.
+
+def top_latents(stats: ContrastStats, group: str, n: int, min_freq: float, rank: str = "freq") -> list[dict]:
+    """A group's best candidate latents, at most n, each with its figures and `score` (the ranking value).
+
+    rank="freq": by the distinguishing frequency f_j (ties: larger mean activation gap), f_j >= min_freq.
+    rank="word": by word_score_j (ties: larger f_j), among the latents with word_score_j >= min_freq or
+    f_j >= min_freq (so a model whose latents never fire on the concept words alone, such as a random
+    SAE, still gets the freq candidates, after every word one); needs the swapped-word figures (falls
+    back to freq when they were not computed).
     """
     f = stats.freq[group]
     diff = stats.mean_act_diff[group]
-    keep = torch.nonzero((f >= min_freq) & (f > 0)).flatten().tolist()
-    keep.sort(key=lambda j: (-float(f[j]), -float(diff[j]), j))
-    return [{"latent": int(j), "freq": round(float(f[j]), 4),
-             "concept_rate": round(float(stats.concept_rate[group][j]), 4),
-             "neutral_rate": round(float(stats.neutral_rate[group][j]), 4),
-             "mean_act_diff": round(float(diff[j]), 5)} for j in keep[:n]]
+    by_word = rank == "word" and group in stats.word_score
+    score = stats.word_score[group] if by_word else f
+    ok = (f >= min_freq) & (f > 0)
+    if by_word:
+        ok |= (score >= min_freq) & (score > 0)
+    keep = torch.nonzero(ok).flatten().tolist()
+    keep.sort(key=lambda j: (-float(score[j]), -float(f[j]), -float(diff[j]), j))
+    out = []
+    for j in keep[:n]:
+        row = {"latent": int(j), "freq": round(float(f[j]), 4),
+               "concept_rate": round(float(stats.concept_rate[group][j]), 4),
+               "neutral_rate": round(float(stats.neutral_rate[group][j]), 4),
+               "mean_act_diff": round(float(diff[j]), 5), "score": round(float(score[j]), 4)}
+        if group in stats.word_score:
+            row.update({"word_rate": round(float(stats.word_rate[group][j]), 4),
+                        "word_reverse_rate": round(float(stats.word_reverse[group][j]), 4),
+                        "shared_rate": round(float(stats.shared_rate[group][j]), 4)})
+        out.append(row)
+    return out
 
 
 def stats_tensors(stats: ContrastStats) -> dict[str, torch.Tensor]:
@@ -162,6 +219,11 @@ def stats_tensors(stats: ContrastStats) -> dict[str, torch.Tensor]:
         out[f"{g}.reverse_rate"] = stats.reverse[g]
         out[f"{g}.freq"] = stats.freq[g]
         out[f"{g}.mean_act_diff"] = stats.mean_act_diff[g]
+        if g in stats.word_score:
+            out[f"{g}.word_rate"] = stats.word_rate[g]
+            out[f"{g}.word_reverse_rate"] = stats.word_reverse[g]
+            out[f"{g}.shared_rate"] = stats.shared_rate[g]
+            out[f"{g}.word_score"] = stats.word_score[g]
     out["latent_ids"] = torch.arange(stats.n_latents, dtype=torch.int64)
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -180,4 +242,9 @@ def stats_from_tensors(tensors: dict[str, torch.Tensor]) -> ContrastStats:
         s.reverse[g] = tensors[f"{g}.reverse_rate"]
         s.freq[g] = tensors[f"{g}.freq"]
         s.mean_act_diff[g] = tensors[f"{g}.mean_act_diff"]
+        if f"{g}.word_score" in tensors:
+            s.word_rate[g] = tensors[f"{g}.word_rate"]
+            s.word_reverse[g] = tensors[f"{g}.word_reverse_rate"]
+            s.shared_rate[g] = tensors[f"{g}.shared_rate"]
+            s.word_score[g] = tensors[f"{g}.word_score"]
     return s

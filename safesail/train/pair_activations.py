@@ -102,17 +102,25 @@ def capture_pair_activations(lm, pairs: list[Pair], points: list[HookPoint], sys
 
 @torch.no_grad()
 def sae_query_max(sae, acts: torch.Tensor, query_index: torch.Tensor, n_queries: int,
-                  chunk_tokens: int = 4096, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[n_queries, n_latents]: each latent's largest code over each query's kept tokens."""
+                  chunk_tokens: int = 4096, device: torch.device | str = "cpu",
+                  masks: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """[n_queries, n_latents]: each latent's largest code over each query's kept tokens.
+
+    With `masks` ([T] bool each), also the same maximum over each mask's tokens only, from the same
+    encoding pass: a tuple (all tokens, mask 1, mask 2, ...)."""
     from safesail.train.contrastive import query_max
 
     params = list(sae.parameters()) if hasattr(sae, "parameters") else []
     dtype = params[0].dtype if params else torch.float32
-    out: torch.Tensor | None = None
+    out: list[torch.Tensor] | None = None
     for s in range(0, acts.shape[0], chunk_tokens):
         x = acts[s:s + chunk_tokens].to(device=device, dtype=dtype)
         codes = sae.encode(x).float()
-        qm = query_max(codes, query_index[s:s + chunk_tokens], n_queries)
-        out = qm if out is None else torch.maximum(out, qm)
+        qi = query_index[s:s + chunk_tokens]
+        got = [query_max(codes, qi, n_queries)]
+        for m in masks:
+            got.append(query_max(codes * m[s:s + chunk_tokens].to(codes.device).unsqueeze(1), qi, n_queries))
+        out = got if out is None else [torch.maximum(a, b) for a, b in zip(out, got)]
     assert out is not None, "no tokens to encode"
-    return out.cpu()
+    out = [o.cpu() for o in out]
+    return tuple(out) if masks else out[0]

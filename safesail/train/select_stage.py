@@ -33,7 +33,7 @@ from safesail.train.pairs import DOMAINS, Pair, load_pairs, resolve_pairs_path
 log = logging.getLogger(__name__)
 
 STAGE = "select"
-RESULT_VERSION = 1
+RESULT_VERSION = 2   # 2: with the swapped-word figures (contrastive.py)
 
 
 # ---- settings ----------------------------------------------------------------------
@@ -54,6 +54,8 @@ class SelectSettings(SelectConfig):
         s = load_group(OmegaConf.create(raw), cls, "select")
         s.override = {str(k): str(v) for k, v in (s.override or {}).items()}
         s.t_grid = sorted({float(t) for t in s.t_grid} | ({float(s.criterion_t)} if s.criterion == "l0" else set()))
+        if s.candidate_rank not in C.RANKS:
+            raise UserError(f"select.candidate_rank={s.candidate_rank!r} is unknown; use {' or '.join(C.RANKS)}.")
         if s.criterion not in ("i_cdf", "l0"):
             raise UserError(f"select.criterion={s.criterion!r} is unknown; use i_cdf or l0.")
         if not 0 <= float(s.fire_threshold) < 1:
@@ -158,16 +160,25 @@ def discover_saes(rd: RunDir, hooks: list[str], model_name: str) -> dict[str, li
 # ---- per-SAE evaluation -----------------------------------------------------------
 
 def evaluate_sae(sae, hook_acts: torch.Tensor, query_index: torch.Tensor, n_queries: int,
-                 pairs: list[Pair], settings: SelectSettings, device="cpu") -> tuple[dict, C.ContrastStats]:
-    """Figures and per-latent statistics of one SAE on the pairs' activations at its hook."""
+                 pairs: list[Pair], settings: SelectSettings, device="cpu",
+                 token_ids: torch.Tensor | None = None) -> tuple[dict, C.ContrastStats]:
+    """Figures and per-latent statistics of one SAE on the pairs' activations at its hook (with the
+    kept tokens' ids, also the swapped-word figures)."""
     from safesail.train.pair_activations import sae_query_max
 
-    qmax = sae_query_max(sae, hook_acts, query_index, n_queries, settings.chunk_tokens, device)
+    words = None
+    if token_ids is not None:
+        swapped = C.swapped_mask(query_index, token_ids, n_queries)
+        qmax, qw, qs = sae_query_max(sae, hook_acts, query_index, n_queries, settings.chunk_tokens, device,
+                                     masks=(swapped, ~swapped))
+        words = (qw[0::2], qw[1::2], qs[0::2], qs[1::2])
+    else:
+        qmax = sae_query_max(sae, hook_acts, query_index, n_queries, settings.chunk_tokens, device)
     cmax, nmax = qmax[0::2], qmax[1::2]
     scale = C.latent_scale(cmax, nmax)
     domains = [p.domain for p in pairs]
     stats = C.contrast_stats(cmax, nmax, domains, settings.fire_threshold, settings.correct_for_chance,
-                             scale=scale, domain_order=list(DOMAINS))
+                             scale=scale, domain_order=list(DOMAINS), words=words)
     figures = C.sae_figures(stats, settings.t_grid)
     langs = [p.lang for p in pairs]
     by_lang = C.contrast_stats(cmax, nmax, langs, settings.fire_threshold, settings.correct_for_chance,
@@ -229,8 +240,8 @@ def choose(hook: str, records: list[dict], settings: SelectSettings) -> dict:
 
 
 def candidates_for(stats: C.ContrastStats, settings: SelectSettings) -> dict[str, list[dict]]:
-    return {g: C.top_latents(stats, g, settings.candidates_per_domain, settings.candidate_min_freq)
-            for g in stats.groups}
+    return {g: C.top_latents(stats, g, settings.candidates_per_domain, settings.candidate_min_freq,
+                             settings.candidate_rank) for g in stats.groups}
 
 
 # ---- the stage -------------------------------------------------------------------
@@ -281,7 +292,8 @@ def run_select_stage(cfg: DictConfig, args: list[str]) -> None:
                       "choice": {"criterion": settings.criterion, "criterion_t": settings.criterion_t,
                                  "max_fvu": settings.max_fvu, "min_ce": settings.min_ce_loss_recovered,
                                  "override": settings.override, "n_cand": settings.candidates_per_domain,
-                                 "min_freq": settings.candidate_min_freq, "plot": settings.plot},
+                                 "min_freq": settings.candidate_min_freq, "rank": settings.candidate_rank,
+                                 "plot": settings.plot},
                       "metrics": {h: [e.train_metrics for e in es] for h, es in sweep.items()}})
     if rd.stage_done(STAGE, fp) and S.selection_path(rd).is_file():
         log.info("select: already done for these pairs, SAEs and settings; nothing to do")
@@ -344,7 +356,8 @@ def _evaluate_todo(cfg, rd, pairs, todo, settings, base_key, results) -> None:
             raise UserError(f"the SAE in {e.folder} expects inputs of width {d_in} but {e.hook} of the model has "
                             f"{pa.acts[e.hook].shape[1]}; it was trained on another model, re-train it.")
         sae = sae.to(device).eval()
-        figures, stats = evaluate_sae(sae, pa.acts[e.hook], pa.query_index, pa.n_queries, pairs, settings, device)
+        figures, stats = evaluate_sae(sae, pa.acts[e.hook], pa.query_index, pa.n_queries, pairs, settings, device,
+                                      token_ids=pa.token_ids)
         key = fingerprint({**base_key, "sae": e.signature})
         _save_result(S.sae_result_paths(rd, e.hook, e.name), key, figures, stats)
         results[(e.hook, e.name)] = (figures, stats)
@@ -393,7 +406,8 @@ def build_selection(rd: RunDir, cfg: DictConfig, pairs: list[Pair], pairs_path: 
                      "t_grid": settings.t_grid, "criterion": settings.criterion, "criterion_t": settings.criterion_t,
                      "max_fvu": settings.max_fvu, "min_ce_loss_recovered": settings.min_ce_loss_recovered,
                      "candidates_per_domain": settings.candidates_per_domain,
-                     "candidate_min_freq": settings.candidate_min_freq, "override": settings.override},
+                     "candidate_min_freq": settings.candidate_min_freq, "candidate_rank": settings.candidate_rank,
+                     "override": settings.override},
         "saes": all_records,
         "chosen": chosen,
         "candidates": candidates,

@@ -268,4 +268,62 @@ def test_candidates_are_ranked_by_the_significance_of_their_pair_evidence(tmp_pa
     save_tensors(pair_stats_path(rd.root, hook), {"latent_ids": torch.tensor([0, 1]),
                                                   "terror.distinguish_rate": torch.tensor([0.45, 0.32]),
                                                   "terror.reverse_rate": torch.tensor([0.15, 0.0])})
-    assert strongest_candidates(rd, [hook], 1) == {hook: [1]}
+    assert strongest_candidates(rd, [hook], 1, rank="mcnemar") == {hook: [1]}
+    assert strongest_candidates(rd, [hook], 1, rank="select") == {hook: [0]}   # no score recorded: by freq
+
+
+def test_candidates_are_ranked_by_the_score_select_recorded(tmp_path):
+    from safesail.errors import UserError
+    from safesail.interpret.explain import strongest_candidates
+    from safesail.train.selection import SELECTION_VERSION, write_selection
+
+    rd = RunDir(tmp_path / "run")
+    c = lambda j, f, score: {"latent": j, "freq": f, "score": score}  # noqa: E731
+    # latent 2 distinguishes more pairs (freq) but latent 6 fires on the concept words themselves (score)
+    write_selection(rd.root, {"version": SELECTION_VERSION, "chosen": {}, "candidates": {
+        "layers.0.mlp_out": {"pornography": [c(2, 0.5, 0.1), c(6, 0.2, 0.6)]},
+        "layers.7.mlp_out": {"pornography": [c(4, 0.4, 0.3)]}}})
+    assert strongest_candidates(rd, ["layers.0.mlp_out", "layers.7.mlp_out"], 1) == {"layers.0.mlp_out": [6]}
+    assert strongest_candidates(rd, ["layers.0.mlp_out", "layers.7.mlp_out"], 2) == \
+        {"layers.0.mlp_out": [6], "layers.7.mlp_out": [4]}
+    with pytest.raises(UserError, match="explain.rank"):
+        strongest_candidates(rd, ["layers.0.mlp_out"], 1, rank="best")
+
+
+def test_the_v3_prompt_lists_the_peak_tokens_with_counts_and_asks_about_them():
+    from safesail.interpret.prompts.explain import QUESTION, QUESTION_V2, peak_summary
+
+    segs = [{"tokens": [" terror", " attacks", " in"], "acts": [1.0, 5.0, 0.0]},
+            {"tokens": [" the", " attack", "."], "acts": [0.0, 4.0, 1.0]},
+            {"tokens": [" an", " attack", "\n"], "acts": [0.5, 3.0, 0.0]}]
+    assert peak_summary([" attack", " attacks", " attack", "\n"]) == \
+        'Peak tokens: "attack" (2), "attacks" (1), "⏎" (1)'
+    msgs = build_explain_messages(segs, 5.0, rotation=0)
+    last = msgs[-1]["content"]
+    assert last.endswith('Peak tokens: "attack" (2), "attacks" (1)\n\n' + QUESTION)
+    # every worked example shows its own peak list, and the answers name the peak tokens' concept
+    for m in msgs[1:-1:2]:
+        assert "\n\nPeak tokens: " in m["content"] and m["content"].endswith(QUESTION)
+    # the v2 prompt (side-by-side runs): no peak list, the old question and the first six examples only
+    old = build_explain_messages(segs, 5.0, rotation=0, style="v2")
+    assert "Peak tokens" not in "".join(m["content"] for m in old) and old[-1]["content"].endswith(QUESTION_V2)
+    assert {m["content"] for m in old if m["role"] == "assistant"} <= {e.answer for e in EXAMPLES[:6]}
+    with pytest.raises(ValueError):
+        build_explain_messages(segs, 5.0, style="v9")
+
+
+def test_a_reply_naming_another_word_is_not_a_copy_of_the_word_example():
+    assert copied_reason("the word 'attack'", ["the terror attack in Paris"]) is None
+    assert copied_reason("the word 'water'", ["the terror attack in Paris"]) is not None
+
+
+def test_the_peak_list_reads_the_strong_excerpts_only_and_skips_empty_tokens():
+    from safesail.interpret.prompts.explain import peak_summary, strong_peaks
+
+    segs = [{"tokens": [" violent", " outbursts"], "acts": [5.0, 1.0]},
+            {"tokens": ["为什么", "", "恐怖分"], "acts": [0.0, 4.0, 1.0]},   # a byte the next token completes
+            {"tokens": [" different", " amounts"], "acts": [2.0, 0.0]},    # a weak excerpt: below half the top
+            {"tokens": [" the", ""], "acts": [0.0, 3.0]}]                  # nothing after it: left out
+    assert strong_peaks(segs) == [" violent", "恐怖分", ""]
+    assert peak_summary(strong_peaks(segs)) == 'Peak tokens: "violent" (1), "恐怖分" (1)'
+    assert peak_summary([""]) == "Peak tokens: (none)"

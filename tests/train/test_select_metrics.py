@@ -103,3 +103,43 @@ def test_stats_round_trip_through_flat_tensors():
     back = C.stats_from_tensors(t)
     assert back.groups == ["politics", "violence", "all"]
     assert torch.equal(back.freq["politics"], s.freq["politics"])
+
+
+def test_swapped_mask_marks_tokens_absent_from_the_twin():
+    # pair 0: queries 0 (ids 5 6 7) and 1 (ids 5 8 7); pair 1: queries 2 (ids 9 9) and 3 (ids 9)
+    qi = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3])
+    ids = torch.tensor([5, 6, 7, 5, 8, 7, 9, 9, 9])
+    assert C.swapped_mask(qi, ids, 4).tolist() == [False, True, False, False, True, False, False, False, False]
+
+
+def test_word_score_rewards_firing_on_the_concept_words_and_penalises_shared_ones():
+    # latent 0 fires on the concept's own word in both pairs; latent 1 on it too, but also on a shared
+    # token of every query (broad); latent 2 on the twin's swapped word
+    cw = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    nw = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    cs = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    ns = cs.clone()
+    cmax, nmax = torch.maximum(cw, cs), torch.maximum(nw, ns)
+    s = C.contrast_stats(cmax, nmax, ["terror", "terror"], 0.5, words=(cw, nw, cs, ns))
+    assert s.word_rate["terror"].tolist() == [1.0, 1.0, 0.0]
+    assert s.word_reverse["terror"].tolist() == [0.0, 0.0, 1.0]
+    assert s.shared_rate["terror"].tolist() == [0.0, 1.0, 0.0]
+    assert s.word_score["terror"].tolist() == [1.0, 0.0, -1.0]
+    top = C.top_latents(s, "terror", 3, 0.05, rank="word")
+    assert [x["latent"] for x in top] == [0] and top[0]["score"] == 1.0
+    # by freq, the broad latent 1 never distinguishes a pair (it fires on both queries) either; latent 0 does
+    assert [x["latent"] for x in C.top_latents(s, "terror", 3, 0.05, rank="freq")] == [0]
+
+
+def test_word_rank_keeps_the_freq_candidates_after_the_word_ones():
+    # latent 0 fires on the concept words; latent 1 tells the pairs apart only through a shared token
+    # (word_score < 0, f = 1): under rank=word it still is a candidate, ranked after latent 0
+    cw = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    nw = torch.zeros(2, 2)
+    cs = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    ns = torch.zeros(2, 2)
+    s = C.contrast_stats(torch.maximum(cw, cs), torch.maximum(nw, ns), ["violence"] * 2, 0.5,
+                         words=(cw, nw, cs, ns))
+    assert s.word_score["violence"].tolist() == [1.0, -0.5] and s.freq["violence"].tolist() == [1.0, 1.0]
+    assert [x["latent"] for x in C.top_latents(s, "violence", 5, 0.05, rank="word")] == [0, 1]
+    assert [x["latent"] for x in C.top_latents(s, "violence", 1, 0.05, rank="word")] == [0]

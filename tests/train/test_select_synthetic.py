@@ -85,3 +85,34 @@ def test_chance_correction_keeps_a_random_sae_near_zero(pair_acts):
                                SelectSettings.defaults(correct_for_chance=False))
     assert figs["macro"]["i_cdf"] <= figs_raw["macro"]["i_cdf"]
     assert figs["macro"]["i_cdf"] < 0.05
+
+
+def test_swapped_word_rank_puts_the_wired_latent_first_and_not_a_broad_one(tiny_model, pair_acts, tmp_path):
+    """With the kept tokens' ids, select ranks by word_score: the latent wired to the concept word fires on
+    the concept's swapped-in word (word_rate 1), never on the twin's, never on shared words; a latent that
+    fires on every query's shared tokens gets a negative score and is no candidate."""
+    import torch
+
+    pairs, pa = pair_acts
+    tok = tiny_model.tokenizer
+    acts = pa.acts[HOOK]
+    wires = {WIRED[d]: _tid(tok, c) for d, (c, _) in choose_words(tiny_model).items()}
+    good = wired_sae(acts, pa.token_ids, wires, 256, HOOK, "tiny", seed=1)
+    settings = SelectSettings.defaults()
+    _, stats = evaluate_sae(good, acts, pa.query_index, pa.n_queries, pairs, settings, token_ids=pa.token_ids)
+    for d, j in WIRED.items():
+        top = C.top_latents(stats, d, 5, 0.05, rank="word")
+        assert top[0]["latent"] == j, (d, top[:3])
+        assert top[0]["word_rate"] == 1.0 and top[0]["word_reverse_rate"] == 0.0 and top[0]["shared_rate"] == 0.0
+        assert top[0]["score"] == 1.0
+    assert bool((stats.word_score["all"] <= 1.0).all())
+    # the stats survive the safetensors round trip that select's cache and pairstats file use
+    from safesail.train.selection import save_tensors
+    from safetensors.torch import load_file
+
+    save_tensors(tmp_path / "s.safetensors", C.stats_tensors(stats))
+    back = C.stats_from_tensors(load_file(str(tmp_path / "s.safetensors")))
+    assert torch.equal(back.word_score["terror"], stats.word_score["terror"])
+    # without token ids there are no word figures and rank=word falls back to freq
+    _, plain = evaluate_sae(good, acts, pa.query_index, pa.n_queries, pairs, settings)
+    assert not plain.word_score and C.top_latents(plain, "terror", 1, 0.05, rank="word")[0]["latent"] == WIRED["terror"]

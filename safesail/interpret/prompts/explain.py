@@ -16,15 +16,30 @@ import difflib
 import re
 from dataclasses import dataclass
 
-PROMPT_VERSION = "explain-v2"  # the parser may change without a bump: `raw` keeps the reply
+PROMPT_VERSION = "explain-v3"  # the parser may change without a bump: `raw` keeps the reply
+# v3: the peak tokens are listed with their counts after the excerpts and the question asks about them, not
+# the excerpts' topic (Qwen2.5-Coder-1.5B named the topic: "political history" for a latent whose every
+# bracket is "attack"); worked examples whose excerpts are about unrelated topics with one shared peak word.
+# v2 (`style="v2"`): no peak-token list, the session-1 system text and examples; kept for side-by-side runs
+# (benchmarks/bench_explain_prompt.py).
 
-SYSTEM = (
+SYSTEM_V2 = (
     "You are an interpretability researcher studying one unit (a latent) of a language model. "
     "You see text excerpts; in each, the tokens where the latent is most active are in [brackets], and "
     "below it every active token is listed with its activation from 0 to 10. Find the concept the active "
     "tokens share (a topic, a kind of word, a piece of grammar or formatting). Answer with a short noun "
     "phrase naming that concept, e.g. \"colour words\", never a sentence about the latent, and never "
     "copy an excerpt or an earlier answer."
+)
+SYSTEM = (
+    "You are an interpretability researcher studying one unit (a latent) of a language model. "
+    "You see text excerpts; in each, the tokens where the latent is most active are in [brackets], and "
+    "below it every active token is listed with its activation from 0 to 10. Last comes the list of peak "
+    "tokens (the most active token of each excerpt) with how many excerpts peak there. Name what the peak "
+    "tokens themselves have in common: often one word or its variants, a kind of word, or a piece of "
+    "grammar or formatting. The excerpts' topics usually differ and do not matter. Answer with a short noun "
+    "phrase, as specific as the tokens allow, e.g. \"colour words\" or \"the word 'water'\", never a sentence "
+    "about the latent, never just \"words\", and never copy an excerpt or an earlier answer."
 )
 
 
@@ -55,9 +70,21 @@ EXAMPLES: tuple[Example, ...] = (
     Example(((" The soup simmered while she chopped the onions.", ((" simmered", 9), (" chopped", 10))),
              (" Bake the bread until golden, then slice it.", ((" Bake", 10), (" slice", 7)))),
             "cooking actions"),
+    Example(((" The nurse brought him a glass of water before the exam.", ((" water", 10),)),
+             (" After the match the players poured water over their heads.", ((" water", 9),)),
+             (" The bank flooded when the water pipe burst.", ((" water", 8), (" pipe", 3)))),
+            "the word 'water'"),
+    Example(((" Every morning she goes running in the park.", ((" running", 10),)),
+             (" He ran to the station but missed the bus.", ((" ran", 9),)),
+             (" The kids run faster than their teacher.", ((" run", 8),))),
+            "forms of the verb 'run'"),
+    Example(((" The recipe serves 4 people and takes 30 minutes.", ((" 4", 9), (" 30", 10))),
+             (" Chapter 12 begins on page 215.", ((" 12", 8), (" 215", 10)))),
+            "numbers written as digits"),
 )
 
 N_SHOWN = 2   # worked examples in one prompt
+N_V2_EXAMPLES = 6   # the v2 prompt's pool: the first six
 
 
 class ExplanationError(Exception):
@@ -118,34 +145,82 @@ def example_tokens(text: str) -> list[str]:
     return re.findall(r"\s*[^\W_]+|\s*[^\w\s]+", text)
 
 
-def _example_text(ex: Example) -> str:
-    parts = []
+def peak_summary(peaks: list[str]) -> str:
+    """ "Peak tokens: "attack" (5), "attacks" (2)": the excerpts' most active tokens, counted, most common
+    first (delphi-style), so the answer can name the tokens rather than the excerpts' topic. Empty
+    tokens (a byte of a multi-byte character) are left out."""
+    counts: dict[str, int] = {}
+    for t in peaks:
+        key = _clean(t).strip() or _clean(t)
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    return "Peak tokens: " + (", ".join(f"{_quote(t)} ({n})" for t, n in items) or "(none)")
+
+
+PEAK_SHARE = 0.5   # the peak list reads the excerpts whose peak is at least this share of the strongest one
+
+
+def strong_peaks(segments: list[dict]) -> list[str]:
+    """The peak token of each excerpt whose peak activation is >= PEAK_SHARE of the strongest excerpt's:
+    collect deals excerpts from every activation level, and the weak ones' peaks are mostly noise."""
+    tops = [max(s["acts"], default=0.0) for s in segments]
+    cut = PEAK_SHARE * max(tops, default=0.0)
+    return [_peak(s["tokens"], s["acts"]) for s, a in zip(segments, tops) if a > 0 and a >= cut]
+
+
+def _peak(tokens: list[str], values: list[float]) -> str:
+    """The most active token; when its text is empty (a byte of a character that the next token
+    completes, as in Chinese), the text up to the next non-empty token."""
+    if not values:
+        return ""
+    i = max(range(len(values)), key=lambda k: values[k])
+    j = i
+    while j < len(tokens) - 1 and j - i < 3 and not tokens[j].strip():
+        j += 1
+    return "".join(tokens[i:j + 1])
+
+
+def _example_text(ex: Example, peaks: bool = True) -> str:
+    parts, tops = [], []
     for i, (text, active) in enumerate(ex.excerpts):
         # Tokenise the example crudely (words with their leading space) so it reads like a real excerpt.
         toks = example_tokens(text)
         level = dict(active)
-        parts.append(_excerpt(i + 1, toks, [level.get(t, 0) for t in toks]))
-    return "\n\n".join(parts)
+        levels = [level.get(t, 0) for t in toks]
+        parts.append(_excerpt(i + 1, toks, levels))
+        tops.append(_peak(toks, levels))
+    return "\n\n".join(parts) + (f"\n\n{peak_summary(tops)}" if peaks else "")
 
 
-QUESTION = "What concept do the active tokens share?"
+QUESTION_V2 = "What concept do the active tokens share?"
+QUESTION = "What do the peak tokens have in common?"
+STYLES = ("v3", "v2")
 
 
-def examples_for(rotation: int, n: int = N_SHOWN) -> list[Example]:
-    """`n` worked examples starting at `rotation` (mod the pool), in rotated order."""
-    k = len(EXAMPLES)
-    return [EXAMPLES[(rotation + i) % k] for i in range(min(n, k))]
+def examples_for(rotation: int, n: int = N_SHOWN, style: str = "v3") -> list[Example]:
+    """`n` worked examples starting at `rotation` (mod the style's pool), in rotated order."""
+    pool = EXAMPLES if style == "v3" else EXAMPLES[:N_V2_EXAMPLES]
+    k = len(pool)
+    return [pool[(rotation + i) % k] for i in range(min(n, k))]
 
 
 def build_explain_messages(segments: list[dict], max_act: float, rotation: int = 0,
-                           n_examples: int = N_SHOWN) -> list[dict]:
-    """Chat messages asking what the latent's active tokens share, given segments with `tokens` and `acts`."""
-    msgs = [{"role": "system", "content": SYSTEM}]
-    for ex in examples_for(rotation, n_examples):
-        msgs.append({"role": "user", "content": _example_text(ex) + "\n\n" + QUESTION})
+                           n_examples: int = N_SHOWN, style: str = "v3") -> list[dict]:
+    """Chat messages asking what the latent's peak tokens share, given segments with `tokens` and `acts`
+    (style="v2": the session-1 prompt, without the peak-token list)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown explain prompt style {style!r}")
+    v3 = style == "v3"
+    question = QUESTION if v3 else QUESTION_V2
+    msgs = [{"role": "system", "content": SYSTEM if v3 else SYSTEM_V2}]
+    for ex in examples_for(rotation, n_examples, style):
+        msgs.append({"role": "user", "content": _example_text(ex, v3) + "\n\n" + question})
         msgs.append({"role": "assistant", "content": ex.answer})
     body = "\n\n".join(format_segment(i + 1, s["tokens"], s["acts"], max_act) for i, s in enumerate(segments))
-    msgs.append({"role": "user", "content": body + "\n\n" + QUESTION})
+    if v3:
+        body += "\n\n" + peak_summary(strong_peaks(segments))
+    msgs.append({"role": "user", "content": body + "\n\n" + question})
     return msgs
 
 
