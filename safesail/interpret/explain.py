@@ -26,7 +26,8 @@ from tqdm import tqdm
 from safesail.errors import UserError
 from safesail.interpret.clients.base import ChatRequest, LLMClient, LLMError
 from safesail.interpret.prompts.explain import (EXAMPLES, N_SHOWN, PROMPT_VERSION, ExplanationError,
-                                                build_explain_messages, copied_reason, parse_explanation)
+                                                build_explain_messages, copied_reason, generic_reason,
+                                                parse_explanation)
 from safesail.rundir import RunDir, fingerprint
 from safesail.interpret import records
 from safesail.interpret.records import ExplanationRecord, RecordWriter
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 # Failures a retry would repeat (the prompt cannot be made, or a copy was already asked again): a re-run skips them.
-PERMANENT = {"too_few_examples", "context_overflow", "copied_example"}
+PERMANENT = {"too_few_examples", "context_overflow", "copied_example", "generic_reply"}
+# Replies asked once more with other worked examples (explain.copy_retries): a copy, or no concept named.
+RETRIED = {"copied_example", "generic_reply"}
 # The model answered, but nothing usable: a re-run asks once more (past the response cache), then skips them.
 # Transport failures (clients.base.TRANSPORT_FAILURES: truncated or empty replies, 5xx, timeouts, ...) and
 # the rest (bad_request, auth, other) are asked again by every re-run.
@@ -210,6 +213,10 @@ async def _ask(client: LLMClient, task: LatentTask, ecfg: DictConfig, rotation: 
     if why:
         rec["copied"] = rec["copied"] + [{"reply": text, "why": why, "rotation": rotation}]
         raise ExplanationError("copied_example", why)
+    why = generic_reason(text)
+    if why:
+        rec["copied"] = rec["copied"] + [{"reply": text, "why": why, "rotation": rotation}]
+        raise ExplanationError("generic_reply", why)
     return text
 
 
@@ -228,7 +235,7 @@ async def explain_latent(client: LLMClient, task: LatentTask, ecfg: DictConfig) 
         try:
             rec["explanation"] = await _ask(client, task, ecfg, rotation, rec)
         except ExplanationError as e:
-            if e.reason != "copied_example" or not int(ecfg.get("copy_retries", 1)):
+            if e.reason not in RETRIED or not int(ecfg.get("copy_retries", 1)):
                 raise
             rec["explanation"] = await _ask(client, task, ecfg, rotation + len(EXAMPLES) // 2 + 1, rec)
         rec["status"] = "ok"

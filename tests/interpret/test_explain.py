@@ -327,3 +327,19 @@ def test_the_peak_list_reads_the_strong_excerpts_only_and_skips_empty_tokens():
     assert strong_peaks(segs) == [" violent", "恐怖分", ""]
     assert peak_summary(strong_peaks(segs)) == 'Peak tokens: "violent" (1), "恐怖分" (1)'
     assert peak_summary([""]) == "Peak tokens: (none)"
+
+
+def test_a_generic_reply_is_retried_once_then_named(smoke_cfg, tiny_model):
+    from safesail.interpret.prompts.explain import generic_reason
+
+    assert generic_reason("words") and generic_reason("None") and generic_reason("various tokens")
+    assert generic_reason("words related to politics") is None and generic_reason("fear") is None
+    cfg = smoke_cfg("explain.concurrency=1", "explain.latents=[2,3]")
+    rd = make_collected_run(cfg, tiny_model)
+    # latent 2: "words", then a concept; latent 3: generic twice
+    llm = ScriptedLLM(["words", "rivers and streams", "none", "Words."])
+    run_explain_stage(cfg, [], client=llm)
+    recs = {r["latent"]: r for r in _records(rd)}
+    assert recs[2]["status"] == "ok" and recs[2]["explanation"] == "rivers and streams"
+    assert recs[2]["llm_calls"] == 2 and recs[2]["copied"][0]["reply"] == "words"
+    assert recs[3]["status"] == "failed" and recs[3]["reason"] == "generic_reply" and recs[3]["llm_calls"] == 2

@@ -318,3 +318,17 @@ def copied_reason(explanation: str, excerpts: list[str], near: float = 0.8, echo
         if run >= echo_words or (len(words) >= 5 and run >= 0.8 * len(words)):
             return f"the reply echoes excerpt {i + 1} ({run} words in a row)"
     return None
+
+
+_GENERIC = {"word", "token", "text", "term", "phrase", "concept", "thing", "none", "nothing", "variou", "different",
+            "common", "random", "letter", "character", "general", "miscellaneou", "unknown", "no", "same"}
+
+
+def generic_reason(explanation: str) -> str | None:
+    """Why the explanation names no concept, or None: all its words are generic ("words", "none",
+    "various tokens"), an answer the 1.5B explainer gives to a list it cannot read (`generic_reply`)."""
+    words = _words(explanation)
+    if words and set(words) <= _GENERIC:
+        return f"the reply {explanation!r} names no concept"
+    return None
+
