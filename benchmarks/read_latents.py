@@ -20,7 +20,7 @@ from pathlib import Path
 
 def main(argv: list[str]) -> None:
     from safesail.interpret.explain import load_tasks
-    from safesail.interpret.prompts.explain import EXAMPLES, bracketed_text
+    from safesail.interpret.prompts.explain import EXAMPLES, PROMPT_VERSION, bracketed_text
     from safesail.interpret.scoring.records import read_scores, scores_path
     from safesail.jsonl import last_per_latent
     from safesail.rundir import RunDir
@@ -28,7 +28,10 @@ def main(argv: list[str]) -> None:
     root = Path(argv[0])
     n_seg = int(argv[argv.index("--segments") + 1]) if "--segments" in argv else 4
     rd = RunDir(root)
-    expl = last_per_latent(rd.interpret / "explanations.jsonl")
+    # the current prompt's records only: an older prompt's are stale (explain would redo them), and their
+    # latents may no longer be collected
+    expl = {k: v for k, v in last_per_latent(rd.interpret / "explanations.jsonl").items()
+            if v.get("prompt_version") == PROMPT_VERSION}
     tags = last_per_latent(rd.interpret / "tags.jsonl")
     scores = read_scores(scores_path(rd.root), kinds=["simulation"])
     tasks = {}
