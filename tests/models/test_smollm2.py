@@ -68,4 +68,4 @@ def test_cache_stage_on_the_embedded_default(tmp_path, default_model, cache_dir)
     sh = next(store.iter_shards())
     ids = sh["tokens"][:256].long()[None]
     ref = capture_activations(default_model.model, ids, None, [HookPoint(29)])["layers.29.mlp_out"][0]
-    assert torch.allclose(sh["activations"][:256].float(), ref, atol=0.05, rtol=0.02)
+    assert torch.allclose(sh["activations"][:256].float(), ref.float(), atol=0.05, rtol=0.02)
