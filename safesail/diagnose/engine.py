@@ -199,19 +199,38 @@ class DiagnoseEngine:
         out = drop_incomplete_tail(tok, out)  # cut inside a character: drop its first bytes (no U+FFFD)
         return out, not ended
 
+    def _prompt(self, query: str) -> tuple[list[int], list[str]]:
+        """The chat-templated query's ids and roles, within the prompt limit."""
+        prompt_ids, roles = encode_prompt(self.lm.tokenizer, query, self.settings.system_prompt)
+        if len(prompt_ids) > self.settings.max_prompt_tokens:
+            raise UserError(f"the query takes {len(prompt_ids)} tokens with the chat template, over the limit of "
+                            f"{self.settings.max_prompt_tokens}; shorten it.")
+        return prompt_ids, roles
+
+    def _answer_ids(self, answer: str) -> list[int]:
+        """A given answer's ids, within the answer limits."""
+        if len(answer) > self.settings.max_query_chars * 4:
+            raise UserError(f"the answer is {len(answer)} characters long, over the limit of "
+                            f"{self.settings.max_query_chars * 4}; shorten it.")
+        answer_ids = self.lm.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(answer_ids) > self.settings.max_new_tokens_limit:
+            raise UserError(f"the answer takes {len(answer_ids)} tokens, over the limit of "
+                            f"{self.settings.max_new_tokens_limit}; shorten it.")
+        return answer_ids
+
+    def _set_threads(self) -> None:
+        if self.settings.threads and torch.get_num_threads() != self.settings.threads:
+            torch.set_num_threads(self.settings.threads)  # per calling thread: server workers differ
+
     @torch.no_grad()
     def annotate(self, query: str, answer: str | None = None, max_new_tokens: int | None = None,
                  temperature: float | None = None, deadline: float | None = None, on_text=None) -> Annotated:
         """Generate (unless `answer` is given), re-run and encode: every database latent on every token."""
         self.check_query(query)
-        if self.settings.threads and torch.get_num_threads() != self.settings.threads:
-            torch.set_num_threads(self.settings.threads)  # per calling thread: server workers differ
+        self._set_threads()
         t_start = time.perf_counter()
         tok = self.lm.tokenizer
-        prompt_ids, roles = encode_prompt(tok, query, self.settings.system_prompt)
-        if len(prompt_ids) > self.settings.max_prompt_tokens:
-            raise UserError(f"the query takes {len(prompt_ids)} tokens with the chat template, over the limit of "
-                            f"{self.settings.max_prompt_tokens}; shorten it.")
+        prompt_ids, roles = self._prompt(query)
         timings = Timings()
         generated = answer is None
         truncated = False
@@ -224,26 +243,62 @@ class DiagnoseEngine:
             timings.generate_s = time.perf_counter() - t0
             answer = tok.decode(answer_ids, skip_special_tokens=True)
         else:
-            if len(answer) > self.settings.max_query_chars * 4:
-                raise UserError(f"the answer is {len(answer)} characters long, over the limit of "
-                                f"{self.settings.max_query_chars * 4}; shorten it.")
-            answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
-            if len(answer_ids) > self.settings.max_new_tokens_limit:
-                raise UserError(f"the answer takes {len(answer_ids)} tokens, over the limit of "
-                                f"{self.settings.max_new_tokens_limit}; shorten it.")
+            answer_ids = self._answer_ids(answer)
         ids = prompt_ids + answer_ids
-        roles = roles + ["answer"] * len(answer_ids)
-
         t0 = time.perf_counter()
         x = torch.tensor([ids], device=self.lm.device)
         acts = capture_activations(self.lm.model, x, None, self.points, stop_early=True)
         timings.forward_s = time.perf_counter() - t0
+        a = self._encoded(query, answer, ids, roles + ["answer"] * len(answer_ids),
+                          {h: v[0] for h, v in acts.items()}, timings)
+        a.generated, a.truncated = generated, truncated
+        a.timings.total_s = time.perf_counter() - t_start
+        return a
 
+    @torch.no_grad()
+    def annotate_answers(self, query: str, answers: list[str], edits=None) -> list[Annotated]:
+        """Several given answers to one query, annotated in ONE batched forward pass (right-padded).
+
+        `edits(model, rows)`, when given, is a context-manager factory applied around that pass
+        with `rows` = every batch row (e.g. `Intervention.apply` with a row mask, so that each
+        answer is read under its own edit). Equal to `annotate(query, answer)` per answer up to
+        floating-point batching effects (tested).
+        """
+        self.check_query(query)
+        self._set_threads()
+        t_start = time.perf_counter()
+        prompt_ids, roles = self._prompt(query)
+        seqs = [prompt_ids + self._answer_ids(ans) for ans in answers]
+        width = max(len(q) for q in seqs)
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+        x = torch.tensor([q + [pad] * (width - len(q)) for q in seqs], device=self.lm.device)
+        mask = torch.tensor([[1] * len(q) + [0] * (width - len(q)) for q in seqs], device=self.lm.device)
         t0 = time.perf_counter()
-        special = special_token_mask(tok, x)[0].cpu()
+        if edits is None:
+            acts = capture_activations(self.lm.model, x, mask, self.points, stop_early=True)
+        else:
+            with edits(self.lm.model, len(seqs)):
+                acts = capture_activations(self.lm.model, x, mask, self.points, stop_early=True)
+        forward_s = (time.perf_counter() - t0) / len(seqs)
+        out = []
+        for r, (ans, ids) in enumerate(zip(answers, seqs)):
+            timings = Timings()
+            timings.forward_s = forward_s
+            a = self._encoded(query, ans, ids, roles + ["answer"] * (len(ids) - len(prompt_ids)),
+                              {h: v[r, :len(ids)] for h, v in acts.items()}, timings)
+            a.generated = False
+            a.timings.total_s = time.perf_counter() - t_start
+            out.append(a)
+        return out
+
+    def _encoded(self, query: str, answer: str, ids: list[int], roles: list[str], acts: dict[str, torch.Tensor],
+                 timings: Timings) -> Annotated:
+        """SAE codes of one chat's [T, d] activations per hook, normalized, with the DB rows of firing latents."""
+        t0 = time.perf_counter()
+        special = special_token_mask(self.lm.tokenizer, torch.tensor([ids]))[0].cpu()
         raws, norms = [], []
         for b in self.saes:
-            r, nrm = b.normalized(acts[b.hook.name][0])
+            r, nrm = b.normalized(acts[b.hook.name])
             raws.append(r.cpu())
             norms.append(nrm.cpu())
         raw = torch.cat(raws, 1)
@@ -268,8 +323,7 @@ class DiagnoseEngine:
                 if row is not None and _interpreted(row):
                     info[c] = row
         timings.lookup_s = time.perf_counter() - t0
-        timings.total_s = time.perf_counter() - t_start
-        return Annotated(query=query, answer=answer, generated=generated, truncated=truncated, ids=ids,
+        return Annotated(query=query, answer=answer, generated=False, truncated=False, ids=ids,
                          roles=roles, special=special, norm=norm, raw=raw, col_layer=self.col_layer,
                          col_index=self.col_index, col_hook=self.col_hook, col_sae=self.col_sae, info=info,
                          timings=timings)

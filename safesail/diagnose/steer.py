@@ -121,16 +121,20 @@ def _refusal_logprobs(engine, req: SteerRequest, ivs: list[Intervention | None])
         return refusal_logprob(lm, [prompt] * len(ivs), [lang] * len(ivs), batch_size=len(ivs), ivs=ivs)
 
 
-def _annotated_side(engine, req: SteerRequest, answer: str, truncated: bool, generate_s: float,
-                    iv: Intervention | None, refusal_lp: float) -> SteerSide:
-    """Per-token latents of a generated answer (read under `iv` when given) and its refusal score."""
-    with (iv.apply(engine.lm.model) if iv else _Null()), torch.no_grad():
-        a = engine.annotate(req.query, answer)
-    a.generated, a.truncated = True, truncated
-    a.timings.generate_s = generate_s
-    a.timings.total_s += generate_s
-    refusal = RefusalScore(logprob=refusal_lp, refused=is_refusal(answer), lang=query_lang(req.query))
-    return SteerSide(result=engine.response(a, req.top, req.filters), refusal=refusal)
+def _annotated_sides(engine, req: SteerRequest, answers: list[tuple[str, bool]], generate_s: float,
+                     iv: Intervention, rows: list[bool], refusal_lps: list[float]) -> list[SteerSide]:
+    """Per-token latents of the generated answers, all read in ONE batched forward pass (row r under
+    `iv` when rows[r]), and their refusal scores."""
+    edit = (lambda model, n: iv.apply(model, rows=rows if n > 1 else None))  # noqa: E731
+    annotated = engine.annotate_answers(req.query, [text for text, _ in answers], edits=edit)
+    sides = []
+    for a, (text, truncated), lp in zip(annotated, answers, refusal_lps):
+        a.generated, a.truncated = True, truncated
+        a.timings.generate_s = generate_s
+        a.timings.total_s += generate_s
+        refusal = RefusalScore(logprob=lp, refused=is_refusal(text), lang=query_lang(req.query))
+        sides.append(SteerSide(result=engine.response(a, req.top, req.filters), refusal=refusal))
+    return sides
 
 
 class _RowStreamer:
@@ -191,7 +195,8 @@ def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None
     """`on_text(side, piece)` receives both answers' text as they are generated ("original", "steered").
 
     Without a cached original side, both answers are generated in one batch of two (the edits
-    apply to the second row only), so a cold steer costs about one generation, not two.
+    apply to the second row only), their refusal scores read in one batched pass and their
+    per-token latents in another, so a cold steer costs about one diagnose, not two.
     """
     t0 = time.perf_counter()
     engine.check_query(req.query)
@@ -208,21 +213,11 @@ def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None
     answers, gen_s = _generate_rows(engine, req, iv, rows, deadline, on_text)
     # both sides' refusal scores in one batch of two rows, the edits on the second only
     lps = _refusal_logprobs(engine, req, [None, iv] if len(rows) == 2 else [iv])
+    sides = _annotated_sides(engine, req, answers, gen_s, iv, rows, lps)
+    steered = sides[-1]
     if len(rows) == 2:
-        (o_text, o_trunc), (s_text, s_trunc) = answers
-        original = _annotated_side(engine, req, o_text, o_trunc, gen_s, None, lps[0])
+        original = sides[0]
         if temp == 0:
             cache.put(key, original)
-    else:
-        s_text, s_trunc = answers[0]
-    steered = _annotated_side(engine, req, s_text, s_trunc, gen_s, iv, lps[-1])
     return SteerResponse(query=req.query, edits=req.edits, original=original, steered=steered,
                          steer_s=time.perf_counter() - t0)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -54,7 +54,12 @@ def test_steer_gives_both_answers_and_ablating_an_inactive_latent_changes_nothin
     zero = SteerResponse.model_validate(client.post("/api/steer", json={
         "query": QUERY, "max_new_tokens": 8, "edits": [{"neuron_id": lid, "mode": "add", "strength": 0}]}).json())
     assert zero.steered.result.answer == zero.original.result.answer
-    assert [t.model_dump() for t in zero.steered.result.tokens] == [t.model_dump() for t in zero.original.result.tokens]
+    # both sides are read in one batched forward, so values may differ in the last bits (GEMM row blocking)
+    for ts, to in zip(zero.steered.result.tokens, zero.original.result.tokens, strict=True):
+        assert (ts.token_id, ts.role, [x.neuron_id for x in ts.latents]) == \
+            (to.token_id, to.role, [x.neuron_id for x in to.latents])
+        assert [x.norm_activation for x in ts.latents] == pytest.approx([x.norm_activation for x in to.latents],
+                                                                       rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.parametrize("edit, words", [
@@ -108,3 +113,27 @@ def test_cli_ablate_and_add(db_path, capsys, engine):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --add needs a strength") and "\n" not in err
+
+
+def test_batched_annotation_equals_one_answer_at_a_time(engine):
+    """annotate_answers: one right-padded forward for several answers (row r under its own edit)
+    gives each answer the same per-token latents as annotating it alone."""
+    import torch
+
+    from safesail.diagnose.steer import SteerEdit, intervention_for, to_edits
+
+    answers = ["Once upon a time a dragon slept.", "No.", ""]
+    batched = engine.annotate_answers(QUERY, answers)
+    for a, ans in zip(batched, answers):
+        alone = engine.annotate(QUERY, ans)
+        assert a.ids == alone.ids and a.roles == alone.roles
+        assert torch.allclose(a.norm, alone.norm, atol=1e-5) and sorted(a.info) == sorted(alone.info)
+    # the edit on the second row only: row 0 is unmodified, row 1 equals annotating under the edit
+    iv = intervention_for(engine, to_edits([SteerEdit(neuron_id=_db_latent(engine, 1), mode="add", strength=60)]))
+    rows = [False, True]
+    two = engine.annotate_answers(QUERY, answers[:2], edits=lambda model, n: iv.apply(model, rows=rows))
+    with iv.apply(engine.lm.model):
+        edited = engine.annotate(QUERY, answers[1])
+    assert torch.allclose(two[0].norm, batched[0].norm, atol=1e-5)
+    assert torch.allclose(two[1].norm, edited.norm, atol=1e-5)
+    assert not torch.allclose(two[1].norm, batched[1].norm, atol=1e-3)
