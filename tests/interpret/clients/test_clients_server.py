@@ -135,7 +135,10 @@ def test_local_prompt_logprobs_are_exact(default_model, local_client):
 
 
 def test_explain_stage_runs_against_transformers_serve(serve_url, tmp_path, smoke_cfg, tiny_model):
-    """The explain stage, unchanged, with llm=transformers-serve; a second run costs no call."""
+    """The explain stage, unchanged, with llm=transformers-serve; a second run costs no call.
+
+    A 135M explainer may end in one of the stage's named model-level failures (a copied worked
+    example, a generic reply, ...): the record says so, which is what the stage promises."""
     from collect_helpers import make_collected_run
 
     from safesail.interpret.explain import run_explain_stage
@@ -150,7 +153,7 @@ def test_explain_stage_runs_against_transformers_serve(serve_url, tmp_path, smok
     r = recs[0]
     assert r["model"].endswith("smollm2-135m-instruct") and not r["cached"]
     assert (r["status"] == "ok" and r["explanation"] and r["raw"] and r["prompt_tokens"] > 0) or \
-        r["reason"] in ("wrong_language", "malformed_reply", "empty_reply")
+        r["reason"] in ("wrong_language", "malformed_reply", "empty_reply", "copied_example", "generic_reply")
     # Lose the explanations, keep the response cache: the re-run asks the server nothing.
     path.unlink()
     (Path(cfg.run.dir) / "stages" / "explain.json").unlink()
