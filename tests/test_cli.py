@@ -136,8 +136,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, cache_dir):
                WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
+        # the whole bundled corpus (smoke caches 8k tokens, which the tiny model can finish before the signal lands)
         proc = subprocess.Popen([sys.executable, "-m", "safesail", "cache", "experiment=smoke", "device=cpu",
-                                 f"run.root={tmp_path / 'runs'}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 "data.max_tokens=null", f"run.root={tmp_path / 'runs'}"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 text=True)
         deadline = time.monotonic() + 120
         while "Loading weights" not in log.read_text(errors="replace") and time.monotonic() < deadline:
