@@ -151,7 +151,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, cache_dir):
         proc.wait(timeout=60)
     err = log.read_text(errors="replace")
     if proc.returncode == 0:
-        pytest.skip("the cache finished before the interrupt arrived")
+        pytest.skip(f"the cache finished before the interrupt arrived; its log ends: {err[-300:]!r}")
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "interrupted; re-run the same command to resume"
     assert "Traceback" not in err
