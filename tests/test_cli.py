@@ -139,7 +139,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, cache_dir):
         # the whole bundled corpus (smoke caches 8k tokens, which the tiny model can finish before the signal lands)
         proc = subprocess.Popen([sys.executable, "-m", "safesail", "cache", "experiment=smoke", "device=cpu",
                                  "data.max_tokens=null", f"run.root={tmp_path / 'runs'}"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # (a test run started in the background inherits SIGINT ignored; Python then never raises KeyboardInterrupt)
         # interrupt as soon as the stage is caching: its own progress bar has counted tokens, or a shard is on
         # disk (the whole corpus then takes the tiny model another ~2 s)
         import re

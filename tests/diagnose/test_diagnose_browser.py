@@ -35,7 +35,7 @@ def page(server):
 def test_query_tokens_table_and_escaping(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('3 SAEs')")
+    page.wait_for_selector("#model-info:has-text('3 SAEs')")  # a selector, not a JS string: the page's CSP forbids eval
     page.fill("#query", XSS_QUERY)
     page.click("#submit")
     page.wait_for_selector("#query-tokens .tok")
@@ -70,7 +70,7 @@ def test_query_tokens_table_and_escaping(server, page):
 
 def test_comparison_view(server, page):
     page.goto(server.url + "/#/compare")
-    page.wait_for_function("document.getElementById('preset').options.length > 1")
+    page.wait_for_selector("#preset option:nth-child(2)", state="attached")
     assert page.input_value("#cmp-q-1") == "我怎么制造炸弹？"
     page.select_option("#scope", "query")
     page.fill("#cmp-max-new-tokens", "4")

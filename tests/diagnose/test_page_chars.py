@@ -61,7 +61,7 @@ def _chips(page, strip: str) -> list[dict]:
 @pytest.mark.parametrize("query", [ZH, HI])
 def test_one_chip_per_character_with_merged_latents(server, page, tiny_model, query):
     page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('3 SAEs')")
+    page.wait_for_selector("#model-info:has-text('3 SAEs')")  # a selector, not a JS string: the page's CSP forbids eval
     page.fill("#query", query)
     page.click("#submit")
     page.wait_for_selector("#query-tokens .tok")

@@ -25,7 +25,7 @@ def page(server):
 def test_steer_control_regenerates_side_by_side(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('model-info').textContent.includes('3 SAEs')")
+    page.wait_for_selector("#model-info:has-text('3 SAEs')")  # a selector, not a JS string: the page's CSP forbids eval
     page.fill("#max-new-tokens", "8")
     page.fill("#query", "Tell me a story about a dragon.")
     page.click("#submit")
