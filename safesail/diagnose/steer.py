@@ -159,12 +159,7 @@ class _RowStreamer:
 def _generate_rows(engine, req: SteerRequest, iv: Intervention, rows: list[bool], deadline, on_text):
     """Answers of the prompt in one batch, row r under `iv` when rows[r]: [(text, truncated)], seconds."""
     lm, tok, s = engine.lm, engine.lm.tokenizer, engine.settings
-    prompt, _ = encode_prompt(tok, req.query, s.system_prompt)
-    if len(prompt) > s.max_prompt_tokens:
-        from safesail.errors import UserError
-
-        raise UserError(f"the query takes {len(prompt)} tokens with the chat template, over the limit of "
-                        f"{s.max_prompt_tokens}; shorten it.")
+    prompt, _ = engine._prompt(req.query)  # the chat template, within the prompt limit (one sentence if over)
     n = engine._new_tokens(req.max_new_tokens)
     temp = s.temperature if req.temperature is None else float(req.temperature)
     ids = torch.tensor([prompt] * len(rows), device=lm.device)
