@@ -9,6 +9,7 @@ inside a character. A screenshot with the glyphs goes to test-artifacts/diagnose
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -85,7 +86,11 @@ def test_one_chip_per_character_with_merged_latents(server, page, tiny_model, qu
 def test_compare_summary_counts_what_the_blocks_draw_and_a_screenshot_has_glyphs(server, page):
     ARTIFACTS.mkdir(exist_ok=True)
     page.goto(server.url + "/#/compare")
-    page.wait_for_function("document.getElementById('cmp-q-1').value.length > 0")
+    # polled from Python: a JS-string predicate needs eval, which the page's CSP refuses when Playwright polls
+    deadline = time.monotonic() + 30
+    while not page.input_value("#cmp-q-1") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert page.input_value("#cmp-q-1"), "the compare page did not fill its first query"
     page.click("#compare-submit")
     page.wait_for_selector("#compare-summary table tbody tr")
     page.wait_for_selector("#compare-groups .group")
