@@ -15,6 +15,10 @@ Parts (run one or several with --parts):
   (95% interval of the paired difference above 0), ablation effects on refusal, the diff-in-means
   direction beside the best single latents.
 
+* ``steer_ab``: cold steers of the working tree and of an older ``safesail/diagnose/steer.py`` (``--old-src``)
+  in one process, interleaved with plain diagnoses (no HTTP): the ratio of each to a diagnose under the
+  same load.
+
 * ``speed``: the verify stage's wall time with an older version of the package (``--old-src``: a
   directory holding its ``safesail/``, ``configs/`` and ``data/``, e.g. from
   ``git archive <commit> safesail configs data``; each run starts in its source directory)
@@ -159,6 +163,52 @@ def steer_part(args) -> dict:
     return fig
 
 
+def steer_ab_part(args) -> dict:
+    """Cold steers of the working tree and of an older steer.py (``--old-src``), in ONE process, interleaved
+    with plain diagnoses of the same kind of query (new queries each time, so nothing is cached): the
+    engine's compute without HTTP, so the two versions meet the same load."""
+    import importlib.util
+
+    from bench_diagnose import build_random_db
+    from diagnose_helpers import make_engine
+    from safesail.diagnose import steer as new_steer
+
+    spec = importlib.util.spec_from_file_location("old_steer", Path(args.old_src) / "safesail/diagnose/steer.py")
+    old_steer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old_steer)
+    cfg, lm = load("smollm2")
+    db_path = args.db or build_random_db(lm, list(cfg.model.layers), REPO / "runs" / "bench-diagnose",
+                                         10 * lm.hidden_size, 32)
+    engine = make_engine(lm, db_path, max_new_tokens=args.new_tokens, max_new_tokens_limit=256, top=30,
+                         system_prompt=cfg.model.system_prompt, threads=args.threads)
+    b = engine.saes[len(engine.saes) // 2]
+    edits = [{"neuron_id": f"{b.layer}_{int(b.latent_ids[0])}", "mode": "add", "strength": 4.0}]
+    res = defaultdict(list)
+    for i in range(args.runs + 1):
+        q = f"Write a short story about a cat who learns to fly, number {i}."
+        times = {}
+        t = time.perf_counter()
+        engine.diagnose(q)
+        times["diagnose"] = time.perf_counter() - t
+        for name, mod in (("old", old_steer), ("new", new_steer)) if i % 2 else (("new", new_steer), ("old", old_steer)):
+            req = mod.SteerRequest(query=f"{q} ({name})", edits=edits)
+            t = time.perf_counter()
+            mod.steer(engine, req)
+            times[name] = time.perf_counter() - t
+        if i:   # the first round warms up
+            for k, v in times.items():
+                res[k].append(v)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    fig = {"runs": args.runs, "new_tokens": args.new_tokens, "old_src": args.old_src,
+           **{f"{k}_p50_s": round(v, 3) for k, v in med.items()},
+           "ratio_cold_old": round(med["old"] / med["diagnose"], 3),
+           "ratio_cold_new": round(med["new"] / med["diagnose"], 3),
+           "per_run_ratio_new": [round(n / d, 3) for n, d in zip(res["new"], res["diagnose"])],
+           "per_run_ratio_old": [round(o / d, 3) for o, d in zip(res["old"], res["diagnose"])]}
+    print(json.dumps(fig, indent=1))
+    return fig
+
+
 def stage_part(args) -> dict:
     from safesail.verify.records import effects_path, read_effects
 
@@ -253,7 +303,7 @@ def _fig(e):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "stage", "speed"])
+    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "steer_ab", "stage", "speed"])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=list(MODEL_OVERRIDES))
     ap.add_argument("--per-group", type=int, default=0, help="at most this many pairs per (domain, language); 0: all")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -273,7 +323,7 @@ def main() -> None:
     fig = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads", "load": os.getloadavg()}
     for part in args.parts:
-        fig[part] = {"refusal": refusal_part, "steer": steer_part, "stage": stage_part,
+        fig[part] = {"refusal": refusal_part, "steer": steer_part, "steer_ab": steer_ab_part, "stage": stage_part,
                      "speed": speed_part}[part](args)
     fig["load_after"] = os.getloadavg()
     if args.out:

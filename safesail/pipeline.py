@@ -22,6 +22,7 @@ from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.summary import summarize, summary_lines
 from safesail.domains import DOMAINS, SCORE_CUT
 from safesail.interpret.records import read_explanations, read_tags
+from safesail.memory import release, rss_mib
 from safesail.rundir import RunDir, atomic_write_json
 from safesail.stages import PIPELINE as PIPELINE_STAGES
 
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # (stage name, the words passed to it), in order: the stages of safesail/stages.py marked in_run
 PIPELINE: list[tuple[str, list[str]]] = [(s.name, list(s.run_args)) for s in PIPELINE_STAGES]
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 def _peak_rss_mib() -> float:
@@ -56,8 +61,11 @@ def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
         log.info("=== stage %s ===", name)
         t0 = time.perf_counter()
         stage.resolve()(cfg, list(stage.run_args))
-        timings.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2),
-                        "peak_rss_mib_so_far": round(_peak_rss_mib(), 1)})
+        row = {"stage": name, "seconds": round(time.perf_counter() - t0, 2),
+               "peak_rss_mib_so_far": round(_peak_rss_mib(), 1), "rss_mib_after": _round(rss_mib())}
+        release()   # hand the stage's freed heap back before the next one maps its own buffers
+        row["rss_mib_after_release"] = _round(rss_mib())
+        timings.append(row)
     atomic_write_json(rd.pipeline_file, {"stages": timings})
     print(summary(rd, cfg, timings))
 

@@ -19,9 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from safesail.diagnose.schemas import DiagnoseResponse, Filters
-from safesail.diagnose.tokens import encode_prompt
 from safesail.verify.interventions import Intervention, LatentEdit, SteerableSAE, parse_neuron_id
-from safesail.verify.refusal import is_refusal, query_lang, refusal_logprob
+from safesail.verify.refusal import is_refusal, query_lang
 
 MAX_EDITS = 16
 CACHE_SIZE = 8
@@ -113,14 +112,6 @@ def _originals(engine) -> _Originals:
     return cache
 
 
-def _refusal_logprobs(engine, req: SteerRequest, ivs: list[Intervention | None]) -> list[float]:
-    """The refusal log-prob of the prompt under each of `ivs` (None: unmodified), in one batched pass."""
-    lm, lang = engine.lm, query_lang(req.query)
-    prompt, _ = encode_prompt(lm.tokenizer, req.query, engine.settings.system_prompt)
-    with torch.no_grad():
-        return refusal_logprob(lm, [prompt] * len(ivs), [lang] * len(ivs), batch_size=len(ivs), ivs=ivs)
-
-
 def _annotated_sides(engine, req: SteerRequest, answers: list[tuple[str, bool]], generate_s: float,
                      iv: Intervention, rows: list[bool], refusal_lps: list[float]) -> list[SteerSide]:
     """Per-token latents of the generated answers, all read in ONE batched forward pass (row r under
@@ -157,14 +148,20 @@ class _RowStreamer:
 
 @torch.no_grad()
 def _generate_rows(engine, req: SteerRequest, iv: Intervention, rows: list[bool], deadline, on_text):
-    """Answers of the prompt in one batch, row r under `iv` when rows[r]: [(text, truncated)], seconds."""
+    """Answers of the prompt in one batch, row r under `iv` when rows[r]: [(text, truncated)], seconds, and
+    each row's refusal log-prob, read from the generation itself (the first step's logits and the
+    generation's KV cache of the prompt, under the row's edits): no pass over the prompt of its own."""
+    from safesail.verify.generation import _cache_of, _continuations
+    from safesail.verify.refusal import from_opening_logprobs, opening_ids
+
     lm, tok, s = engine.lm, engine.lm.tokenizer, engine.settings
     prompt, _ = engine._prompt(req.query)  # the chat template, within the prompt limit (one sentence if over)
     n = engine._new_tokens(req.max_new_tokens)
     temp = s.temperature if req.temperature is None else float(req.temperature)
     ids = torch.tensor([prompt] * len(rows), device=lm.device)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    kw = dict(max_new_tokens=n, pad_token_id=pad, attention_mask=torch.ones_like(ids))
+    kw = dict(max_new_tokens=n, pad_token_id=pad, attention_mask=torch.ones_like(ids), return_dict_in_generate=True,
+              output_logits=True)
     if temp > 0:
         kw.update(do_sample=True, temperature=temp, top_p=1.0, top_k=0)
     else:
@@ -176,22 +173,33 @@ def _generate_rows(engine, req: SteerRequest, iv: Intervention, rows: list[bool]
         kw["streamer"] = _RowStreamer(tok, [(lambda p, nm=nm: on_text(nm, p)) for nm in names])
     t0 = time.perf_counter()
     with iv.apply(lm.model, rows=rows if len(rows) > 1 else None):
-        out = lm.model.generate(ids, **kw)[:, len(prompt):].tolist()
+        gen = lm.model.generate(ids, **kw)
+    gen_s = time.perf_counter() - t0
+    out = gen.sequences[:, len(prompt):].tolist()
     eos = lm.model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}
     answers = []
     for row in out:
         cut = next((k for k, t in enumerate(row) if t in stops), None)
         answers.append((tok.decode(row if cut is None else row[:cut], skip_special_tokens=True), cut is None))
-    return answers, time.perf_counter() - t0
+    # refusal openings from the generation's cache of the prompt (rows keep their edits)
+    first = torch.log_softmax(gen.logits[0].float(), -1).cpu()
+    cache = _cache_of(gen)
+    if cache.get_seq_length() > len(prompt):
+        cache.crop(len(prompt) - cache.get_seq_length())
+    conts = opening_ids(tok, [query_lang(req.query)] * len(rows))
+    lps = _continuations(lm, cache, [prompt] * len(rows), torch.ones((len(rows), len(prompt)), dtype=torch.long),
+                         first, conts, [iv if r else None for r in rows])
+    return answers, gen_s, from_opening_logprobs(lps)
 
 
 def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None) -> SteerResponse:
     """`on_text(side, piece)` receives both answers' text as they are generated ("original", "steered").
 
     Without a cached original side, both answers are generated in one batch of two (the edits
-    apply to the second row only), their refusal scores read in one batched pass and their
-    per-token latents in another, so a cold steer costs about one diagnose, not two.
+    apply to the second row only), their refusal scores read from that generation (its first
+    logits and its KV cache of the prompt) and their per-token latents in one batched pass, so a
+    cold steer costs about one diagnose, not two.
     """
     t0 = time.perf_counter()
     engine.check_query(req.query)
@@ -205,9 +213,7 @@ def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None
         if on_text:
             on_text("original", original.result.answer)
     rows = [False, True] if req.include_original and original is None else [True]
-    answers, gen_s = _generate_rows(engine, req, iv, rows, deadline, on_text)
-    # both sides' refusal scores in one batch of two rows, the edits on the second only
-    lps = _refusal_logprobs(engine, req, [None, iv] if len(rows) == 2 else [iv])
+    answers, gen_s, lps = _generate_rows(engine, req, iv, rows, deadline, on_text)
     sides = _annotated_sides(engine, req, answers, gen_s, iv, rows, lps)
     steered = sides[-1]
     if len(rows) == 2:

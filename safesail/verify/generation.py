@@ -42,7 +42,7 @@ def _rows(ivs, i: int, n: int):
     return per_row(None if ivs is None else ivs[i:i + n]).apply
 
 
-MAX_ROWS = 48   # (prompt, continuation) rows per pass over a repeated prompt cache
+MAX_ROWS = 48   # prompts per pass when scoring continuations from the prompts' cache (one row each)
 
 
 @dataclass
@@ -107,37 +107,72 @@ def _cache_of(out):
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
 
 
+def _trie_nodes(conts: list[list[int]]) -> list[tuple[int, ...]]:
+    """The inputs that score a prompt's continuations: every distinct proper prefix (length >= 1) of them,
+    parents before children. A continuation c needs the logits after c[:1], ..., c[:-1]; openings that
+    start alike ("I can't", "I cannot", "I'm sorry", ...) share those inputs."""
+    return sorted({tuple(c[:k]) for c in conts for k in range(1, len(c))}, key=lambda n: (len(n), n))
+
+
+def _tree_mask(model, prompt_mask: torch.Tensor, nodes: list[list[tuple[int, ...]]], width: int) -> torch.Tensor:
+    """[rows, 1, width, W + width] 4-d attention mask: each node attends to its prompt's (unpadded) cached
+    positions, to its ancestors and to itself; padding nodes attend to the prompt and themselves."""
+    rows, W = prompt_mask.shape
+    m = torch.zeros((rows, 1, width, W + width), dtype=torch.bool)
+    m[:, 0, :, :W] = prompt_mask.bool()[:, None, :]
+    for r, ns in enumerate(nodes):
+        where = {n: j for j, n in enumerate(ns)}
+        for j, n in enumerate(ns):
+            for k in range(1, len(n) + 1):
+                m[r, 0, j, W + where[n[:k]]] = True
+        for j in range(len(ns), width):
+            m[r, 0, j, W + j] = True
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":   # additive float mask
+        f = torch.zeros(m.shape, dtype=model.dtype)
+        return f.masked_fill(~m, torch.finfo(model.dtype).min)
+    return m
+
+
 def _continuations(lm, cache, chunk, mask, first, conts, ivs) -> list[torch.Tensor]:
-    """log P(continuation | prompt) from a KV cache of the left-padded prompts (`mask`): one row per
-    (prompt, continuation) of two or more tokens, rows of similar length together, at most MAX_ROWS rows
-    a pass, each row reading its prompt's cache."""
+    """log P(continuation | prompt) from a KV cache of the left-padded prompts (`mask`).
+
+    Per prompt, every continuation is scored in ONE row: the distinct prefixes of its continuations
+    (a trie, `_trie_nodes`) are fed at once under a tree-shaped attention mask (each token sees the
+    prompt and its own ancestors, at the position it would have in a plain pass), so openings that
+    share their first tokens share that work. Prompts with the same continuations (one language) go
+    in one pass, each row reading its own prompt's cache; equal to one pass per continuation (tested)."""
     from transformers import DynamicCache
 
-    dev, pad = lm.device, _pad_id(lm)
-    W = mask.shape[1]
+    dev = lm.device
     out = [torch.tensor([float(first[a, c[0]]) for c in cs]) for a, cs in enumerate(conts)]
-    rows = sorted(((a, j, c) for a, cs in enumerate(conts) for j, c in enumerate(cs) if len(c) > 1),
-                  key=lambda r: len(r[2]))
+    groups: dict[tuple, list[int]] = {}
+    for a, cs in enumerate(conts):
+        key = tuple(tuple(c) for c in cs)
+        if any(len(c) > 1 for c in cs):
+            groups.setdefault(key, []).append(a)
+    if not groups:
+        return out
     layers = [(layer.keys, layer.values) for layer in cache.layers]
-    for r0 in range(0, len(rows), MAX_ROWS):
-        part = rows[r0:r0 + MAX_ROWS]
-        idx = torch.tensor([a for a, _, _ in part], device=layers[0][0].device)
-        sub_cache = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in layers])
-        width = max(len(c) for _, _, c in part)
-        nxt = torch.full((len(part), width - 1), pad, dtype=torch.long)
-        mask2 = torch.zeros((len(part), W + width - 1), dtype=torch.long)
-        pos2 = torch.zeros((len(part), width - 1), dtype=torch.long)
-        for r, (a, _, c) in enumerate(part):
-            mask2[r, :W] = mask[a]
-            pos2[r] = len(chunk[a]) + torch.arange(width - 1)
-            nxt[r, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
-            mask2[r, W:W + len(c) - 1] = 1
-        with per_row([ivs[a] for a, _, _ in part] if ivs else None).apply(lm.model):
-            logits = lm.model(input_ids=nxt.to(dev), attention_mask=mask2.to(dev), position_ids=pos2.to(dev),
-                              cache=sub_cache, use_cache=True).logits.float()
-        logp = torch.log_softmax(logits, -1).cpu()
-        for r, (a, j, c) in enumerate(part):
-            out[a][j] += logp[r, torch.arange(len(c) - 1), torch.tensor(c[1:])].sum()
+    base = getattr(lm.model, lm.model.base_model_prefix)
+    head = lm.model.get_output_embeddings()
+    for key, rows in groups.items():
+        nodes = _trie_nodes([list(c) for c in key])
+        where = {n: j for j, n in enumerate(nodes)}
+        for r0 in range(0, len(rows), MAX_ROWS):
+            part = rows[r0:r0 + MAX_ROWS]
+            idx = torch.tensor(part, device=layers[0][0].device)
+            sub = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in layers])
+            ids = torch.tensor([[n[-1] for n in nodes]] * len(part), dtype=torch.long)
+            pos = torch.tensor([[len(chunk[a]) + len(n) - 1 for n in nodes] for a in part], dtype=torch.long)
+            m4 = _tree_mask(lm.model, mask[part], [nodes] * len(part), len(nodes))
+            with per_row([ivs[a] for a in part] if ivs else None).apply(lm.model):
+                hidden = base(input_ids=ids.to(dev), attention_mask=m4.to(dev), position_ids=pos.to(dev),
+                              cache=sub, use_cache=True).last_hidden_state
+            for r, a in enumerate(part):
+                logp = torch.log_softmax(head(hidden[r]).float(), -1).cpu()      # [nodes, vocab]
+                for j, c in enumerate(key):
+                    for k in range(1, len(c)):
+                        out[a][j] += logp[where[c[:k]], c[k]]
     return out
 
 

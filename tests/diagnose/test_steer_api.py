@@ -137,3 +137,27 @@ def test_batched_annotation_equals_one_answer_at_a_time(engine):
     assert torch.allclose(two[0].norm, batched[0].norm, atol=1e-5)
     assert torch.allclose(two[1].norm, edited.norm, atol=1e-5)
     assert not torch.allclose(two[1].norm, batched[1].norm, atol=1e-3)
+
+
+def test_cold_steer_reads_both_refusal_scores_from_its_one_generation(engine):
+    """The original and the steered answer come from ONE generate call of two rows (edits on the second),
+    and their refusal scores from that generation's cache: equal to generating each alone and scoring the
+    refusal openings in a separate pass."""
+    import torch
+
+    from safesail.diagnose.steer import SteerRequest, _generate_rows, intervention_for, to_edits
+    from safesail.verify.refusal import refusal_logprob
+
+    lid = _db_latent(engine, 1)
+    req = SteerRequest(query=QUERY, max_new_tokens=8, edits=[{"neuron_id": lid, "mode": "add", "strength": 60}])
+    iv = intervention_for(engine, to_edits(req.edits))
+    both, _, lps = _generate_rows(engine, req, iv, [False, True], None, None)
+    steered, _, lp_steered = _generate_rows(engine, req, iv, [True], None, None)
+    plain = engine.diagnose(QUERY, max_new_tokens=8).answer
+    assert both[0][0] == plain and both[1] == steered[0] and both[0] != both[1]
+    prompt, _ = engine._prompt(QUERY)
+    want = refusal_logprob(engine.lm, [prompt, prompt], ["en", "en"], batch_size=2, ivs=[None, iv])
+    assert lps == pytest.approx(want, abs=1e-4)
+    assert lps[1] == pytest.approx(lp_steered[0], abs=1e-4)
+    assert abs(lps[0] - lps[1]) > 1e-3          # the edit moved the steered row's refusal score
+    assert torch.isfinite(torch.tensor(lps)).all()

@@ -103,3 +103,27 @@ def test_generate_full_batches_by_length_and_returns_the_prompts_order(rows):
     plain = generate_full(lm, prompts, 5, batch_size=2, ivs=ivs, sort_by_length=False)
     assert sorted_.ids == plain.ids
     assert torch.allclose(sorted_.first, plain.first, atol=1e-4)
+
+
+def test_openings_trie_feeds_each_shared_prefix_once():
+    from safesail.verify.generation import _trie_nodes
+
+    assert _trie_nodes([[1, 2, 3], [1, 2, 4], [1, 5], [6], [7, 8]]) == [(1,), (7,), (1, 2)]
+    assert _trie_nodes([[9]]) == []
+
+
+def test_trie_scored_continuations_equal_a_pass_per_continuation(rows):
+    """Continuations that share prefixes, of different lengths, per prompt under its own edit: the one-row
+    tree-masked pass gives the same log-probs as one plain pass per continuation."""
+    from safesail.verify.generation import batched_prefix_logprobs
+
+    lm, prompts, ivs = rows
+    conts = [[[11, 12, 13], [11, 12, 14, 15], [11, 16], [17]],
+             [[20, 21], [20, 21, 22, 23, 24]],
+             [[30]],
+             [[11, 12, 13], [11, 12, 14, 15], [11, 16], [17]],
+             [[40, 41, 42], [43, 44]]]
+    got = batched_prefix_logprobs(lm, prompts, conts, batch_size=3, ivs=ivs)
+    for r, (p, cs, iv) in enumerate(zip(prompts, conts, ivs)):
+        want = _alone(iv, lm, lambda: shared_prefix_logprobs(lm, p, cs))
+        assert torch.allclose(got[r], want, atol=1e-4), (r, got[r], want)
