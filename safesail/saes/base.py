@@ -16,7 +16,7 @@ returns codes in the raw scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,12 @@ from torch import nn
 
 from safesail.errors import UserError
 from safesail.saes.config import SAEConfig
-from safesail.saes.sparse_ops import choose_decoder, gather_preacts, sparse_decode
+from safesail.saes.sparse_ops import choose_decoder, dense_columns_codes, gather_preacts, sparse_decode
+
+# AuxK over the dead columns as dense products (`[b, dead] @ [dead, d]`) while there are at most
+# this many dead latents per AuxK slot (k_aux; crossover ~7x on CPU), else as sparse gathers of k_aux rows per token
+# (measured on CPU: benchmarks/bench_train_step.py, docs/training.md)
+AUXK_DENSE_RATIO = 6.0
 
 
 class TrainCodes(NamedTuple):
@@ -34,6 +39,7 @@ class TrainCodes(NamedTuple):
     idx: torch.Tensor | None = None
     z: torch.Tensor | None = None
     penalty: torch.Tensor | None = None  # sparsity penalty summed over the batch
+    pattern: Any = None                 # sparse_ops.RowsPattern of idx, shared by the encoder and decoder backward
 
 
 class SAEOutput(NamedTuple):
@@ -95,6 +101,7 @@ class SAE(nn.Module):
 
     # ---- training ------------------------------------------------------------
     def train_codes(self, x_c: torch.Tensor) -> TrainCodes:  # pragma: no cover - abstract
+        """Codes of `x_c = x - self.b_dec` (its gradient reaches b_dec; sparse paths route it there directly)."""
         raise NotImplementedError
 
     def forward_with_loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None,
@@ -110,7 +117,7 @@ class SAE(nn.Module):
         codes = self.train_codes(x_c)
         if codes.idx is not None:
             decode = choose_decoder(self.decoder_impl, codes.idx.shape[1], x.device)
-            recon = decode(codes.vals, codes.idx, self.W_dec) + self.b_dec
+            recon = decode(codes.vals, codes.idx, self.W_dec, codes.pattern) + self.b_dec
             active = codes.vals > 0
             fired = torch.zeros(self.cfg.n_latents, dtype=torch.bool, device=x.device)
             fired[codes.idx[active]] = True
@@ -136,7 +143,11 @@ class SAE(nn.Module):
         return None
 
     def _auxk(self, pre, e, dead_mask, total_var, x_c) -> torch.Tensor:
-        """AuxK (Gao et al.): the top dead latents must predict the residual of the live ones."""
+        """AuxK (Gao et al.): the top dead latents must predict the residual of the live ones.
+
+        The top-k runs over the dead columns only; with few dead latents (at most
+        AUXK_DENSE_RATIO x k_aux) their codes and gradients are dense products over those
+        columns, else sparse gathers of k_aux rows per token (the same loss and gradients: test)."""
         if dead_mask is None or self.cfg.auxk_alpha <= 0:
             return e.new_zeros(())
         num_dead = int(dead_mask.sum())
@@ -145,19 +156,34 @@ class SAE(nn.Module):
         k_aux = self.cfg.k_aux or self.cfg.d_in // 2
         scale = min(num_dead / k_aux, 1.0)
         k_aux = min(k_aux, num_dead)
-        dead_idx = dead_mask.nonzero().flatten()   # top-k over the dead columns only (was all n, masked)
-        top, j = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
-        idx = dead_idx[j]
-        vals = gather_preacts(x_c, self.W_enc, self.b_enc, idx, top.clone()).relu()
-        e_hat = sparse_decode(vals, idx, self.W_dec)
+        dead_idx = dead_mask.nonzero().flatten()
+        cols = pre.index_select(1, dead_idx)
+        x_c = x_c.detach()
+        if num_dead <= AUXK_DENSE_RATIO * k_aux:
+            with torch.no_grad():
+                if k_aux < num_dead and 2 * k_aux <= num_dead:
+                    top, j = cols.topk(k_aux, dim=1, sorted=False)
+                    cols = torch.zeros_like(cols).scatter_(1, j, top)
+                elif k_aux < num_dead:   # keep the k_aux largest = drop the smallest others
+                    _, j = cols.topk(num_dead - k_aux, dim=1, largest=False, sorted=False)
+                    cols = cols.scatter(1, j, 0.0)
+                cols = cols.relu()
+            z = dense_columns_codes(x_c, self.b_dec, self.W_enc, self.b_enc, dead_idx, cols)
+            e_hat = z.to(self.W_dec.dtype) @ self.W_dec.index_select(0, dead_idx)
+        else:
+            top, j = cols.topk(k_aux, dim=1, sorted=False)
+            idx = dead_idx[j]
+            vals = gather_preacts(x_c, self.W_enc, self.b_enc, idx, top.clone(), b_dec=self.b_dec).relu()
+            e_hat = sparse_decode(vals, idx, self.W_dec)
         return scale * (e_hat.float() - e.detach()).pow(2).sum() / total_var
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each (unit-norm) decoder row."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
-            g = self.W_dec.grad
-            g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
+            g, w = self.W_dec.grad, self.W_dec
+            dots = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)   # row-wise g . w without an [n, d] temporary
+            g.addcmul_(dots, w, value=-1)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -58,7 +58,7 @@ class _Matryoshka:
         for m in self.prefix_sizes()[:-1]:
             if codes.idx is not None:
                 vals = codes.vals * (codes.idx < m)
-                recon = sparse_decode(vals, codes.idx, self.W_dec) + self.b_dec
+                recon = sparse_decode(vals, codes.idx, self.W_dec, codes.pattern) + self.b_dec
             else:
                 recon = codes.z[:, :m].to(self.W_dec.dtype) @ self.W_dec[:m] + self.b_dec
             loss = loss + (x.float() - recon.float()).pow(2).sum() / total_var

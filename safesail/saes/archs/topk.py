@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from safesail.saes.base import KSparseSAE, TrainCodes
 from safesail.saes.registry import register_arch
-from safesail.saes.sparse_ops import gather_preacts
+from safesail.saes.sparse_ops import RowsPattern, gather_preacts
 
 
 @register_arch
@@ -31,5 +31,7 @@ class TopKSAE(KSparseSAE):
         with torch.no_grad():
             pre = F.linear(x_c, self.W_enc, self.b_enc)
             top, idx = pre.topk(self.cfg.k, dim=1, sorted=False)
-        vals = gather_preacts(x_c, self.W_enc, self.b_enc, idx, top.clone()).relu()
-        return TrainCodes(pre=pre, vals=vals, idx=idx)
+        pattern = RowsPattern(idx, self.cfg.n_latents)
+        vals = gather_preacts(x_c.detach(), self.W_enc, self.b_enc, idx, top.clone(), b_dec=self.b_dec,
+                              pattern=pattern).relu()
+        return TrainCodes(pre=pre, vals=vals, idx=idx, pattern=pattern)
