@@ -32,10 +32,36 @@ log = logging.getLogger(__name__)
 DENSE_DENSITY = 0.1   # a latent firing on more than this share of held-out tokens counts as dense
 
 
+EVAL_ROWS = 1024      # rows encoded at a time: each SAE's eval buffers are EVAL_ROWS x n_latents at most
+
+
+def _sparse_topk(sae: SAE) -> bool:
+    """True for SAEs whose `encode` is TopK's (codes as (values, indices) without a dense [rows, n] tensor)."""
+    from safesail.saes.archs.topk import TopKSAE
+
+    return isinstance(sae, TopKSAE) and type(sae).encode is TopKSAE.encode
+
+
+@torch.no_grad()
+def _reconstruct(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(reconstruction [rows, d], latents that fired [rows * k] or [n] counts, active count) of `x`."""
+    if _sparse_topk(sae):
+        vals, idx = sae.encode_sparse(x)
+        r = F.embedding_bag(idx, sae.W_dec, mode="sum", per_sample_weights=vals.to(sae.W_dec.dtype)) + sae.b_dec
+        on = vals > 0
+        return r, torch.bincount(idx[on], minlength=sae.cfg.n_latents), on.sum()
+    z = sae.encode(x)
+    active = z > 0
+    return sae.decode(z), active.sum(0), active.sum()
+
+
 @torch.no_grad()
 def evaluate_reconstruction(saes: Sequence[SAE], batches: Iterable[torch.Tensor],
                             device: str | torch.device = "cpu", max_tokens: int | None = None) -> list[dict]:
-    """FVU, L0 and dead fraction of each SAE on the same held-out activation batches (raw units)."""
+    """FVU, L0 and dead fraction of each SAE on the same held-out activation batches (raw units).
+
+    Batches are encoded EVAL_ROWS rows at a time (TopK SAEs through their sparse codes), so the
+    buffers do not grow with the eval batch size."""
     device = torch.device(device)
     sse = [0.0] * len(saes)
     l0 = [0.0] * len(saes)
@@ -51,13 +77,12 @@ def evaluate_reconstruction(saes: Sequence[SAE], batches: Iterable[torch.Tensor]
         xd = x.double()
         sum_x = xd.sum(0) if sum_x is None else sum_x + xd.sum(0)
         sumsq += float(xd.pow(2).sum())
-        for i, sae in enumerate(saes):
-            z = sae.encode(x)
-            r = sae.decode(z)
-            sse[i] += float((x - r).double().pow(2).sum())
-            active = z > 0
-            l0[i] += float(active.sum())
-            fired[i] += active.sum(0)
+        for chunk in x.split(EVAL_ROWS):
+            for i, sae in enumerate(saes):
+                r, counts, active = _reconstruct(sae, chunk)
+                sse[i] += float((chunk - r).double().pow(2).sum())
+                l0[i] += float(active)
+                fired[i] += counts
     if n == 0:
         return [{"fvu": math.nan, "l0": math.nan, "dead_fraction": math.nan, "dense_fraction": math.nan,
                  "eval_tokens": 0} for _ in saes]
@@ -74,6 +99,16 @@ def _ce_rows(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     tgt = ids[:, 1:]
     ce = F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), reduction="none")
     return ce.reshape(tgt.shape).sum(1).double()
+
+
+def _kl_sum(logp_clean: torch.Tensor, logits: torch.Tensor) -> float:
+    """Summed KL(clean || spliced) over the next-token positions, one window at a time (float32
+    [positions, vocab] buffers of one window, not of the whole batch)."""
+    total = 0.0
+    for lc, lg in zip(logp_clean, logits):
+        lp = lg[:-1].float().log_softmax(-1)
+        total += float((lc.exp() * (lc - lp)).sum())
+    return total
 
 
 def jackknife_recovered_se(clean: torch.Tensor, zero: torch.Tensor, spliced: torch.Tensor) -> float:
@@ -134,7 +169,6 @@ def evaluate_ce_hooks(model, tokenizer, saes_by_hook: dict[str, Sequence[SAE]], 
         clean_rows.append(_ce_rows(logits, ids).cpu())
         count += ids[:, 1:].numel()
         logp_clean = logits[:, :-1].float().log_softmax(-1)
-        p_clean = logp_clean.exp()
         del logits
         for hook, saes in saes_by_hook.items():
             hp = points[hook]
@@ -145,8 +179,8 @@ def evaluate_ce_hooks(model, tokenizer, saes_by_hook: dict[str, Sequence[SAE]], 
                 with splice(model, hp, replace(sae_dev)):
                     lg = model(input_ids=ids, use_cache=False).logits
                 spliced_rows[hook][j].append(_ce_rows(lg, ids).cpu())
-                lp = lg[:, :-1].float().log_softmax(-1)
-                kl[hook][j] += float((p_clean * (logp_clean - lp)).sum())
+                kl[hook][j] += _kl_sum(logp_clean, lg)
+                del lg
         bar.update(ids.shape[0])
     bar.close()
     clean_t = torch.cat(clean_rows)

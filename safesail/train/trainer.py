@@ -147,6 +147,7 @@ class SAETrainState:
         ctx.sum_grads_(list(self.sae.parameters()))
         self.sae.remove_parallel_grad()
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)   # memory: gradients live only during this SAE's step
         self.sae.normalize_decoder()
         if self._resample_now(ctx):
             n = resample_dead(self.sae, self.opt, dead, x, out.recon.detach(), generator=torch.Generator(
@@ -193,9 +194,13 @@ class SAETrainState:
         self.curve = [list(p) for p in st.get("curve", [])]
         self.resampled = int(st.get("resampled", 0))
 
-    def export(self, scale: float) -> TrainedSAE:
+    def export(self, scale: float, release: bool = False) -> TrainedSAE:
+        """The trained SAE in raw units on CPU; `release`: drop the training copy and optimiser state
+        (memory: the end of training then holds one copy of each SAE, not three)."""
         with self.opt.eval_params():  # schedule-free: the averaged weights
             sae = copy.deepcopy(self.sae).to("cpu").float()
+        if release:
+            self.sae = self.opt = None
         sae.renormalize_decoder_keeping_output()
         sae.fold_input_scale(scale)
         sae.eval()
@@ -350,10 +355,13 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
                 if x.shape[1] != hook_cfgs[0].d_in:
                     raise UserError(f"activations ({where}) are {x.shape[1]} wide but the SAE config says "
                                     f"d_in={hook_cfgs[0].d_in}; use a cache of the same model and hook.")
-                _check_finite(x, where)
                 x = x.to(device=device, dtype=torch.float32, non_blocking=True)
-                s1 = torch.cat([x.double().sum(0), x.double().pow(2).sum().reshape(1),
+                s1 = torch.cat([x.sum(0, dtype=torch.float64), x.pow(2).sum(dtype=torch.float64).reshape(1),
                                 torch.tensor([x.shape[0]], dtype=torch.float64, device=device)])
+                if not bool(torch.isfinite(s1).all()):   # NaN/inf anywhere in x make these sums non-finite
+                    _check_finite(x, where)
+                    raise UserError(f"activations ({where}) are too large to square in float32 (above ~1e19); "
+                                    "check the activation cache.")
                 if ctx.data_parallel:
                     ctx.all_reduce_(s1)
                 n_global = int(s1[-1].item())
@@ -397,7 +405,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
         raise UserError("there were no activation batches to train on; fill the activation cache first "
                         "(safesail cache) or pass a non-empty iterable.")
     save_checkpoint()
-    out = [st.export(scales[st.cfg.hook]) for st in states]
+    out = [st.export(scales[st.cfg.hook], release=True) for st in states]
     for t, st in zip(out, states):
         t.metrics["profile"] = {"shared_data_s": round(profile["data_s"], 3), "all_saes_wall_s":
                                 round(profile["sae_wall_s"], 3), "this_sae_step_s": round(st.step_seconds, 3),
