@@ -20,15 +20,23 @@ learned-nothing signals, and with `--seed-check` `seed_mmcs` (its decoder agains
 Sweep: 4 TopK SAEs (k 16/32/64/128) trained in one pass reading the on-disk cache, with the
 SAE steps on `--sae-threads` threads, against 4 separate runs (each reading the cache) at the
 same torch thread count; the ratio one-pass / separate is the figure (target <= 0.85 on CPU).
+
+Memory (`--memory`): peak RSS of `train_saes` with 1 and 4 TopK SAEs (`--memory-steps` batches,
+each count in a fresh process), the increase per extra SAE against the formula of
+safesail/train/memory.py, and the tensors each training state holds after a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import statistics
 import time
+
+from pathlib import Path
 
 import torch
 
@@ -170,6 +178,62 @@ def sweep_ratio(args) -> dict:
     return res
 
 
+def memory_worker(args) -> None:
+    """One process: read the batches, train `--memory-worker` SAEs, print peak RSS before/after (MiB)."""
+    import resource
+
+    from safesail.saes import SAEConfig
+    from safesail.train.activation_store import ActivationStore
+    from safesail.train.distributed import DistContext
+    from safesail.train.trainer import SAETrainState, TrainOptions, train_saes
+    try:
+        from safesail.train.memory import held_bytes, train_peak_bytes
+    except ImportError:   # a tree from before safesail/train/memory.py (--memory-tree)
+        held_bytes = train_peak_bytes = None
+
+    def rss_mib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    store = ActivationStore(args.cache)
+    batches = list(itertools.islice(store.iter_batches(args.batch, seed=0), args.memory_steps))
+    ks = args.sweep_ks[: args.memory_worker]
+    cfgs = [dict(arch="topk", k=k, d_in=store.d, n_latents=args.latents) for k in ks]
+    opts = TrainOptions(progress=False, log_every=10 ** 9, total_steps=len(batches), autocast=args.ours_bf16)
+    before = rss_mib()   # data read; nothing trained yet
+    train_saes(batches, cfgs, opts)
+    peak = rss_mib()
+    row = {"saes": len(cfgs), "steps": len(batches), "batch": args.batch, "rss_before_mib": round(before, 1),
+           "peak_rss_mib": round(peak, 1)}
+    if held_bytes is not None:
+        st = SAETrainState(SAEConfig.from_dict(cfgs[0]).validate(), opts, torch.device("cpu"))  # one state, one step
+        x = batches[0].float()
+        st.train_step(x, ((x - x.mean(0)).pow(2).sum(), x.shape[0]), DistContext(device=torch.device("cpu")),
+                      contextlib.nullcontext)
+        row["held_after_step_mib"] = {k: round(v / 2 ** 20, 2) for k, v in held_bytes(st.sae, st.opt).items()}
+        row["formula_sae_part_mib"] = round(train_peak_bytes(args.latents, store.d, len(cfgs), args.batch, max(ks),
+                                                             bf16=bool(args.ours_bf16)) / 2 ** 20, 1)
+    print(json.dumps(row), flush=True)
+
+
+def memory(args) -> dict:
+    import subprocess
+    import sys
+
+    rows = []
+    for n in (1, 4):
+        cmd = [sys.executable, __file__, "--cache", args.cache, "--memory-worker", str(n), "--batch", str(args.batch),
+               "--memory-steps", str(args.memory_steps), "--latents", str(args.latents)]
+        cmd += ["--ours-bf16"] if args.ours_bf16 else []
+        env = {**os.environ, **({"PYTHONPATH": args.memory_tree} if args.memory_tree else {})}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    per = (rows[1]["peak_rss_mib"] - rows[0]["peak_rss_mib"]) / 3
+    res = {"runs": rows, "per_extra_sae_mib": round(per, 1)}
+    print(json.dumps({"per_extra_sae_mib": res["per_extra_sae_mib"]}), flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=None, help="an activation cache folder (runs/<name>/activations/<hook>)")
@@ -190,6 +254,10 @@ def main() -> None:
     ap.add_argument("--sweep-steps", type=int, default=4)
     ap.add_argument("--sweep-repeats", type=int, default=1)
     ap.add_argument("--sae-threads", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="peak RSS of 1 vs 4 SAEs (fresh processes) and the formula")
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-tree", default=None, help="--memory: run the workers on another tree's safesail/ (PYTHONPATH)")
+    ap.add_argument("--memory-worker", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not (args.cache or args.planted):
@@ -203,7 +271,14 @@ def main() -> None:
             from safesail.train.activation_store import ActivationStore
 
             args.latents = 10 * ActivationStore(args.cache).d
+    if args.memory_worker:
+        return memory_worker(args)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # the first optimiser imports torch._dynamo (~7 s): not timed
+    if args.memory:
+        results = {"memory": memory(args)}
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        return
     results = {"device": args.device, "torch_threads": torch.get_num_threads(), "data": args.cache or args.planted,
                "latents": args.latents, "batch": args.batch}
     if not args.sweep_only:

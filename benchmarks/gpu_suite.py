@@ -5,8 +5,11 @@
 
 Measured (random data and a randomly initialised model: no downloads):
 1. SAE training tokens/s at 2,048 in, 20,480 latents, 16,384 tokens a step, TopK k = 32 and 200:
-   `safesail.train.trainer.train_saes` (forward + backward + optimiser + decoder renormalisation),
-   batches handed over on the host as the cache reader does; peak device memory per run.
+   `safesail.train.trainer.train_saes` (forward + backward + AuxK + optimiser + decoder
+   renormalisation), batches handed over on the host (pinned, bf16) as the cache reader does;
+   `tokens_per_s` over the steps after the first 2 (device synchronised at both ends: SAE
+   construction, first-batch init and export excluded), `tokens_per_s_whole_call` with them;
+   peak device memory per run.
 2. One-pass sweep ratio: 4 TopK SAEs (k 16/32/64/128) in one pass vs 4 separate runs, same data.
 3. Cache ratio: a Qwen2.5-3B-shaped model (36 layers, 2,048 hidden, 16/2 heads, 11,008 MLP) in
    bf16, random weights; the cache's forward (hooks on 5 MLP outputs, stop after the last,
@@ -62,29 +65,50 @@ def host_batches(s: dict, n: int) -> list[torch.Tensor]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def train_rate(s: dict, device: torch.device, ks: list[int], steps: int) -> tuple[float, float | None]:
+WARM_STEPS = 2   # steps of each run not timed in its steady rate (kernel choice, allocator, first-batch init)
+
+
+def train_rate(s: dict, device: torch.device, ks: list[int], steps: int) -> dict:
+    """One `train_saes` run over `steps` host batches: wall time of the whole call (SAE construction,
+    first-batch init and export included) and the steady rate of the steps after WARM_STEPS
+    (device synchronised at both ends), with the peak device memory."""
     from safesail.train.trainer import TrainOptions, train_saes
 
     cfgs = [dict(arch="topk", k=k, d_in=s["d"], n_latents=s["latents"]) for k in ks]
     batches = host_batches(s, steps)
+    marks: dict[int, float] = {}
+
+    def on_step(done: int) -> None:
+        if done in (WARM_STEPS, steps):
+            sync(device)
+            marks[done] = time.perf_counter()
+
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    train_saes(batches, cfgs, TrainOptions(progress=False, log_every=10 ** 9, device=str(device), total_steps=steps))
+    train_saes(batches, cfgs, TrainOptions(progress=False, log_every=10 ** 9, device=str(device), total_steps=steps),
+               on_step=on_step)
     sync(device)
-    return time.perf_counter() - t0, peak_gib(device)
+    wall = time.perf_counter() - t0
+    timed = steps - WARM_STEPS
+    steady = (marks[steps] - marks[WARM_STEPS]) if timed > 0 else float("nan")
+    return {"wall_s": wall, "steady_s": steady, "steady_steps": timed, "peak_gib": peak_gib(device),
+            "tokens": s["batch"] * steps}
 
 
 def training(s: dict, device: torch.device) -> dict:
-    train_rate(s, device, [s["ks"][0]], 2)  # warm-up: kernels, allocator, the optimiser's lazy imports
+    train_rate(s, device, [s["ks"][0]], WARM_STEPS + 1)  # warm-up: kernels, allocator, the optimiser's lazy imports
     out = {}
     for k in s["ks"]:
-        dt, peak = train_rate(s, device, [k], s["steps"])
-        out[f"k{k}"] = {"tokens_per_s": s["batch"] * s["steps"] / dt, "seconds": dt, "peak_gib": peak,
-                        "tokens": s["batch"] * s["steps"]}
-        print(f"train k={k}: {out[f'k{k}']['tokens_per_s']:,.0f} tokens/s, peak {peak} GiB", flush=True)
-    one, _ = train_rate(s, device, s["sweep_ks"], s["sweep_steps"])
-    sep = sum(train_rate(s, device, [k], s["sweep_steps"])[0] for k in s["sweep_ks"])
+        r = train_rate(s, device, [k], s["steps"])
+        out[f"k{k}"] = {"tokens_per_s": s["batch"] * r["steady_steps"] / r["steady_s"],
+                        "tokens_per_s_whole_call": r["tokens"] / r["wall_s"], "seconds": r["wall_s"],
+                        "peak_gib": r["peak_gib"], "tokens": r["tokens"]}
+        print(f"train k={k}: {out[f'k{k}']['tokens_per_s']:,.0f} tokens/s in steady steps "
+              f"({out[f'k{k}']['tokens_per_s_whole_call']:,.0f} over the whole call), peak {r['peak_gib']} GiB",
+              flush=True)
+    one = train_rate(s, device, s["sweep_ks"], s["sweep_steps"])["wall_s"]
+    sep = sum(train_rate(s, device, [k], s["sweep_steps"])["wall_s"] for k in s["sweep_ks"])
     out["sweep"] = {"ks": s["sweep_ks"], "one_pass_s": one, "separate_s": sep, "ratio": one / sep}
     print(f"sweep ratio one pass / separate: {one / sep:.3f}", flush=True)
     return out
@@ -98,7 +122,13 @@ def caching(s: dict, device: torch.device) -> dict:
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**s["model"], max_position_embeddings=4096)).to(device=device, dtype=dtype)
+    old_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # built on the device in its dtype: a 3B model initialised on the host in
+    try:                             # float32 would take 12 GB of host memory and minutes of CPU
+        with torch.device(device):
+            model = Qwen2ForCausalLM(Qwen2Config(**s["model"], max_position_embeddings=4096))
+    finally:
+        torch.set_default_dtype(old_dtype)
     model.eval()
     points = hook_points(s["layers"], "mlp_out", s["model"]["num_hidden_layers"])
     ids = torch.randint(0, s["model"]["vocab_size"], (s["seqs"], s["seq"]), device=device)
