@@ -166,7 +166,8 @@ def steer_part(args) -> dict:
 def steer_ab_part(args) -> dict:
     """Cold steers of the working tree and of an older steer.py (``--old-src``), in ONE process, interleaved
     with plain diagnoses of the same kind of query (new queries each time, so nothing is cached): the
-    engine's compute without HTTP, so the two versions meet the same load."""
+    engine's compute without HTTP, so the two versions meet the same load; with one thread, CPU seconds
+    (process_time) are also given: on a shared machine they are closer to the idle wall time."""
     import importlib.util
 
     from bench_diagnose import build_random_db
@@ -175,6 +176,7 @@ def steer_ab_part(args) -> dict:
 
     spec = importlib.util.spec_from_file_location("old_steer", Path(args.old_src) / "safesail/diagnose/steer.py")
     old_steer = importlib.util.module_from_spec(spec)
+    sys.modules["old_steer"] = old_steer      # pydantic resolves the module's annotations through it
     spec.loader.exec_module(old_steer)
     cfg, lm = load("smollm2")
     db_path = args.db or build_random_db(lm, list(cfg.model.layers), REPO / "runs" / "bench-diagnose",
@@ -187,14 +189,14 @@ def steer_ab_part(args) -> dict:
     for i in range(args.runs + 1):
         q = f"Write a short story about a cat who learns to fly, number {i}."
         times = {}
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         engine.diagnose(q)
-        times["diagnose"] = time.perf_counter() - t
+        times["diagnose"], times["diagnose_cpu"] = time.perf_counter() - t, time.process_time() - c
         for name, mod in (("old", old_steer), ("new", new_steer)) if i % 2 else (("new", new_steer), ("old", old_steer)):
             req = mod.SteerRequest(query=f"{q} ({name})", edits=edits)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             mod.steer(engine, req)
-            times[name] = time.perf_counter() - t
+            times[name], times[f"{name}_cpu"] = time.perf_counter() - t, time.process_time() - c
         if i:   # the first round warms up
             for k, v in times.items():
                 res[k].append(v)
@@ -203,6 +205,8 @@ def steer_ab_part(args) -> dict:
            **{f"{k}_p50_s": round(v, 3) for k, v in med.items()},
            "ratio_cold_old": round(med["old"] / med["diagnose"], 3),
            "ratio_cold_new": round(med["new"] / med["diagnose"], 3),
+           "cpu_ratio_cold_old": round(med["old_cpu"] / med["diagnose_cpu"], 3),
+           "cpu_ratio_cold_new": round(med["new_cpu"] / med["diagnose_cpu"], 3),
            "per_run_ratio_new": [round(n / d, 3) for n, d in zip(res["new"], res["diagnose"])],
            "per_run_ratio_old": [round(o / d, 3) for o, d in zip(res["old"], res["diagnose"])]}
     print(json.dumps(fig, indent=1))
