@@ -45,6 +45,25 @@ def _rows(ivs, i: int, n: int):
 MAX_ROWS = 48   # prompts per pass when scoring continuations from the prompts' cache (one row each)
 
 
+class _FirstLogits:
+    """A logits processor that keeps the first step's logits (the next-token distribution after each
+    prompt) and changes nothing: `output_logits` would keep every step's [rows, vocab] float32 copy."""
+
+    def __init__(self):
+        self.first: torch.Tensor | None = None
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            self.first = scores.detach().float().clone()
+        return scores
+
+
+def LogitsProcessorList(items):  # noqa: N802 - transformers' list type, imported when first needed
+    from transformers import LogitsProcessorList as _L
+
+    return _L(items)
+
+
 @dataclass
 class Generated:
     ids: list[list[int]]                  # greedy answers, end-of-turn token removed
@@ -74,11 +93,13 @@ def generate_full(lm, prompts: list[list[int]], max_new_tokens: int, batch_size:
         chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad, left=True)
         width = ids.shape[1]
+        keep = _FirstLogits()
         with _rows(ivs, i, len(chunk))(lm.model):
             gen = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device),
                                     max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                    top_k=None, pad_token_id=pad, return_dict_in_generate=True, output_logits=True)
-        first = torch.log_softmax(gen.logits[0].float(), -1).cpu()
+                                    top_k=None, pad_token_id=pad, return_dict_in_generate=True,
+                                    logits_processor=LogitsProcessorList([keep]))
+        first = torch.log_softmax(keep.first, -1).cpu()
         firsts.append(first)
         if continuations is not None:
             cache = _cache_of(gen)
@@ -263,3 +284,41 @@ def batched_prefix_logprobs(lm, prompts: list[list[int]], continuations: list[li
         out += _continuations(lm, _cache_of(res), chunk, mask, first, continuations[i:i + batch_size],
                               ivs[i:i + batch_size] if ivs else None)
     return out
+
+
+@torch.no_grad()
+def token_logprobs(lm, seqs: list[list[int]], batch_size: int, ivs: list | None = None, capture=()):
+    """Per sequence: [len-1] log P(next token) (teacher-forced, right padding, each row under its own
+    intervention), and with `capture` (hook points) {hook name: [len, d]} float activations there.
+
+    The unembedding is applied one row at a time to that row's real positions, so no
+    [batch, length, vocab] float32 logits (and their log-softmax copy) exist at once: 1.3 GB for 48
+    rows of 70 tokens on SmolLM2's 49k vocabulary, the largest buffer the verify stage allocated."""
+    from safesail.hooks import hook_module
+
+    pad, lps, acts = _pad_id(lm), [], []
+    base = getattr(lm.model, lm.model.base_model_prefix)
+    head = lm.model.get_output_embeddings()
+    for a in range(0, len(seqs), batch_size):
+        chunk = seqs[a:a + batch_size]
+        ids, mask = _padded(chunk, pad)
+        got: dict[str, torch.Tensor] = {}
+
+        def keeper(name):
+            def hook(_module, _inputs, output):
+                got[name] = (output[0] if isinstance(output, tuple) else output).detach()
+            return hook
+
+        handles = [hook_module(lm.model, hp).register_forward_hook(keeper(hp.name)) for hp in capture]
+        try:
+            with per_row(ivs[a:a + len(chunk)] if ivs else None).apply(lm.model):
+                hidden = base(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).last_hidden_state
+        finally:
+            for h in handles:
+                h.remove()
+        for j, s in enumerate(chunk):
+            n = len(s) - 1
+            logp = torch.log_softmax(head(hidden[j, :n]).float(), -1).cpu()
+            lps.append(logp[torch.arange(n), torch.tensor(s[1:], dtype=torch.long)])
+            acts.append({k: v[j, :len(s)].float() for k, v in got.items()})
+    return lps, acts

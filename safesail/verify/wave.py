@@ -19,7 +19,7 @@ import torch
 
 from safesail.hooks import HookPoint, hook_module
 from safesail.verify.checks import QuerySet, Verifier
-from safesail.verify.generation import _pad_id, _padded, generate_full
+from safesail.verify.generation import _pad_id, _padded, generate_full, token_logprobs  # noqa: F401
 from safesail.verify.interventions import (
     DirectionEdit,
     Intervention,
@@ -146,33 +146,11 @@ def reference_unit(key: str, sae: SteerableSAE, vector: torch.Tensor, qs: QueryS
 
 # ---- batched corpus-segment and query passes ---------------------------------------------------------
 
-def _keeper(store: dict, name: str):
-    def hook(_module, _inputs, output):
-        store[name] = (output[0] if isinstance(output, tuple) else output).detach()
-    return hook
-
-
 @torch.no_grad()
 def _token_logprobs(lm, seqs: list[list[int]], batch_size: int, ivs=None, capture: list[HookPoint] = ()):
-    """Per sequence: [len-1] log P(next token), and (with `capture`) {hook: [len, d]} activations."""
-    pad, lps, acts = _pad_id(lm), [], []
-    for a in range(0, len(seqs), batch_size):
-        chunk = seqs[a:a + batch_size]
-        ids, mask = _padded(chunk, pad)
-        got: dict[str, torch.Tensor] = {}
-        handles = [hook_module(lm.model, hp).register_forward_hook(_keeper(got, hp.name)) for hp in capture]
-        try:
-            with PerRow(ivs[a:a + len(chunk)] if ivs else []).apply(lm.model):
-                logits = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device)).logits.float()
-        finally:
-            for h in handles:
-                h.remove()
-        logp = torch.log_softmax(logits, -1).cpu()
-        for j, s in enumerate(chunk):
-            nxt = torch.tensor(s[1:], dtype=torch.long)
-            lps.append(logp[j, torch.arange(len(s) - 1), nxt])
-            acts.append({k: v[j, :len(s)].float() for k, v in got.items()})
-    return lps, acts
+    """Per sequence: [len-1] log P(next token), and (with `capture`) {hook: [len, d]} activations
+    (`generation.token_logprobs`: the unembedding row by row, no [rows, length, vocab] buffers)."""
+    return token_logprobs(lm, seqs, batch_size, ivs, capture)
 
 
 def _segment_losses(v: Verifier, units: list[Unit]) -> None:

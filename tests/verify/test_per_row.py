@@ -127,3 +127,21 @@ def test_trie_scored_continuations_equal_a_pass_per_continuation(rows):
     for r, (p, cs, iv) in enumerate(zip(prompts, conts, ivs)):
         want = _alone(iv, lm, lambda: shared_prefix_logprobs(lm, p, cs))
         assert torch.allclose(got[r], want, atol=1e-4), (r, got[r], want)
+
+
+def test_token_logprobs_row_by_row_equal_the_full_logits_pass(rows):
+    """generation.token_logprobs (unembedding per row, no [rows, length, vocab] buffer) equals the
+    log-softmax of the model's own logits, per row under its edit, with the activations captured."""
+    from safesail.verify.generation import token_logprobs
+
+    lm, prompts, ivs = rows
+    seqs = [p + [11, 12, 13][: 1 + r % 3] for r, p in enumerate(prompts)]
+    hp = HookPoint(LAYER)
+    got, acts = token_logprobs(lm, seqs, 3, ivs=ivs, capture=[hp])
+    for r, (s, iv) in enumerate(zip(seqs, ivs)):
+        ids = torch.tensor([s])
+        with torch.no_grad():
+            logits = _alone(iv, lm, lambda: lm.model(input_ids=ids).logits.float())
+        want = torch.log_softmax(logits[0, :-1], -1)[torch.arange(len(s) - 1), torch.tensor(s[1:])]
+        assert torch.allclose(got[r], want, atol=1e-4)
+        assert acts[r][hp.name].shape == (len(s), lm.hidden_size)
