@@ -97,6 +97,7 @@ class TrainConfig:
     k_aux: Optional[int]
     dead_tokens: Optional[int]
     b_dec_init: Literal["geometric_median", "mean", "zeros"]
+    dec_init: Literal["random", "data"]
     normalize: bool
     autocast: Union[bool, Literal["auto"]]
     decoder_impl: Literal["auto", "sparse", "dense"]

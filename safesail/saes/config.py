@@ -26,6 +26,7 @@ from safesail.errors import UserError
 
 OPTIMIZERS = ("adam", "signum")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+DEC_INITS = ("data", "random")
 ENC_INITS = ("decoder", "decoder_scaled")
 
 
@@ -62,6 +63,7 @@ class SAEConfig:
     auxk_alpha: float = 1 / 32        # weight of the AuxK loss on dead latents (0 turns it off)
     k_aux: int | None = None          # None: d_in // 2
     b_dec_init: str = "mean"          # mean | geometric_median | zeros (of the first batch)
+    dec_init: str = "random"          # random | data: decoder rows start at first-batch rows (safesail/train/data_init.py)
     normalize: bool = True            # train on activations scaled to unit mean squared norm
     input_scale: float = 1.0          # the scale used in training, already folded into the saved weights
     extra: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +122,8 @@ class SAEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         extra = d.pop("extra")
+        if d["dec_init"] == "random":   # the only init before the field existed: left out, so that a cfg.json
+            del d["dec_init"]           # and the fingerprints of SAEs trained then stay the same
         d.update(self.params)
         d["extra"] = dict(extra)
         return d
@@ -128,6 +132,7 @@ class SAEConfig:
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
         """From cfg.json (lenient: unknown keys go to `extra`, other architectures' fields are dropped)."""
         d = dict(d)
+        d.setdefault("dec_init", "random")   # written before dec_init existed, or random (see to_dict)
         arch = d.pop("arch", "topk")
         common = {f.name for f in dataclasses.fields(cls)} - {"arch"}
         own = set(_param_names(arch)) if _known(arch) else set()
@@ -163,6 +168,8 @@ class SAEConfig:
             raise UserError(f"SAE {self.arch} needs positive d_in and n_latents (got {self.d_in}, {self.n_latents}).")
         if self.b_dec_init not in B_DEC_INITS:
             raise UserError(f"b_dec_init {self.b_dec_init!r} is unknown; use {', '.join(B_DEC_INITS)}.")
+        if self.dec_init not in DEC_INITS:
+            raise UserError(f"dec_init {self.dec_init!r} is unknown; use {', '.join(DEC_INITS)}.")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer {self.optimizer!r} is unknown; use {', '.join(OPTIMIZERS)}.")
         if self.enc_init not in ENC_INITS:

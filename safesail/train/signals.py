@@ -4,7 +4,8 @@ A decoder can stay at its random start while the encoder alone fits a plausible 
 hard planted dictionary: FVU 0.53, no atom recovered). These figures go into metrics.json:
 
 - `decoder_init_cos`: mean |cosine| between each decoder row and its row at initialisation
-  (regenerated from the seed). Near 1: the decoder did not move.
+  (regenerated from the seed; for `dec_init: data`, rebuilt from the first batch). Near 1: the
+  decoder did not move.
 - `enc_dec_cos`: mean cosine between each latent's encoder and decoder rows; learned
   dictionaries keep them aligned (about 0.5-0.9); near 0 the two halves disagree.
 - `dead_fraction` / `dense_fraction`: latents that never fire / fire on more than 10% of the
@@ -32,13 +33,16 @@ PLATEAU_FVU = 0.5      # ... while FVU is still above this
 
 
 @torch.no_grad()
-def weight_signals(sae: SAE) -> dict[str, float]:
+def weight_signals(sae: SAE, init: torch.Tensor | None = None, drift: bool = True) -> dict[str, float]:
+    """`init`: the decoder at the start (default: the random one regenerated from the seed; a data-initialised
+    decoder passes its own, or `drift=False` when it cannot be rebuilt)."""
     w_dec = sae.W_dec.detach().float().cpu()
     w_enc = sae.W_enc.detach().float().cpu()
-    init = initial_decoder(sae.cfg)
-    drift = F.cosine_similarity(w_dec, init, dim=1).abs().mean()
-    align = F.cosine_similarity(w_dec, w_enc, dim=1).mean()
-    return {"decoder_init_cos": float(drift), "enc_dec_cos": float(align)}
+    out = {"enc_dec_cos": float(F.cosine_similarity(w_dec, w_enc, dim=1).mean())}
+    if drift:
+        init = initial_decoder(sae.cfg) if init is None else init.float().cpu()
+        out["decoder_init_cos"] = float(F.cosine_similarity(w_dec, init, dim=1).abs().mean())
+    return out
 
 
 def curve_signals(curve: list[list[float]]) -> dict[str, float]:

@@ -70,7 +70,7 @@ def sweep_hooks(cfg: DictConfig) -> list[str]:
 
 # train.* keys that are per-SAE defaults (an entry of the sweep may override each)
 TRAIN_DEFAULTS = ("lr", "optimizer", "seed", "enc_init", "enc_init_scale", "auxk_alpha", "k_aux", "b_dec_init",
-                  "normalize")
+                  "dec_init", "normalize")
 
 
 def entry_config(entry: dict, defaults: dict) -> SAEConfig:

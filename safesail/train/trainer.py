@@ -46,6 +46,7 @@ from safesail.rundir import fingerprint as make_fingerprint
 from safesail.train.distributed import DistContext
 from safesail.atomic import atomic_torch_save
 from safesail.train.checkpoint import checkpoint_position, read_checkpoint  # noqa: F401 (re-exported)
+from safesail.train.data_init import data_initial_decoder, init_decoder_from_data
 from safesail.train.optim import make_optimizer
 from safesail.train.resample import resample_dead
 from safesail.train.step_pool import StepPool
@@ -194,9 +195,10 @@ class SAETrainState:
         self.curve = [list(p) for p in st.get("curve", [])]
         self.resampled = int(st.get("resampled", 0))
 
-    def export(self, scale: float, release: bool = False) -> TrainedSAE:
+    def export(self, scale: float, release: bool = False, first_rows: torch.Tensor | None = None) -> TrainedSAE:
         """The trained SAE in raw units on CPU; `release`: drop the training copy and optimiser state
-        (memory: the end of training then holds one copy of each SAE, not three)."""
+        (memory: the end of training then holds one copy of each SAE, not three); `first_rows`: the
+        normalised first batch, from which a `dec_init: data` decoder's start is rebuilt (drift signal)."""
         with self.opt.eval_params():  # schedule-free: the averaged weights
             sae = copy.deepcopy(self.sae).to("cpu").float()
         if release:
@@ -207,7 +209,11 @@ class SAETrainState:
         metrics = {f"train_{k}": v for k, v in self.recent.items()}
         metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.base_lr, optimizer=self.cfg.optimizer,
                        dead_tokens=self.dead_tokens, train_fvu_curve=self.curve, resampled=self.resampled)
-        metrics.update(weight_signals(sae))
+        if self.cfg.dec_init == "data":
+            init = data_initial_decoder(self.cfg, first_rows) if first_rows is not None else None
+            metrics.update(weight_signals(sae, init=init, drift=init is not None))
+        else:
+            metrics.update(weight_signals(sae))
         metrics.update(curve_signals(self.curve))
         return TrainedSAE(sae=sae, metrics=metrics)
 
@@ -299,6 +305,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
 
     states = [SAETrainState(c, opts, device) for c in mine]
     scales: dict[str | None, float] = {}
+    first_rows: dict[str | None, torch.Tensor] = {}   # hook -> normalised first batch (CPU), for dec_init: data
     batches_done = 0
     ck = read_checkpoint(ck_path) if ck_path else None
     if ck is not None:
@@ -308,6 +315,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
         for st in states:
             st.load_state_dict(ck["saes"][f"{st.cfg.hook}/{st.cfg.name}"])
         scales = dict(ck["scales"])
+        first_rows = dict(ck.get("first_rows", {}))
         batches_done = int(ck["batches_done"])
         torch.set_rng_state(ck["rng"])
         log.info("resuming %d SAE(s) from %s at batch %d", len(states), ck_path, batches_done)
@@ -315,7 +323,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     def save_checkpoint() -> None:
         if ck_path is None or not (ctx.is_main or ctx.mode == "sae_parallel"):
             return
-        atomic_torch_save({"fingerprint": fp, "batches_done": batches_done, "scales": scales,
+        atomic_torch_save({"fingerprint": fp, "batches_done": batches_done, "scales": scales, "first_rows": first_rows,
                             "rng": torch.get_rng_state(),
                             "saes": {f"{st.cfg.hook}/{st.cfg.name}": st.state_dict() for st in states}}, ck_path)
 
@@ -367,7 +375,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
                 n_global = int(s1[-1].item())
                 sumsq = float(s1[-2])
                 if hook not in scales:
-                    scales[hook] = _first_batch_init(x, sumsq, n_global, hook, states, ctx)
+                    scales[hook] = _first_batch_init(x, sumsq, n_global, hook, states, ctx, first_rows)
                 s = scales[hook]
                 xs = x * s
                 mean = s1[:-2] * s / n_global
@@ -405,7 +413,7 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
         raise UserError("there were no activation batches to train on; fill the activation cache first "
                         "(safesail cache) or pass a non-empty iterable.")
     save_checkpoint()
-    out = [st.export(scales[st.cfg.hook], release=True) for st in states]
+    out = [st.export(scales[st.cfg.hook], release=True, first_rows=first_rows.get(st.cfg.hook)) for st in states]
     for t, st in zip(out, states):
         t.metrics["profile"] = {"shared_data_s": round(profile["data_s"], 3), "all_saes_wall_s":
                                 round(profile["sae_wall_s"], 3), "this_sae_step_s": round(st.step_seconds, 3),
@@ -425,8 +433,10 @@ def _remember(st: SAETrainState, figures: dict[str, float], decay: float = 0.9) 
 
 @torch.no_grad()
 def _first_batch_init(x: torch.Tensor, sumsq: float, n_global: int, hook: str | None,
-                      states: list[SAETrainState], ctx: DistContext) -> float:
-    """Scale to unit mean squared norm (when asked) and b_dec from the first (global) batch."""
+                      states: list[SAETrainState], ctx: DistContext,
+                      first_rows: dict[str | None, torch.Tensor] | None = None) -> float:
+    """Scale to unit mean squared norm (when asked), b_dec and (`dec_init: data`) the decoder rows from the
+    first (global) batch; that batch is kept in `first_rows[hook]` when a data-initialised SAE needs it."""
     if sumsq <= 0:
         raise UserError(f"the first activation batch{f' of hook {hook}' if hook else ''} is all zeros; "
                         "check the activation cache.")
@@ -437,7 +447,11 @@ def _first_batch_init(x: torch.Tensor, sumsq: float, n_global: int, hook: str | 
     if normalize and not normalize[0]:
         s = 1.0
     full = ctx.all_gather_cat(x) if ctx.data_parallel else x
-    for st in states:
-        if st.cfg.hook == hook:
-            st.sae.init_b_dec(full * s)
+    mine = [st for st in states if st.cfg.hook == hook]
+    for st in mine:
+        st.sae.init_b_dec(full * s)
+        if st.cfg.dec_init == "data":
+            init_decoder_from_data(st.sae, full * s, st.cfg.seed)
+    if first_rows is not None and any(st.cfg.dec_init == "data" for st in mine):
+        first_rows[hook] = (full * s).detach().float().cpu()
     return s
