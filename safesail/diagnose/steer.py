@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -112,18 +113,22 @@ def _originals(engine) -> _Originals:
     return cache
 
 
-def _annotated_sides(engine, req: SteerRequest, answers: list[tuple[str, bool]], generate_s: float,
-                     iv: Intervention, rows: list[bool], refusal_lps: list[float]) -> list[SteerSide]:
-    """Per-token latents of the generated answers, all read in ONE batched forward pass (row r under
-    `iv` when rows[r]), and their refusal scores."""
-    edit = (lambda model, n: iv.apply(model, rows=rows if n > 1 else None))  # noqa: E731
-    annotated = engine.annotate_answers(req.query, [text for text, _ in answers], edits=edit)
+def _annotated_sides(engine, req: SteerRequest, gen: "_Generation") -> list[SteerSide]:
+    """Per-token latents of the generated answers from the activations their generation left at the
+    database's hook points (row r under its edits), and their refusal scores: no forward of its own."""
+    from safesail.diagnose.schemas import Timings
+
     sides = []
-    for a, (text, truncated), lp in zip(annotated, answers, refusal_lps):
+    _, roles = engine._prompt(req.query)
+    for r, (text, truncated, answer_ids) in enumerate(gen.answers):
+        ids = gen.prompt + answer_ids
+        timings = Timings()
+        a = engine._encoded(req.query, text, ids, roles + ["answer"] * len(answer_ids),
+                            {h: v[r, :len(ids)] for h, v in gen.acts.items()}, timings)
         a.generated, a.truncated = True, truncated
-        a.timings.generate_s = generate_s
-        a.timings.total_s += generate_s
-        refusal = RefusalScore(logprob=lp, refused=is_refusal(text), lang=query_lang(req.query))
+        a.timings.generate_s = gen.seconds
+        a.timings.total_s = gen.seconds + timings.encode_s + timings.lookup_s
+        refusal = RefusalScore(logprob=gen.refusal[r], refused=is_refusal(text), lang=query_lang(req.query))
         sides.append(SteerSide(result=engine.response(a, req.top, req.filters), refusal=refusal))
     return sides
 
@@ -146,16 +151,48 @@ class _RowStreamer:
             s.end()
 
 
+@dataclass
+class _Generation:
+    prompt: list[int]
+    answers: list[tuple[str, bool, list[int]]]    # per row: text, cut at the limit, answer ids (no end token)
+    seconds: float
+    refusal: list[float]                          # per row: log P(a refusal opening | prompt), under its edits
+    acts: dict[str, torch.Tensor]                 # hook -> [rows, positions, d] outputs (edited where edited)
+
+
+class _Keep:
+    """Forward hooks that keep every output of the database's hook points (prefill, then one per step)."""
+
+    def __init__(self, model, points):
+        from safesail.hooks import hook_module
+
+        self.out: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in points}
+        self.handles = [hook_module(model, hp).register_forward_hook(self._hook(hp.name)) for hp in points]
+
+    def _hook(self, name):
+        def fn(_module, _inputs, output):
+            self.out[name].append((output[0] if isinstance(output, (tuple, list)) else output).detach())
+        return fn
+
+    def remove(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {k: torch.cat(v, 1) for k, v in self.out.items() if v}
+
+
 @torch.no_grad()
-def _generate_rows(engine, req: SteerRequest, iv: Intervention, rows: list[bool], deadline, on_text):
-    """Answers of the prompt in one batch, row r under `iv` when rows[r]: [(text, truncated)], seconds, and
-    each row's refusal log-prob, read from the generation itself (the first step's logits and the
-    generation's KV cache of the prompt, under the row's edits): no pass over the prompt of its own."""
+def _generate_rows(engine, req: SteerRequest, iv: Intervention, rows: list[bool], deadline, on_text) -> _Generation:
+    """The prompt answered in one batch, row r under `iv` when rows[r]. The generation itself gives
+    everything else: each row's activations at the database's hook points (the SAE codes of its
+    prompt and answer, read as they were computed, under its edits), and its refusal log-prob (the
+    first step's logits and the generation's KV cache of the prompt): no pass of its own for either."""
+    from safesail.token_text import drop_incomplete_tail
     from safesail.verify.generation import _cache_of, _continuations
     from safesail.verify.refusal import from_opening_logprobs, opening_ids
 
     lm, tok, s = engine.lm, engine.lm.tokenizer, engine.settings
     prompt, _ = engine._prompt(req.query)  # the chat template, within the prompt limit (one sentence if over)
+    P = len(prompt)
     n = engine._new_tokens(req.max_new_tokens)
     temp = s.temperature if req.temperature is None else float(req.temperature)
     ids = torch.tensor([prompt] * len(rows), device=lm.device)
@@ -171,35 +208,49 @@ def _generate_rows(engine, req: SteerRequest, iv: Intervention, rows: list[bool]
     if on_text is not None:
         names = ["steered" if r else "original" for r in rows]
         kw["streamer"] = _RowStreamer(tok, [(lambda p, nm=nm: on_text(nm, p)) for nm in names])
-    t0 = time.perf_counter()
-    with iv.apply(lm.model, rows=rows if len(rows) > 1 else None):
-        gen = lm.model.generate(ids, **kw)
-    gen_s = time.perf_counter() - t0
-    out = gen.sequences[:, len(prompt):].tolist()
     eos = lm.model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tok.eos_token_id}
+    t0 = time.perf_counter()
+    with iv.apply(lm.model, rows=rows if len(rows) > 1 else None):
+        keep = _Keep(lm.model, engine.points)      # registered after the edits: it sees the edited outputs
+        try:
+            gen = lm.model.generate(ids, **kw)
+            seqs = gen.sequences[:, P:].tolist()
+            cuts = [next((k for k, t in enumerate(row) if t in stops), None) for row in seqs]
+            cache = _cache_of(gen)
+            if any(c is None for c in cuts) and seqs[0]:
+                # the last generated token was never fed: one more step gives its activations
+                nxt = gen.sequences[:, -1:]
+                lm.model(input_ids=nxt, attention_mask=torch.ones((len(rows), gen.sequences.shape[1]), dtype=torch.long,
+                                                                  device=lm.device),
+                         cache=cache, use_cache=True)
+        finally:
+            acts = keep.remove()
+    gen_s = time.perf_counter() - t0
     answers = []
-    for row in out:
-        cut = next((k for k, t in enumerate(row) if t in stops), None)
-        answers.append((tok.decode(row if cut is None else row[:cut], skip_special_tokens=True), cut is None))
+    for row, cut in zip(seqs, cuts):
+        ans = row if cut is None else row[:cut]
+        if cut is None:
+            ans = drop_incomplete_tail(tok, ans)   # cut inside a character: drop its first bytes (no U+FFFD)
+        answers.append((tok.decode(ans, skip_special_tokens=True), cut is None, ans))
     # refusal openings from the generation's cache of the prompt (rows keep their edits)
     first = torch.log_softmax(gen.logits[0].float(), -1).cpu()
-    cache = _cache_of(gen)
-    if cache.get_seq_length() > len(prompt):
-        cache.crop(len(prompt) - cache.get_seq_length())
+    if cache.get_seq_length() > P:
+        cache.crop(P - cache.get_seq_length())
     conts = opening_ids(tok, [query_lang(req.query)] * len(rows))
-    lps = _continuations(lm, cache, [prompt] * len(rows), torch.ones((len(rows), len(prompt)), dtype=torch.long),
-                         first, conts, [iv if r else None for r in rows])
-    return answers, gen_s, from_opening_logprobs(lps)
+    lps = _continuations(lm, cache, [prompt] * len(rows), torch.ones((len(rows), P), dtype=torch.long), first, conts,
+                         [iv if r else None for r in rows])
+    return _Generation(prompt, answers, gen_s, from_opening_logprobs(lps), acts)
 
 
 def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None) -> SteerResponse:
     """`on_text(side, piece)` receives both answers' text as they are generated ("original", "steered").
 
     Without a cached original side, both answers are generated in one batch of two (the edits
-    apply to the second row only), their refusal scores read from that generation (its first
-    logits and its KV cache of the prompt) and their per-token latents in one batched pass, so a
-    cold steer costs about one diagnose, not two.
+    apply to the second row only); their per-token latents are the SAE codes of the activations
+    that generation computed (edited where edited) and their refusal scores come from its first
+    logits and its KV cache of the prompt, so a cold steer costs one two-row generation and no
+    other pass over the model.
     """
     t0 = time.perf_counter()
     engine.check_query(req.query)
@@ -213,8 +264,8 @@ def steer(engine, req: SteerRequest, deadline: float | None = None, on_text=None
         if on_text:
             on_text("original", original.result.answer)
     rows = [False, True] if req.include_original and original is None else [True]
-    answers, gen_s, lps = _generate_rows(engine, req, iv, rows, deadline, on_text)
-    sides = _annotated_sides(engine, req, answers, gen_s, iv, rows, lps)
+    gen = _generate_rows(engine, req, iv, rows, deadline, on_text)
+    sides = _annotated_sides(engine, req, gen)
     steered = sides[-1]
     if len(rows) == 2:
         original = sides[0]

@@ -151,13 +151,39 @@ def test_cold_steer_reads_both_refusal_scores_from_its_one_generation(engine):
     lid = _db_latent(engine, 1)
     req = SteerRequest(query=QUERY, max_new_tokens=8, edits=[{"neuron_id": lid, "mode": "add", "strength": 60}])
     iv = intervention_for(engine, to_edits(req.edits))
-    both, _, lps = _generate_rows(engine, req, iv, [False, True], None, None)
-    steered, _, lp_steered = _generate_rows(engine, req, iv, [True], None, None)
+    both = _generate_rows(engine, req, iv, [False, True], None, None)
+    steered = _generate_rows(engine, req, iv, [True], None, None)
     plain = engine.diagnose(QUERY, max_new_tokens=8).answer
-    assert both[0][0] == plain and both[1] == steered[0] and both[0] != both[1]
+    assert both.answers[0][0] == plain and both.answers[1] == steered.answers[0]
+    assert both.answers[0] != both.answers[1]
     prompt, _ = engine._prompt(QUERY)
     want = refusal_logprob(engine.lm, [prompt, prompt], ["en", "en"], batch_size=2, ivs=[None, iv])
-    assert lps == pytest.approx(want, abs=1e-4)
-    assert lps[1] == pytest.approx(lp_steered[0], abs=1e-4)
-    assert abs(lps[0] - lps[1]) > 1e-3          # the edit moved the steered row's refusal score
-    assert torch.isfinite(torch.tensor(lps)).all()
+    assert both.refusal == pytest.approx(want, abs=1e-4)
+    assert both.refusal[1] == pytest.approx(steered.refusal[0], abs=1e-4)
+    assert abs(both.refusal[0] - both.refusal[1]) > 1e-3          # the edit moved the steered row's refusal score
+    assert torch.isfinite(torch.tensor(both.refusal)).all()
+
+
+@pytest.mark.parametrize("new_tokens", [8, 64])
+def test_steer_latents_read_from_the_generation_equal_a_separate_pass(engine, new_tokens):
+    """Each side's per-token latents come from the activations its generation computed (the last token
+    by one more step): equal to annotating the same ids again in a separate pass, under the edits."""
+    from safesail.diagnose.steer import SteerRequest, _annotated_sides, _generate_rows, intervention_for, to_edits
+
+    lid = _db_latent(engine, 1)
+    req = SteerRequest(query=QUERY, max_new_tokens=new_tokens,
+                       edits=[{"neuron_id": lid, "mode": "add", "strength": 60}])
+    iv = intervention_for(engine, to_edits(req.edits))
+    gen = _generate_rows(engine, req, iv, [False, True], None, None)
+    sides = _annotated_sides(engine, req, gen)
+    again = engine.annotate_answers(QUERY, [text for text, _, _ in gen.answers],
+                                    edits=lambda model, n: iv.apply(model, rows=[False, True]))
+    for side, a, (text, truncated, ids) in zip(sides, again, gen.answers):
+        assert side.result.answer == text and side.result.truncated == truncated
+        want = engine.response(a, req.top, req.filters)
+        assert [t.token_id for t in side.result.tokens] == a.ids == gen.prompt + ids
+        for ts, tw in zip(side.result.tokens, want.tokens, strict=True):
+            assert [x.neuron_id for x in ts.latents] == [x.neuron_id for x in tw.latents]
+            assert [x.norm_activation for x in ts.latents] == pytest.approx(
+                [x.norm_activation for x in tw.latents], rel=1e-4, abs=1e-5)
+    assert any(not t for _, t, _ in gen.answers) or new_tokens == 8   # 64 tokens: some answer ended itself
