@@ -268,7 +268,7 @@ def speed_part(args) -> dict:
 
     src = Path(args.run)
     out = {}
-    for name, path in (("old", args.old_src), ("new", REPO)):
+    for name, path in (("old", args.old_src), ("new", args.new_src or REPO)):
         root = Path(args.scratch) / f"speed-{name}"
         shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(src, root / src.name, ignore=shutil.ignore_patterns("verify", "activations", "wandb"))
@@ -282,19 +282,23 @@ def speed_part(args) -> dict:
                     if "request" in cols:
                         db.execute(f"delete from {t} where request like '%Is the%text about the topic%'")
         env = dict(os.environ, PYTHONPATH=str(path), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        cmd = [sys.executable, "-m", "safesail", "verify", f"run.root={root}", f"run.name={src.name}",
-               *args.set, *(args.set_new if name == "new" else [])]
+        stats = root / "time.txt"
+        cmd = ["/usr/bin/time", "-f", "%U %S %M", "-o", str(stats), sys.executable, "-m", "safesail", "verify",
+               f"run.root={root}", f"run.name={src.name}", *args.set, *(args.set_new if name == "new" else [])]
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(path))
         dt = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{name}: {proc.stderr[-2000:]}")
+        user, system, max_kb = stats.read_text().split()[-3:]
         units = [json.loads(x) for x in (root / src.name / "verify" / "done.jsonl").read_text().splitlines() if x]
-        out[name] = {"wall_s": round(dt, 1), "units": len(units), "load_before": load0,
+        out[name] = {"wall_s": round(dt, 1), "cpu_s": round(float(user) + float(system), 1),
+                     "peak_rss_mib": round(int(max_kb) / 1024), "units": len(units), "load_before": load0,
                      "load_after": os.getloadavg()[0]}
         print(name, out[name], flush=True)
     out["speedup"] = round(out["old"]["wall_s"] / out["new"]["wall_s"], 2)
+    out["cpu_speedup"] = round(out["old"]["cpu_s"] / out["new"]["cpu_s"], 2)   # one thread: ~ the idle ratio
     print(json.dumps(out, indent=1))
     return out
 
@@ -317,6 +321,7 @@ def main() -> None:
     ap.add_argument("--run", help="run directory for --parts stage")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--old-src", help="--parts speed: directory with the older safesail/ and configs/")
+    ap.add_argument("--new-src", help="--parts speed: the newer tree (default: this working tree)")
     ap.add_argument("--set", nargs="*", default=[], help="--parts speed: overrides for both runs (key=value)")
     ap.add_argument("--set-new", nargs="*", default=[], help="--parts speed: overrides for the new run only "
                                                              "(keys the old version lacks)")
