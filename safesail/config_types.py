@@ -223,6 +223,7 @@ class ScoreConfig:
 class VerifyConfig:
     latents: Literal["tagged", "candidates"]
     max_latents: int
+    strength_unit: Literal["quantile", "residual"]
     strength: float
     strength_scan: list[float]
     scan_queries: int
@@ -237,6 +238,7 @@ class VerifyConfig:
     top_tokens: int
     n_boot: int
     judge: bool
+    judge_modes: list[str]
     reference: bool
     seed: int
 

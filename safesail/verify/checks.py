@@ -5,8 +5,10 @@
     domain's neutral queries when it is added;
 (b) necessity: ablating it on the corpus segments where it fires (change of the loss on the
     next tokens there) and on the domain's concept queries (share of answers that change);
-(c) sufficiency: steering the neutral queries with it; the judge LLM says whether each answer
-    is about the explanation, against the unsteered answers and a random latent of the same norm;
+(c) sufficiency: steering the neutral queries with it; the judge LLM compares each steered answer
+    with the random latent's (same norm) and with the unsteered answer to the same query ("which
+    is more about the explanation?", order randomised: `paired_win_vs_*`, 0.5 = no effect), and
+    says of each answer alone whether it is about the explanation (`on_concept_*`);
 (d) refusal: refusal log-probability and phrase rate, their change under ablation (concept
     queries) and under steering (neutral queries), overall and per language.
 Every figure is a mean over items with a bootstrap interval (`scoring.metrics.bootstrap_interval`).
@@ -22,6 +24,7 @@ import torch
 from safesail.interpret.scoring.metrics import bootstrap_interval
 from safesail.verify.generation import generate_full, next_token_logprobs
 from safesail.verify.interventions import Intervention
+from safesail.verify.judge import PairItem, debiased, sign_test_p
 from safesail.verify.records import Effect
 from safesail.verify.refusal import from_opening_logprobs, is_refusal, opening_ids
 
@@ -56,6 +59,7 @@ class CheckSettings:
     top_tokens: int = 10
     n_boot: int = 200
     seed: int = 0
+    judge_modes: tuple[str, ...] = ("absolute",)
 
 
 def mean_ci(values: list[float], s: CheckSettings) -> tuple[float | None, float | None, float | None]:
@@ -73,7 +77,7 @@ class Verifier:
     def __init__(self, lm, settings: CheckSettings, judge: Callable | None):
         self.lm, self.s, self.judge = lm, settings, judge
         self._memo: dict = {}
-        self._verdicts: dict[tuple[str, str], bool | None] = {}
+        self._verdicts: dict = {}   # (topic, text) -> bool | None; PairItem -> 'A' | 'B' | None
 
     # ---- conditions (batched: every row of every request in shared generate / forward calls) ----
     def answers_many(self, reqs: list[tuple[list[list[int]], list[str], Intervention | None]]) -> list[Answers]:
@@ -123,18 +127,20 @@ class Verifier:
         self.baselines([qs])
         return qs
 
-    def prejudge(self, items: list[tuple[str, str]]) -> None:
-        """Ask the judge about every (topic, text) not yet judged, all in one concurrent batch."""
+    def prejudge(self, items: list) -> None:
+        """Ask the judge every question ((topic, text) or `PairItem`) not yet asked, in one concurrent batch."""
         if self.judge is None:
             return
         todo = list(dict.fromkeys(it for it in items if it not in self._verdicts))
-        for (topic, text), v in zip(todo, self.judge(todo)):
-            self._verdicts[(topic, text)] = v
+        if todo:
+            for it, v in zip(todo, self.judge(todo)):
+                self._verdicts[it] = v
 
-    def _judged(self, qs: QuerySet, topic: str, texts: list[str]) -> list[float]:
+    def _judged(self, qs: QuerySet, topic: str, texts: list[str]) -> tuple[list[float], int, list[float | None]]:
+        """Per text: the verdict (1.0: p_yes > 0.5), how many replies were unusable, and p_yes itself."""
         self.prejudge([(topic, t) for t in texts])
-        verdicts = [self._verdicts[(topic, t)] for t in texts]
-        return [1.0 if v else 0.0 for v in verdicts], sum(v is None for v in verdicts)
+        p = [self._verdicts[(topic, t)] for t in texts]
+        return [1.0 if v is not None and v > 0.5 else 0.0 for v in p], sum(v is None for v in p), p
 
     # ---- the checks ----------------------------------------------------------------------
     def direct_logits(self, direction: torch.Tensor) -> tuple[torch.Tensor, list, list]:
@@ -183,33 +189,108 @@ class Verifier:
         return [Effect(**base, check="necessity", metric="answer_changed", value=m, ci_low=lo, ci_high=hi,
                        n=len(changed), details=details)]
 
+    def judge_items(self, topic: str, steered: Answers, qs: QuerySet, control: Answers | None) -> list:
+        """Every judge question the sufficiency check of one direction will ask (for one batch per wave)."""
+        if self.judge is None or not topic:
+            return []
+        items = []
+        if "absolute" in self.s.judge_modes:
+            for a in (qs.base_neutral, steered, control):
+                if a is not None:
+                    items += [(topic, x) for x in a.texts]
+        if "paired" in self.s.judge_modes:
+            for other in (control, qs.base_neutral):
+                if other is not None:
+                    for x, y in zip(steered.texts, other.texts):
+                        if x != y:
+                            items += [PairItem(topic, x, y, True), PairItem(topic, x, y, False)]
+        return items
+
+    def paired(self, base: dict, topic: str, steered: Answers, other: Answers, tag: str) -> Effect:
+        """`paired_win_vs_<tag>`: per query 1 when the judge prefers the steered answer over the other
+        condition's (asked in both orders, position bias removed: `judge.debiased`), 0 when it prefers the
+        other, 0.5 for equal answers or an unusable reply; the mean, above 0.5 = on-concept."""
+        pairs = [(x, y) for x, y in zip(steered.texts, other.texts)]
+        self.prejudge([PairItem(topic, x, y, f) for x, y in pairs if x != y for f in (True, False)])
+        scores, prefs, biases, wins, losses, ties, bad, first = [], [], [], 0, 0, 0, 0, 0
+        for x, y in pairs:
+            if x == y:
+                ties += 1
+                scores.append(0.5)
+                continue
+            d1, d2 = self._verdicts.get(PairItem(topic, x, y, True)), self._verdicts.get(PairItem(topic, x, y, False))
+            if d1 is None or d2 is None:
+                bad += 1
+                scores.append(0.5)
+                continue
+            pref, bias = debiased(d1, d2)
+            prefs.append(pref)
+            biases.append(bias)
+            first += (d1 > 0) + (d2 > 0)
+            if pref == 0:
+                ties += 1
+                scores.append(0.5)
+            else:
+                wins, losses = wins + (pref > 0), losses + (pref < 0)
+                scores.append(1.0 if pref > 0 else 0.0)
+        m, lo, hi = mean_ci(scores, self.s)
+        asked = len(prefs)
+        return Effect(**base, check="sufficiency", metric=f"paired_win_vs_{tag}", value=m, ci_low=lo, ci_high=hi,
+                      n=len(scores), details={
+                          "topic": topic, "wins": wins, "losses": losses, "ties": ties, "unparsed": bad,
+                          "mean_preference": round(sum(prefs) / asked, 4) if asked else None,
+                          "position_bias": round(sum(biases) / asked, 4) if asked else None,
+                          "first_chosen": first / (2 * asked) if asked else None,
+                          "sign_test_p": round(sign_test_p(wins, losses), 6), "examples": steered.texts[:3]})
+
     def sufficiency(self, base: dict, topic: str, steered: Answers, qs: QuerySet,
                     control: Answers | None, control_base: dict | None) -> list[Effect]:
         if self.judge is None or not topic:
             return []
+        out = []
+        if "paired" in self.s.judge_modes:
+            if control is not None:
+                out.append(self.paired(base, topic, steered, control, "random"))
+            out.append(self.paired(base, topic, steered, qs.base_neutral, "unsteered"))
+        if "absolute" in self.s.judge_modes:
+            out += self._absolute(base, topic, steered, qs, control, control_base)
+        return out
+
+    def _absolute(self, base: dict, topic: str, steered: Answers, qs: QuerySet,
+                  control: Answers | None, control_base: dict | None) -> list[Effect]:
         if topic not in qs.judged_unsteered:
             qs.judged_unsteered[topic] = self._judged(qs, topic, qs.base_neutral.texts)
-        un, un_bad = qs.judged_unsteered[topic]
-        st, st_bad = self._judged(qs, topic, steered.texts)
+        un, _, un_p = qs.judged_unsteered[topic]
+        st, st_bad, st_p = self._judged(qs, topic, steered.texts)
         m, lo, hi = mean_ci(st, self.s)
         det = {"topic": topic, "unsteered_rate": sum(un) / max(len(un), 1), "unparsed": st_bad,
                "examples": steered.texts[:3]}
         out = []
-        diffs = {"on_concept_vs_unsteered": [a - b for a, b in zip(st, un)]}
+        diffs = {"on_concept_vs_unsteered": [a - b for a, b in zip(st, un)],
+                 "p_yes_vs_unsteered": _diffs(st_p, un_p)}
         if control is not None:
-            ct, ct_bad = self._judged(qs, topic, control.texts)
+            ct, ct_bad, ct_p = self._judged(qs, topic, control.texts)
             det["random_rate"] = sum(ct) / max(len(ct), 1)
             cm, clo, chi = mean_ci(ct, self.s)
             out.append(Effect(**control_base, check="sufficiency", metric="on_concept_rate", value=cm, ci_low=clo,
                               ci_high=chi, n=len(ct), details={"topic": topic, "unparsed": ct_bad,
                                                                "examples": control.texts[:3]}))
             diffs["on_concept_vs_random"] = [a - b for a, b in zip(st, ct)]
+            diffs["p_yes_vs_random"] = _diffs(st_p, ct_p)
         out.insert(0, Effect(**base, check="sufficiency", metric="on_concept_rate", value=m, ci_low=lo, ci_high=hi,
                              n=len(st), details=det))
         for metric, vals in diffs.items():
             dm, dlo, dhi = mean_ci(vals, self.s)
             out.append(Effect(**base, check="sufficiency", metric=metric, value=dm, ci_low=dlo, ci_high=dhi,
                               n=len(vals)))
+        # the graded forced choice: on how many queries the steered answer has the higher p_yes
+        others = [("unsteered", un_p)] + ([("random", ct_p)] if control is not None else [])
+        for tag, other_p in others:
+            scores, w, l_, t = _wins(st_p, other_p)
+            wm, wlo, whi = mean_ci(scores, self.s)
+            out.append(Effect(**base, check="sufficiency", metric=f"p_yes_win_vs_{tag}", value=wm, ci_low=wlo,
+                              ci_high=whi, n=len(scores), details={"topic": topic, "wins": w, "losses": l_, "ties": t,
+                                                                   "sign_test_p": round(sign_test_p(w, l_), 6)}))
         return out
 
     def refusal(self, base: dict, kind: str, changed: Answers, ref: Answers, langs: list[str]) -> list[Effect]:
@@ -231,6 +312,17 @@ class Verifier:
                 out.append(Effect(**{**base, "lang": lang}, check="refusal", metric=metric, value=m, ci_low=lo,
                                   ci_high=hi, n=len(vals), details=det))
         return out
+
+
+def _wins(a: list[float | None], b: list[float | None]) -> tuple[list[float], int, int, int]:
+    """Per pair 1.0 (a higher), 0.0 (b higher) or 0.5 (equal); pairs with an unusable reply left out."""
+    scores = [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b) if x is not None and y is not None]
+    return scores, scores.count(1.0), scores.count(0.0), scores.count(0.5)
+
+
+def _diffs(a: list[float | None], b: list[float | None]) -> list[float]:
+    """Paired differences of graded judgements, pairs with an unusable reply left out."""
+    return [x - y for x, y in zip(a, b) if x is not None and y is not None]
 
 
 class _null:

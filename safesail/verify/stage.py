@@ -38,11 +38,13 @@ from safesail.verify.checks import CheckSettings, QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
 from safesail.verify.interventions import SteerableSAE, steering_norm
 from safesail.verify.records import Effect, EffectWriter, effects_path
+from safesail.verify.steering import UNITS, residual_norm
 from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, reference_unit, run_wave  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+JUDGE_MODES = ("paired", "absolute")
 
 
 @dataclass
@@ -57,18 +59,25 @@ class VerifySettings(VerifyConfig):
             raise UserError(f"verify.{unknown[0]} is not a verify setting; see configs/verify/default.yaml.")
         if node.get("latents") not in (None, "tagged", "candidates"):
             raise UserError(f"verify.latents is {node.get('latents')!r}; use tagged or candidates.")
+        if node.get("strength_unit") not in (None, *UNITS):
+            raise UserError(f"verify.strength_unit is {node.get('strength_unit')!r}; use {' or '.join(UNITS)}.")
+        modes = node.get("judge_modes")
+        if modes is not None and (not isinstance(modes, (list, tuple)) and not OmegaConf.is_list(modes)
+                                  or not set(modes) <= set(JUDGE_MODES)):
+            raise UserError(f"verify.judge_modes is {modes!r}; give a list of {' and '.join(JUDGE_MODES)}.")
         s = load_group(node, cls, "verify")
         for name in ("max_latents", "queries_per_domain", "max_new_tokens", "batch_size", "wave", "n_boot"):
             if int(getattr(s, name)) < 1:
                 raise UserError(f"verify.{name} is {getattr(s, name)}; set it to a positive integer.")
         for x in [s.strength, *s.strength_scan]:
             if not 0 < float(x) <= 100:
-                raise UserError(f"verify.strength{'' if x == s.strength else '_scan'} has {x}; use normalized "
-                                "activations in (0, 100], e.g. 8.")
+                raise UserError(f"verify.strength{'' if x == s.strength else '_scan'} has {x}; use strengths in "
+                                "(0, 100], e.g. 8 (x the 0.999 quantile) or 1 (x the residual norm).")
         return s
 
     def checks(self) -> CheckSettings:
-        return CheckSettings(self.max_new_tokens, self.batch_size, self.top_tokens, self.n_boot, self.seed)
+        return CheckSettings(self.max_new_tokens, self.batch_size, self.top_tokens, self.n_boot, self.seed,
+                             tuple(self.judge_modes))
 
     def unit_settings(self) -> dict:
         """The settings a unit's records depend on (not which or how many latents are planned)."""
@@ -111,8 +120,49 @@ def _select_domains(rd: RunDir, hook: str) -> dict[int, str]:
     return {int(j): doms[int(k)] for j, k in zip(st["latent_ids"].tolist(), diff.argmax(0).tolist())}
 
 
+def _scores(rd: RunDir) -> dict[tuple[str, int], dict]:
+    """(hook, latent) -> its last simulation score record (another scorer's when it has no simulation)."""
+    out: dict[tuple[str, int], dict] = {}
+    for rec in iter_jsonl(rd.interpret / "scores.jsonl"):
+        try:
+            key = (str(rec["hook"]), int(rec["latent"]))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if rec.get("kind") == "simulation" or out.get(key, {}).get("kind") != "simulation":
+            out[key] = rec
+    return out
+
+
+def score_rank(rec: dict | None) -> tuple[int, float]:
+    """How informative a latent's check is likely to be: an explanation that beats its shuffled control
+    first, then by its score (none or a failed score last)."""
+    rec = rec or {}
+    value = rec.get("value")
+    if rec.get("status", "ok") != "ok" or value is None:
+        return (0, float("-inf"))
+    return (1 if rec.get("beats_shuffled") else 0, float(value))
+
+
+def informative_order(items: list[dict], scores: dict[tuple[str, int], dict]) -> list[dict]:
+    """Items in round robin over their (hook, domain) groups, each group best score first and the groups in
+    the order of their best latent: a capped plan checks the best-explained latent of every layer and domain
+    before the second of any."""
+    def rank(it):
+        r = score_rank(scores.get((it["hook"], it["latent"])))
+        return (-r[0], -r[1], HookPoint.parse(it["hook"]).layer, it["latent"])
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for it in sorted(items, key=rank):
+        groups.setdefault((it["hook"], it["domain"]), []).append(it)
+    ordered = list(groups.values())      # already in the order of their best (first) item
+    out = []
+    for r in range(max((len(g) for g in ordered), default=0)):
+        out += [g[r] for g in ordered if r < len(g)]
+    return out
+
+
 def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> tuple[list[dict], dict[str, set[int]]]:
-    """[{hook, latent, domain, explanation, tagged}] in (hook, latent) order, at most max_latents, and per
+    """[{hook, latent, domain, explanation, tagged}], at most max_latents in `informative_order`, and per
     hook the latents a random control may not be (every eligible one, however many are planned).
 
     Tagged latents first choice; without any (or with latents=candidates), every collected latent,
@@ -131,16 +181,16 @@ def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> tuple[list[
     if s.latents == "tagged" and not tagged:
         log.warning("verify: no latent is tagged with a safety domain; checking the candidate latents instead")
     exclude = {h: {i for hh, i in chosen if hh == h} for h in hooks}
-    out, by_pairs = [], {h: _select_domains(rd, h) for h in hooks}
-    for hook, latent in chosen[:s.max_latents]:
+    items, by_pairs = [], {h: _select_domains(rd, h) for h in hooks}
+    for hook, latent in chosen:
         t = tags.get((hook, latent)) or {}
         doms = [d for d in t.get("tags") or [] if d in DOMAINS]
         e = expls.get((hook, latent)) or {}
-        out.append({"hook": hook, "latent": int(latent), "tagged": bool(doms),
-                    "domain": (doms[0] if doms else _pair_domain(t) or by_pairs[hook].get(int(latent))
-                               or DOMAINS[int(latent) % len(DOMAINS)]),
-                    "explanation": e.get("explanation") if e.get("status", "ok") == "ok" else None})
-    return out, exclude
+        items.append({"hook": hook, "latent": int(latent), "tagged": bool(doms),
+                      "domain": (doms[0] if doms else _pair_domain(t) or by_pairs[hook].get(int(latent))
+                                 or DOMAINS[int(latent) % len(DOMAINS)]),
+                      "explanation": e.get("explanation") if e.get("status", "ok") == "ok" else None})
+    return informative_order(items, _scores(rd))[:s.max_latents], exclude
 
 
 def query_sets(pairs, s: VerifySettings, tok, system_prompt) -> tuple[dict[str, QuerySet], dict[str, tuple]]:
@@ -242,12 +292,22 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
     sets, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))
 
+    # strengths in units of the residual stream's norm after each hooked block (steering.py)
+    resid = {}
+    if s.strength_unit == "residual":
+        neutral = [q for d in sorted(sets) for q in sets[d].neutral]
+        resid = {h: residual_norm(lm, saes[h].hook, neutral) for h in sorted({p["hook"] for p in plan})}
+        log.info("verify: residual-stream norms %s", {h: round(r, 2) for h, r in resid.items()})
+
+    def ref_norm(h: str, latent: int) -> float:
+        return s.strength * resid[h] if resid else steering_norm(saes[h], latent, s.strength)
+
     # the units, each with the fingerprint of what its records depend on
     units = []
     if s.reference:
-        for h in sorted({p["hook"] for p in plan}):
+        for h in sorted({p["hook"] for p in plan}, key=lambda x: HookPoint.parse(x).layer):
             for d in sorted({p["domain"] for p in plan if p["hook"] == h}):
-                norms = [steering_norm(saes[h], p["latent"], s.strength) for p in plan
+                norms = [ref_norm(h, p["latent"]) for p in plan
                          if p["hook"] == h and p["domain"] == d and p["latent"] in saes[h].scales]
                 if norms and refs[d][0]:
                     norm = float(torch.tensor(norms).median())
@@ -285,7 +345,8 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
         path = rd.latents(hook) / "segments.jsonl"
         segs = [g for g in load_segments(path, latent=x["latent"]) if g.get("kind") == "activating"][:s.segments] \
             if path.is_file() else []
-        return latent_unit(key, sae, x, sets[x["domain"]], s.strength, exclude[hook], s.seed, segs)
+        return latent_unit(key, sae, x, sets[x["domain"]], s.strength, exclude[hook], s.seed, segs,
+                           resid.get(hook))
 
     n_records, timings = 0, []
     waves = [units[i:i + s.wave] for i in range(0, len(units), s.wave)]

@@ -12,6 +12,7 @@ equal to single-row runs).
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from safesail.verify.interventions import (
     steering_norm,
 )
 from safesail.verify.records import Effect
+from safesail.verify.steering import quantile_strength
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,9 @@ class Unit:
 
 
 def latent_unit(key: str, sae: SteerableSAE, item: dict, qs: QuerySet, strength: float, exclude: set[int],
-                seed: int, segments: list[dict]) -> Unit | None:
+                seed: int, segments: list[dict], resid_norm: float | None = None) -> Unit | None:
+    """`resid_norm`: strengths are multiples of this residual-stream norm (`steering.py`); None: of the
+    latent's 0.999 quantile."""
     hp, i = sae.hook, item["latent"]
     if i not in sae.scales:
         log.warning("verify: %s latent %d never fired in collect (no 0.999 quantile); skipped", hp, i)
@@ -76,18 +80,31 @@ def latent_unit(key: str, sae: SteerableSAE, item: dict, qs: QuerySet, strength:
                                       "domain": qs.domain},
              item=item, ablate=Intervention([sae], [LatentEdit(hp.layer, i, "ablate")]),
              control_latent=random_latent(sae, i, exclude, seed), direction=sae.direction(i), segments=segments)
+    if resid_norm is not None:
+        u.extra["resid_norm"] = float(resid_norm)
     set_strength(u, strength)
     return u
+
+
+def steer_intervention(u: Unit, strength: float) -> tuple[Intervention, float]:
+    """Adding the latent at `strength` (in the unit's units) and that strength x its 0.999 quantile."""
+    hp, i, sae = u.sae.hook, u.base["latent"], u.sae
+    q = float(strength)
+    if u.extra.get("resid_norm") is not None:
+        q = quantile_strength(sae.scales[i], float(sae.direction(i).norm()), strength, u.extra["resid_norm"])
+    return Intervention([sae], [LatentEdit(hp.layer, i, "add", q)], max_strength=math.inf), q
 
 
 def set_strength(u: Unit, strength: float) -> None:
     """Steer the latent at `strength`, and the random control latent with the same norm."""
     hp, i, sae = u.sae.hook, u.base["latent"], u.sae
-    norm = steering_norm(sae, i, strength)
-    u.steer = Intervention([sae], [LatentEdit(hp.layer, i, "add", strength)])
+    u.steer, q = steer_intervention(u, strength)
+    norm = steering_norm(sae, i, q)
     u.control = Intervention([sae], direction_edits=[DirectionEdit(hp.layer, scaled(sae.direction(u.control_latent)
                                                                                     .float(), norm))])
     u.extra["strength"] = float(strength)
+    if u.extra.get("resid_norm") is not None:
+        u.extra["quantile_strength"] = round(q, 4)
 
 
 def fluent(ids: list[int], mean_lp: float, base_lp: float, max_drop: float) -> bool:
@@ -107,8 +124,7 @@ def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries:
     for u in lat:
         for st in strengths:
             rows += [(u, st, q) for q in range(min(n_queries, len(u.qs.neutral)))]
-    ivs = {(id(u), st): Intervention([u.sae], [LatentEdit(u.sae.hook.layer, u.base["latent"], "add", st)])
-           for u in lat for st in strengths}
+    ivs = {(id(u), st): steer_intervention(u, st)[0] for u in lat for st in strengths}
     prompts = [u.qs.neutral[q] for u, _, q in rows]
     ans = generate_full(v.lm, prompts, v.s.max_new_tokens, v.s.batch_size, [ivs[(id(u), st)] for u, st, _ in rows]).ids
     base_rows = list({(id(u.qs), q): (u.qs, q) for u, _, q in rows}.values())
@@ -220,10 +236,7 @@ def run_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, sc
     if v.judge is not None:
         items = []
         for u in units:
-            t = _topic(u)
-            for a in (u.qs.base_neutral, u.out["steered"], u.out.get("control")):
-                if a is not None:
-                    items += [(t, x) for x in a.texts]
+            items += v.judge_items(_topic(u), u.out["steered"], u.qs, u.out.get("control"))
         v.prejudge(items)
     return {u.key: finish(v, u) for u in units}
 
@@ -248,6 +261,9 @@ def finish(v: Verifier, u: Unit) -> list[Effect]:
     for e in out:
         if u.kind == "latent":
             e.details.setdefault("strength", u.extra["strength"])
+            for k in ("quantile_strength", "resid_norm"):
+                if k in u.extra:
+                    e.details.setdefault(k, u.extra[k])
             if "scan" in u.extra and e.check == "sufficiency" and e.target == "latent":
                 e.details["scan"] = u.extra["scan"]
             if e.target == "random_latent":
