@@ -9,9 +9,11 @@ Parts (``--parts``):
   on-topic text, no on the other). The judge is the ``llm`` group's client (``--set llm=...``).
 * ``stage``: summarises a finished `safesail verify` run (``--run``): per latent its strength, the
   paired win rate against the random latent and against the unsteered answer (value, 95% interval,
-  wins/losses/ties, share of first-position picks, sign-test p), the absolute on-concept rates, and
-  the share of latents that steer on-concept more than the random control at 95% by each judge
-  (paired: interval above 0.5; absolute: interval of on_concept_vs_random above 0).
+  wins/losses/ties, share of first-position picks, sign-test p), the graded p(yes) comparisons
+  (p_yes_win_vs_*, p_yes_vs_*), the absolute on-concept rates, and the share of latents that steer
+  on-concept more than the random control at 95% by each judge (graded: p_yes_win_vs_random's
+  interval above 0.5, the stage's criterion; paired: interval above 0.5; thresholded verdicts:
+  interval of on_concept_vs_random above 0).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_verify_sufficiency.py --parts judge --set llm=qwen-coder-1.5b
     python benchmarks/bench_verify_sufficiency.py --parts stage --run /tmp/vs/runs/demo
@@ -107,7 +109,7 @@ def stage_part(args) -> dict:
     for e in recs:
         if e.target in ("latent", "diff_in_means"):
             by[(e.layer, e.latent, e.domain, e.target)][e.metric] = e
-    rows, n_lat, paired_pass, abs_pass = [], 0, 0, 0
+    rows, n_lat, paired_pass, abs_pass, graded_pass, graded_unsteered = [], 0, 0, 0, 0, 0
     for (layer, latent, domain, target), m in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][0],
                                                                                 kv[0][1] or -1)):
         row = {"id": f"{layer}_{latent}" if latent is not None else f"{layer}_dim:{domain}", "domain": domain}
@@ -121,7 +123,14 @@ def stage_part(args) -> dict:
                 d = e.details
                 row[metric] = [round(e.value, 3), e.ci_low, e.ci_high, d.get("wins"), d.get("losses"), d.get("ties"),
                                d.get("first_chosen"), d.get("sign_test_p")]
-        for metric in ("on_concept_rate", "on_concept_vs_random", "on_concept_vs_unsteered"):
+        for metric in ("p_yes_win_vs_random", "p_yes_win_vs_unsteered"):
+            e = m.get(metric)
+            if e is not None:
+                d = e.details
+                row[metric] = [round(e.value, 3), e.ci_low, e.ci_high, d.get("wins"), d.get("losses"), d.get("ties"),
+                               d.get("sign_test_p")]
+        for metric in ("p_yes_vs_random", "p_yes_vs_unsteered", "on_concept_rate", "on_concept_vs_random",
+                       "on_concept_vs_unsteered"):
             e = m.get(metric)
             if e is not None:
                 row[metric] = [round(e.value, 3), e.ci_low, e.ci_high]
@@ -133,10 +142,16 @@ def stage_part(args) -> dict:
             paired_pass += bool(p and p.ci_low is not None and p.ci_low > 0.5)
             a = m.get("on_concept_vs_random")
             abs_pass += bool(a and a.ci_low is not None and a.ci_low > 0)
+            g = m.get("p_yes_win_vs_random")
+            graded_pass += bool(g and g.ci_low is not None and g.ci_low > 0.5)
+            g = m.get("p_yes_win_vs_unsteered")
+            graded_unsteered += bool(g and g.ci_low is not None and g.ci_low > 0.5)
         rows.append(row)
     firsts = [e.details.get("first_chosen") for e in recs if e.metric.startswith("paired_win")
               and e.details.get("first_chosen") is not None]
     return {"run": str(run), "latents": n_lat,
+            "graded_on_concept_vs_random_at_95": f"{graded_pass}/{n_lat}",
+            "graded_on_concept_vs_unsteered_at_95": f"{graded_unsteered}/{n_lat}",
             "paired_on_concept_vs_random_at_95": f"{paired_pass}/{n_lat}",
             "absolute_on_concept_vs_random_at_95": f"{abs_pass}/{n_lat}",
             "mean_first_chosen": round(sum(firsts) / len(firsts), 3) if firsts else None,
