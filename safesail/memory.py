@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import resource
 import sys
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def rss_mib() -> float | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def peak_rss_mib() -> float:
+    """The peak resident set of this process so far (MiB; Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _libc():

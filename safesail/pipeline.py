@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import sys
 import time
 
@@ -22,7 +21,7 @@ from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.summary import summarize, summary_lines
 from safesail.domains import DOMAINS, SCORE_CUT
 from safesail.interpret.records import read_explanations, read_tags
-from safesail.memory import release, rss_mib
+from safesail.memory import peak_rss_mib, release, rss_mib
 from safesail.rundir import RunDir, atomic_write_json
 from safesail.stages import PIPELINE as PIPELINE_STAGES
 
@@ -34,11 +33,6 @@ PIPELINE: list[tuple[str, list[str]]] = [(s.name, list(s.run_args)) for s in PIP
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
-
-
-def _peak_rss_mib() -> float:
-    # ru_maxrss is in KiB on Linux; the peak so far of this process.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
@@ -62,7 +56,7 @@ def run_pipeline(cfg: DictConfig, args: list[str]) -> None:
         t0 = time.perf_counter()
         stage.resolve()(cfg, list(stage.run_args))
         row = {"stage": name, "seconds": round(time.perf_counter() - t0, 2),
-               "peak_rss_mib_so_far": round(_peak_rss_mib(), 1), "rss_mib_after": _round(rss_mib())}
+               "peak_rss_mib_so_far": round(peak_rss_mib(), 1), "rss_mib_after": _round(rss_mib())}
         release()   # hand the stage's freed heap back before the next one maps its own buffers
         row["rss_mib_after_release"] = _round(rss_mib())
         timings.append(row)
