@@ -35,7 +35,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str
-    source: Literal["hf", "smollm2", "tiny"]
+    source: Literal["hf", "tiny", "smollm2", "qwen-coder-1.5b", "qwen-coder-0.5b"]   # the last three: embedded (safesail/models/embedded.py)
     path: Optional[str]
     dtype: Literal["float32", "float16", "bfloat16", "auto"]
     revision: Optional[str]

@@ -32,3 +32,12 @@ def test_wrong_type_in_an_experiment_is_one_sentence():
     cfg.train.epochs = "two"
     with pytest.raises(UserError, match=r"^train\.epochs must be an integer, not 'two'"):
         check_config(cfg)
+
+
+def test_model_sources_are_hf_tiny_and_every_embedded_model():
+    from typing import get_args, get_type_hints
+
+    from safesail.config_types import ModelConfig
+    from safesail.models.embedded import EMBEDDED
+
+    assert set(get_args(get_type_hints(ModelConfig)["source"])) == {"hf", "tiny", *EMBEDDED}
