@@ -114,13 +114,10 @@ def refusal_part(args) -> dict:
     return out
 
 
-def steer_part(args) -> dict:
-    import httpx
-
+def _steer_setup(args):
+    """SmolLM2 with the random-SAE DB of bench_diagnose.py (or --db) and one `add` edit on a middle hook's latent."""
     from bench_diagnose import build_random_db
-    from diagnose_helpers import LiveServer, make_engine
-    from safesail.diagnose.api.common import ServerSettings
-    from safesail.diagnose.server import create_app
+    from diagnose_helpers import make_engine
 
     cfg, lm = load("smollm2")
     db_path = args.db or build_random_db(lm, list(cfg.model.layers), REPO / "runs" / "bench-diagnose",
@@ -128,8 +125,19 @@ def steer_part(args) -> dict:
     engine = make_engine(lm, db_path, max_new_tokens=args.new_tokens, max_new_tokens_limit=256, top=30,
                          system_prompt=cfg.model.system_prompt, threads=args.threads)
     b = engine.saes[len(engine.saes) // 2]
-    lid = f"{b.layer}_{int(b.latent_ids[0])}"
-    edits = [{"neuron_id": lid, "mode": "add", "strength": 4.0}]
+    edits = [{"neuron_id": f"{b.layer}_{int(b.latent_ids[0])}", "mode": "add", "strength": 4.0}]
+    return engine, edits, db_path
+
+
+def steer_part(args) -> dict:
+    import httpx
+
+    from diagnose_helpers import LiveServer
+    from safesail.diagnose.api.common import ServerSettings
+    from safesail.diagnose.server import create_app
+
+    engine, edits, db_path = _steer_setup(args)
+    lid = edits[0]["neuron_id"]
     queries = [f"Write a short story about a cat who learns to fly, number {i}." for i in range(args.runs + 2)]
     res = defaultdict(list)
     with LiveServer(create_app(engine, ServerSettings(request_timeout_s=600))) as srv:
@@ -170,21 +178,13 @@ def steer_ab_part(args) -> dict:
     (process_time) are also given: on a shared machine they are closer to the idle wall time."""
     import importlib.util
 
-    from bench_diagnose import build_random_db
-    from diagnose_helpers import make_engine
     from safesail.diagnose import steer as new_steer
 
     spec = importlib.util.spec_from_file_location("old_steer", Path(args.old_src) / "safesail/diagnose/steer.py")
     old_steer = importlib.util.module_from_spec(spec)
     sys.modules["old_steer"] = old_steer      # pydantic resolves the module's annotations through it
     spec.loader.exec_module(old_steer)
-    cfg, lm = load("smollm2")
-    db_path = args.db or build_random_db(lm, list(cfg.model.layers), REPO / "runs" / "bench-diagnose",
-                                         10 * lm.hidden_size, 32)
-    engine = make_engine(lm, db_path, max_new_tokens=args.new_tokens, max_new_tokens_limit=256, top=30,
-                         system_prompt=cfg.model.system_prompt, threads=args.threads)
-    b = engine.saes[len(engine.saes) // 2]
-    edits = [{"neuron_id": f"{b.layer}_{int(b.latent_ids[0])}", "mode": "add", "strength": 4.0}]
+    engine, edits, db_path = _steer_setup(args)
     res = defaultdict(list)
     for i in range(args.runs + 1):
         q = f"Write a short story about a cat who learns to fly, number {i}."
