@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from safesail.hooks import HookPoint, hook_module
 from safesail.verify.checks import QuerySet, Verifier
-from safesail.verify.generation import _pad_id, _padded, generate_full, token_logprobs  # noqa: F401
+from safesail.verify.generation import generate_full, token_logprobs
 from safesail.verify.interventions import (
     DirectionEdit,
     Intervention,
     LatentEdit,
-    PerRow,
     SteerableSAE,
     scaled,
     steering_norm,
@@ -129,7 +127,7 @@ def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries:
     ans = generate_full(v.lm, prompts, v.s.max_new_tokens, v.s.batch_size, [ivs[(id(u), st)] for u, st, _ in rows]).ids
     base_rows = list({(id(u.qs), q): (u.qs, q) for u, _, q in rows}.values())
     seqs = [p + a for p, a in zip(prompts, ans)] + [qs.neutral[q] + qs.base_neutral.ids[q] for qs, q in base_rows]
-    lps, _ = _token_logprobs(v.lm, seqs, v.s.batch_size)
+    lps, _ = token_logprobs(v.lm, seqs, v.s.batch_size)
 
     def mean_lp(k: int, n_prompt: int, n_ans: int) -> float:
         return float(lps[k][n_prompt - 1:n_prompt - 1 + n_ans].mean()) if n_ans else float("-inf")
@@ -162,13 +160,6 @@ def reference_unit(key: str, sae: SteerableSAE, vector: torch.Tensor, qs: QueryS
 
 # ---- batched corpus-segment and query passes ---------------------------------------------------------
 
-@torch.no_grad()
-def _token_logprobs(lm, seqs: list[list[int]], batch_size: int, ivs=None, capture: list[HookPoint] = ()):
-    """Per sequence: [len-1] log P(next token), and (with `capture`) {hook: [len, d]} activations
-    (`generation.token_logprobs`: the unembedding row by row, no [rows, length, vocab] buffers)."""
-    return token_logprobs(lm, seqs, batch_size, ivs, capture)
-
-
 def _segment_losses(v: Verifier, units: list[Unit]) -> None:
     """unit.out["segments"]: the per-segment loss change where the latent fires (ablated - unmodified)."""
     rows = [(u, g) for u in units if u.kind == "latent" for g in u.segments if len(g["token_ids"]) >= 2]
@@ -178,13 +169,13 @@ def _segment_losses(v: Verifier, units: list[Unit]) -> None:
         return
     seqs = [list(g["token_ids"]) for _, g in rows]
     hooks = sorted({u.sae.hook for u, _ in rows}, key=lambda h: h.layer)
-    base, acts = _token_logprobs(v.lm, seqs, v.s.batch_size, capture=hooks)
+    base, acts = token_logprobs(v.lm, seqs, v.s.batch_size, capture=hooks)
     fires = []
     for (u, _), a in zip(rows, acts):
         x = a[u.sae.hook.name].to(u.sae.sae.W_dec.dtype)
         fires.append(u.sae.sae.encode(x)[:, u.base["latent"]] > 0)
     keep = [k for k, f in enumerate(fires) if bool(f[:-1].any())]
-    abl, _ = _token_logprobs(v.lm, [seqs[k] for k in keep], v.s.batch_size, ivs=[rows[k][0].ablate for k in keep])
+    abl, _ = token_logprobs(v.lm, [seqs[k] for k in keep], v.s.batch_size, ivs=[rows[k][0].ablate for k in keep])
     for k, lp1 in zip(keep, abl):
         f = fires[k][:-1]
         rows[k][0].out["segments"].append(float((base[k] - lp1)[f].mean()))
@@ -199,7 +190,7 @@ def _fires_on_concept(v: Verifier, units: list[Unit]) -> None:
     for group in by_set.values():
         qs = group[0].qs
         hooks = sorted({u.sae.hook for u in group}, key=lambda h: h.layer)
-        _, acts = _token_logprobs(v.lm, [p for p in qs.concept], v.s.batch_size, capture=hooks)
+        _, acts = token_logprobs(v.lm, [p for p in qs.concept], v.s.batch_size, capture=hooks)
         for u in group:
             u.out["fires"] = [bool((u.sae.sae.encode(a[u.sae.hook.name].to(u.sae.sae.W_dec.dtype))
                                     [:, u.base["latent"]] > 0).any()) for a in acts]
