@@ -21,7 +21,7 @@ from safesail.interpret.scoring.records import read_scores
 from safesail.interpret.scoring.summary import summarize, summary_lines
 from safesail.domains import DOMAINS, SCORE_CUT
 from safesail.interpret.records import read_explanations, read_tags
-from safesail.memory import peak_rss_mib, release, rss_mib
+from safesail.process_memory import peak_rss_mib, release, rss_mib
 from safesail.rundir import RunDir, atomic_write_json
 from safesail.stages import PIPELINE as PIPELINE_STAGES
 

@@ -1,4 +1,4 @@
-"""safesail.memory: the resident set now, and returning freed heap to the system between stages."""
+"""safesail.process_memory: the resident set now, and returning freed heap to the system between stages."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from safesail.memory import release, rss_mib
+from safesail.process_memory import release, rss_mib
 
 
 def test_rss_is_read_from_proc():
