@@ -11,6 +11,9 @@
   original activation, since the SAEs never saw them. `ce_loss_recovered_se` is its
   delete-one-window jackknife standard error: the denominator is small at middle layers
   (zero-ablating one MLP costs ~0.1 nat), so a few thousand tokens resolve 0.8 only roughly.
+  `ce_loss_increase` (CE_spliced - CE_clean, nats per token) with `ce_loss_increase_se` (the
+  standard error of the window-paired difference) is the figure that does not divide by that
+  small cost: compare SAEs of one hook by it when the zero-ablation cost is small.
 - `evaluate_ce_hooks(model, {hook: saes}, windows)`: the same for several hooks of one cache,
   sharing the clean forward of each window (the train stage's path).
 """
@@ -125,6 +128,18 @@ def jackknife_recovered_se(clean: torch.Tensor, zero: torch.Tensor, spliced: tor
     return float(((m - 1) / m * (loo - loo.mean()).pow(2).sum()).sqrt())
 
 
+def paired_increase_se(clean: torch.Tensor, spliced: torch.Tensor, tokens: int) -> float:
+    """Standard error of (sum spliced - sum clean) / tokens, the windows as the paired units.
+
+    Each window holds the same number of predicted tokens, so the per-token mean difference is
+    the mean of per-window sums over a constant; its error is the windows' spread of that."""
+    m = clean.numel()
+    if m < 2:
+        return math.nan
+    per_window = (spliced - clean) * (m / tokens)     # per-token difference of each window
+    return float(per_window.std(unbiased=True) / math.sqrt(m))
+
+
 @torch.no_grad()
 def evaluate_ce(model, tokenizer, hook: str, saes: Sequence[SAE], windows: Iterable[torch.Tensor],
                 batch_size: int = 4, max_tokens: int | None = None, progress: bool = True) -> list[dict]:
@@ -198,5 +213,7 @@ def evaluate_ce_hooks(model, tokenizer, saes_by_hook: dict[str, Sequence[SAE]], 
             out[hook].append({"ce_loss_clean": ce_clean, "ce_loss_spliced": ce, "ce_loss_zero_ablation": ce_zero,
                               "ce_loss_recovered": (ce_zero - ce) / denom if ok else math.nan,
                               "ce_loss_recovered_se": jackknife_recovered_se(clean_t, zero_t, spl) if ok else math.nan,
+                              "ce_loss_increase": ce - ce_clean,
+                              "ce_loss_increase_se": paired_increase_se(clean_t, spl, count),
                               "kl_to_clean": kl[hook][j] / count, "ce_tokens": count})
     return out

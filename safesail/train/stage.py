@@ -235,5 +235,6 @@ def _evaluate(cfg, device: torch.device, rd: RunDir, stores: dict[str, Activatio
             m.update(evaluated=True, eval_fingerprint=eval_fp, fingerprint=c.extra.get("fingerprint"),
                      config=read_cfg(f).to_dict())
             atomic_write_json(f / "metrics.json", m)
-            log.info("%s/%s: fvu %.4f l0 %.1f dead %.3f ce_recovered %s +- %s", hook, c.name, r["fvu"], r["l0"],
-                     r["dead_fraction"], e.get("ce_loss_recovered"), e.get("ce_loss_recovered_se"))
+            log.info("%s/%s: fvu %.4f l0 %.1f dead %.3f ce_recovered %s +- %s ce_increase %s +- %s nats", hook, c.name,
+                     r["fvu"], r["l0"], r["dead_fraction"], e.get("ce_loss_recovered"), e.get("ce_loss_recovered_se"),
+                     e.get("ce_loss_increase"), e.get("ce_loss_increase_se"))

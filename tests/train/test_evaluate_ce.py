@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from safesail.saes import build_sae
-from safesail.train.evaluate import evaluate_ce, evaluate_ce_hooks, jackknife_recovered_se
+from safesail.train.evaluate import evaluate_ce, evaluate_ce_hooks, jackknife_recovered_se, paired_increase_se
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,6 +29,8 @@ def test_shared_clean_pass_equals_per_hook(tiny_model):
             for key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
             assert a["ce_tokens"] == 6 * 31 and a["ce_loss_recovered_se"] > 0
+            assert a["ce_loss_increase"] == pytest.approx(a["ce_loss_spliced"] - a["ce_loss_clean"], abs=1e-12)
+            assert a["ce_loss_increase_se"] > 0
 
 
 def test_jackknife_se():
@@ -44,3 +46,13 @@ def test_jackknife_se():
     loo = torch.stack(full)
     assert se == pytest.approx(float((0.75 * (loo - loo.mean()).pow(2).sum()).sqrt()))
     assert math.isnan(jackknife_recovered_se(clean[:1], zero[:1], noisy[:1]))
+
+
+def test_paired_increase_se():
+    clean = torch.tensor([60.0, 62.0, 58.0, 61.0], dtype=torch.float64)   # per-window CE sums, 10 tokens each
+    # every window pays exactly 0.1 nat per token: the increase has no spread, so no error
+    assert paired_increase_se(clean, clean + 1.0, 40) == pytest.approx(0.0, abs=1e-12)
+    spliced = clean + torch.tensor([0.5, 1.5, 1.0, 2.0], dtype=torch.float64)
+    per_token = torch.tensor([0.05, 0.15, 0.10, 0.20], dtype=torch.float64)
+    assert paired_increase_se(clean, spliced, 40) == pytest.approx(float(per_token.std(unbiased=True) / 2))
+    assert math.isnan(paired_increase_se(clean[:1], spliced[:1], 10))
