@@ -96,15 +96,6 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def _tokenizer(client):
-    while client is not None:
-        tok = getattr(client, "tokenizer", None)
-        if tok is not None:
-            return tok
-        client = getattr(client, "inner", None)
-    return None
-
-
 def _lse(d: dict, names) -> float:
     vals = [d[n] for n in names if n in d]
     if not vals:
@@ -114,10 +105,9 @@ def _lse(d: dict, names) -> float:
 
 
 async def _logprob_reply(client, msgs: list[dict], cands: list[str]) -> dict[str, float] | None:
-    tok = _tokenizer(client)
-    if not getattr(client, "supports_prompt_logprobs", False) or tok is None:
+    text = client.chat_prompt(msgs) if getattr(client, "supports_prompt_logprobs", False) else None
+    if text is None:
         return None
-    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     res = await client.prompt_logprobs(text, cands, slots_ending_with="\n")
     return res.next_logprobs[-1] if res.next_logprobs else None
 

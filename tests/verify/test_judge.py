@@ -44,7 +44,9 @@ class _LogprobClient:
     """A client double with prompt log-probabilities: p(yes) high when the text mentions porn; A preferred
     by 1 nat whatever the texts (a position bias), plus 2 nats for the text that mentions porn."""
     supports_prompt_logprobs = True
-    tokenizer = _Tok()
+
+    def chat_prompt(self, msgs):
+        return _Tok().apply_chat_template(msgs)
 
     async def prompt_logprobs(self, prompt, candidates, slots_ending_with=None):
         if "Text A:" in prompt:

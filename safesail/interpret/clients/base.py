@@ -94,6 +94,12 @@ class LLMClient(ABC):
         """`slots_ending_with`: a back end may leave `{}` at positions whose token does not end with it."""
         raise LLMError("unsupported", f"{type(self).__name__} cannot return prompt log-probabilities")
 
+    def chat_prompt(self, messages: list[dict]) -> str | None:
+        """The prompt text this back end feeds its model for a chat request (the chat template applied, the
+        assistant's turn opened), to ask `prompt_logprobs` what the reply's first token would be; None when
+        the back end does not render chat prompts itself (a server does)."""
+        return None
+
     @abstractmethod
     def count_tokens(self, text: str) -> int:
         ...

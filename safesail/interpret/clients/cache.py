@@ -95,6 +95,9 @@ class CachedClient(LLMClient):
     def count_tokens(self, text: str) -> int:
         return self.inner.count_tokens(text)
 
+    def chat_prompt(self, messages: list[dict]) -> str | None:
+        return self.inner.chat_prompt(messages)
+
     def count_message_tokens(self, messages: list[dict]) -> int:
         return self.inner.count_message_tokens(messages)
 

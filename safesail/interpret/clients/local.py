@@ -164,9 +164,11 @@ class LocalClient(LLMClient):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def encode_messages(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.chat_prompt(messages), add_special_tokens=False)["input_ids"]
 
     def count_message_tokens(self, messages: list[dict]) -> int:
         return len(self.encode_messages(messages))

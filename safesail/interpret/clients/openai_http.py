@@ -143,6 +143,13 @@ class OpenAIClient(LLMClient):
     def cache_identity(self) -> dict[str, Any]:
         return {"backend": "openai", "base_url": self.base_url, "model": self.model_name}
 
+    def chat_prompt(self, messages: list[dict]) -> str | None:
+        """With `llm.tokenizer` (the served model's), its chat template rendered here, so a completions
+        endpoint's prompt log-probabilities can read the reply's first token; None without one."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is not None:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -171,3 +171,29 @@ def test_thread_setting():
 
     with pytest.raises(UserError, match="llm.threads"):
         pick_threads("many")
+
+
+def test_chat_prompt_is_the_text_chat_feeds_the_model(tiny, tmp_path):
+    """`chat_prompt` renders what `chat` encodes (so a prompt_logprobs caller asks about the reply's first
+    token); the cache wrapper passes it through; a back end that does not render prompts says None."""
+    from safesail.interpret.clients.cache import CachedClient
+    from safesail.interpret.clients.openai_http import OpenAIClient
+
+    client = LocalClient(tiny.model, tiny.tokenizer, "tiny", context_window=4096)
+    msgs = [{"role": "system", "content": "Reply yes or no."}, {"role": "user", "content": "Is bread food?"}]
+    text = client.chat_prompt(msgs)
+    assert client.tokenizer(text, add_special_tokens=False)["input_ids"] == client.encode_messages(msgs)
+    assert text.startswith(tiny.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)[:20])
+    assert text != tiny.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    cached = CachedClient(client, tmp_path / "c.sqlite")
+    assert cached.chat_prompt(msgs) == text
+    assert OpenAIClient(model="m", base_url="http://127.0.0.1:9/v1").chat_prompt(msgs) is None
+
+
+def test_an_api_client_renders_chat_prompts_only_with_a_tokenizer(tiny):
+    from safesail.interpret.clients.openai_http import OpenAIClient
+
+    msgs = [{"role": "user", "content": "Is bread food?"}]
+    with_tok = OpenAIClient(model="m", base_url="http://127.0.0.1:9/v1", tokenizer=tiny.tokenizer)
+    assert with_tok.chat_prompt(msgs) == tiny.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                                            add_generation_prompt=True)
