@@ -227,6 +227,7 @@ class VerifyConfig:
     strength: float
     strength_scan: list[float]
     scan_queries: int
+    scan_from_top: bool
     fluency_drop: float
     queries_per_domain: int
     langs: list[str]

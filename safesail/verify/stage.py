@@ -358,7 +358,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
             t0 = time.perf_counter()
             built = [(k, ufp, build(k, spec)) for k, spec, ufp in todo]
             res = run_wave(v, [u for _, _, u in built if u is not None], s.strength_scan, s.scan_queries,
-                           s.fluency_drop)
+                           s.fluency_drop, s.scan_from_top)
             dt = time.perf_counter() - t0
             for k, _, _ in built:
                 w.write(res.get(k, []))

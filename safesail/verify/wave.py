@@ -111,13 +111,40 @@ def fluent(ids: list[int], mean_lp: float, base_lp: float, max_drop: float) -> b
     return bool(ids) and len(set(ids)) >= 0.5 * len(ids) and mean_lp >= base_lp - max_drop
 
 
-def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries: int, max_drop: float) -> None:
-    """Per latent: steer its first `n_queries` neutral queries at each strength of the scan (all in one
-    batch) and keep the largest strength at which at least 2/3 of the answers are fluent (the smallest
-    one when none is); the scan goes to `details.scan`."""
+def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries: int, max_drop: float,
+              from_top: bool = True) -> None:
+    """Per latent: steer its first `n_queries` neutral queries at strengths of the scan and keep the largest
+    strength at which at least 2/3 of the answers are fluent (the smallest one when none is); the scan goes
+    to `details.scan`.
+
+    `from_top` (the default): strengths are tried from the largest down, one round per strength with every
+    latent still undecided in one batch, and a latent stops at its first fluent strength; that is the
+    largest fluent one, so the strength kept is the full scan's (tested), and `details.scan` lists the
+    strengths tried. Otherwise every strength of every latent is generated in one batch."""
     lat = [u for u in units if u.kind == "latent"]
     if not lat or not strengths:
         return
+    rounds = [[st] for st in sorted(set(strengths), reverse=True)] if from_top else [list(strengths)]
+    base_lp: dict = {}
+    scans: dict[int, list[dict]] = {id(u): [] for u in lat}
+    todo = list(lat)
+    for sts in rounds:
+        if not todo:
+            break
+        for u, scan in zip(todo, _scan_round(v, todo, sts, n_queries, max_drop, base_lp)):
+            scans[id(u)] += scan
+        todo = [u for u in todo if not any(x["fluent"] >= 2 / 3 for x in scans[id(u)])]
+    for u in lat:
+        scan = sorted(scans[id(u)], key=lambda x: x["strength"])
+        good = [x["strength"] for x in scan if x["fluent"] >= 2 / 3]
+        set_strength(u, max(good) if good else min(strengths))
+        u.extra["scan"] = scan
+
+
+def _scan_round(v: Verifier, lat: list[Unit], strengths: list[float], n_queries: int, max_drop: float,
+                base_lp: dict) -> list[list[dict]]:
+    """Per latent, {strength, fluent, changed} of its first `n_queries` neutral queries steered at each of
+    `strengths`, all rows in one batch; `base_lp` caches the unmodified answers' mean log-probs."""
     rows = []   # (unit, strength, query index)
     for u in lat:
         for st in strengths:
@@ -125,15 +152,16 @@ def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries:
     ivs = {(id(u), st): steer_intervention(u, st)[0] for u in lat for st in strengths}
     prompts = [u.qs.neutral[q] for u, _, q in rows]
     ans = generate_full(v.lm, prompts, v.s.max_new_tokens, v.s.batch_size, [ivs[(id(u), st)] for u, st, _ in rows]).ids
-    base_rows = list({(id(u.qs), q): (u.qs, q) for u, _, q in rows}.values())
+    base_rows = [b for b in {(id(u.qs), q): (u.qs, q) for u, _, q in rows}.values() if (id(b[0]), b[1]) not in base_lp]
     seqs = [p + a for p, a in zip(prompts, ans)] + [qs.neutral[q] + qs.base_neutral.ids[q] for qs, q in base_rows]
     lps, _ = token_logprobs(v.lm, seqs, v.s.batch_size)
 
     def mean_lp(k: int, n_prompt: int, n_ans: int) -> float:
         return float(lps[k][n_prompt - 1:n_prompt - 1 + n_ans].mean()) if n_ans else float("-inf")
 
-    base_lp = {(id(qs), q): mean_lp(len(rows) + k, len(qs.neutral[q]), len(qs.base_neutral.ids[q]))
-               for k, (qs, q) in enumerate(base_rows)}
+    for k, (qs, q) in enumerate(base_rows):
+        base_lp[(id(qs), q)] = mean_lp(len(rows) + k, len(qs.neutral[q]), len(qs.base_neutral.ids[q]))
+    out = []
     for u in lat:
         scan = []
         for st in strengths:
@@ -142,9 +170,8 @@ def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries:
                   for k in ks]
             changed = [ans[k] != u.qs.base_neutral.ids[rows[k][2]] for k in ks]
             scan.append({"strength": st, "fluent": sum(ok) / len(ok), "changed": sum(changed) / len(changed)})
-        good = [x["strength"] for x in scan if x["fluent"] >= 2 / 3]
-        set_strength(u, max(good) if good else min(strengths))
-        u.extra["scan"] = scan
+        out.append(scan)
+    return out
 
 
 def reference_unit(key: str, sae: SteerableSAE, vector: torch.Tensor, qs: QuerySet, norm: float,
@@ -205,11 +232,11 @@ def _topic(u: Unit) -> str:
 
 
 def run_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, scan_queries: int = 3,
-             max_drop: float = 3.0) -> dict[str, list[Effect]]:
+             max_drop: float = 3.0, scan_from_top: bool = True) -> dict[str, list[Effect]]:
     """The records of each unit (by key), every unit's conditions computed in shared batches; with `scan`,
     each latent's steering strength is first calibrated (`calibrate`)."""
     v.baselines(list({id(u.qs): u.qs for u in units}.values()))
-    calibrate(v, units, list(scan or []), scan_queries, max_drop)
+    calibrate(v, units, list(scan or []), scan_queries, max_drop, scan_from_top)
     reqs, where = [], []
     for u in units:
         qs = u.qs
