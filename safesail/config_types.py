@@ -230,6 +230,7 @@ class VerifyConfig:
     scan_from_top: bool
     fluency_drop: float
     queries_per_domain: int
+    sufficiency_queries: Optional[int]
     langs: list[str]
     reference_pairs: int
     segments: int

@@ -16,6 +16,7 @@ Every figure is a mean over items with a bootstrap interval (`scoring.metrics.bo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from safesail.verify.interventions import Intervention
 from safesail.verify.judge import PairItem, debiased, sign_test_p
 from safesail.verify.records import Effect
 from safesail.verify.refusal import from_opening_logprobs, is_refusal, opening_ids
+from safesail.verify.stats import logodds_diffs, t_interval
 
 
 @dataclass
@@ -50,6 +52,21 @@ class QuerySet:
     base_neutral: Answers | None = None
     base_next: torch.Tensor | None = None      # [n_neutral, vocab] next-token log-probs
     judged_unsteered: dict[str, list] = field(default_factory=dict)   # topic -> verdicts
+    neutral_langs: list[str] | None = None     # languages of `neutral` when it is longer than `concept`
+    scan: list[list[int]] = field(default_factory=list)   # neutral queries of other pairs: the strength scan's
+    scan_langs: list[str] = field(default_factory=list)
+    base_scan: Answers | None = None
+
+    @property
+    def nlangs(self) -> list[str]:
+        """The languages of the neutral queries (the first len(concept) are the concept queries' twins)."""
+        return self.neutral_langs or self.langs
+
+    @property
+    def scan_set(self) -> tuple[list[list[int]], Answers | None]:
+        """The strength scan's queries and their unmodified answers: `scan` when the stage gave some (never
+        evaluated, so the strength is not chosen on the queries it is judged on), else the neutral queries."""
+        return (self.scan, self.base_scan) if self.scan else (self.neutral, self.base_neutral)
 
 
 @dataclass
@@ -78,6 +95,8 @@ class Verifier:
         self.lm, self.s, self.judge = lm, settings, judge
         self._memo: dict = {}
         self._verdicts: dict = {}   # (topic, text) -> bool | None; PairItem -> 'A' | 'B' | None
+        self._pending: list = []    # (questions, future of their replies) asked with wait=False
+        self.judge_wait_s = 0.0     # seconds the caller waited for judge replies
 
     # ---- conditions (batched: every row of every request in shared generate / forward calls) ----
     def answers_many(self, reqs: list[tuple[list[list[int]], list[str], Intervention | None]]) -> list[Answers]:
@@ -118,23 +137,37 @@ class Verifier:
         todo = [qs for qs in sets if qs.base_concept is None]
         if not todo:
             return
-        ans = self.answers_many([r for qs in todo for r in ((qs.concept, qs.langs, None), (qs.neutral, qs.langs, None))])
+        ans = self.answers_many([r for qs in todo for r in ((qs.concept, qs.langs, None), (qs.neutral, qs.nlangs, None),
+                                                            (qs.scan, qs.scan_langs, None))])
         for k, qs in enumerate(todo):
-            qs.base_concept, qs.base_neutral = ans[2 * k], ans[2 * k + 1]
+            qs.base_concept, qs.base_neutral, qs.base_scan = ans[3 * k], ans[3 * k + 1], ans[3 * k + 2]
             qs.base_next = qs.base_neutral.first
 
     def baseline(self, qs: QuerySet) -> QuerySet:
         self.baselines([qs])
         return qs
 
-    def prejudge(self, items: list) -> None:
-        """Ask the judge every question ((topic, text) or `PairItem`) not yet asked, in one concurrent batch."""
+    def prejudge(self, items: list, wait: bool = True) -> None:
+        """Ask the judge every question ((topic, text) or `PairItem`) not yet asked, in one concurrent batch.
+        `wait=False` with a judge that has `submit` (`overlap.BackgroundJudge`): ask and return at once; the
+        replies are collected by the next call that waits (every figure is read after one)."""
         if self.judge is None:
             return
-        todo = list(dict.fromkeys(it for it in items if it not in self._verdicts))
+        asked = {it for todo, _ in self._pending for it in todo}
+        todo = list(dict.fromkeys(it for it in items if it not in self._verdicts and it not in asked))
+        if todo and not wait and hasattr(self.judge, "submit"):
+            self._pending.append((todo, self.judge.submit(todo)))
+            return
+        t0 = time.perf_counter()
+        if wait:
+            pending, self._pending = self._pending, []
+            for asked_, fut in pending:
+                for it, v in zip(asked_, fut.result()):
+                    self._verdicts[it] = v
         if todo:
             for it, v in zip(todo, self.judge(todo)):
                 self._verdicts[it] = v
+        self.judge_wait_s += time.perf_counter() - t0
 
     def _judged(self, qs: QuerySet, topic: str, texts: list[str]) -> tuple[list[float], int, list[float | None]]:
         """Per text: the verdict (1.0: p_yes > 0.5), how many replies were unusable, and p_yes itself."""
@@ -266,23 +299,31 @@ class Verifier:
         det = {"topic": topic, "unsteered_rate": sum(un) / max(len(un), 1), "unparsed": st_bad,
                "examples": steered.texts[:3]}
         out = []
+        det["p_yes"], det["unsteered_p_yes"] = _rounded(st_p), _rounded(un_p)   # per query, for re-analysis
         diffs = {"on_concept_vs_unsteered": [a - b for a, b in zip(st, un)],
-                 "p_yes_vs_unsteered": _diffs(st_p, un_p)}
+                 "p_yes_vs_unsteered": _diffs(st_p, un_p),
+                 "p_yes_logodds_vs_unsteered": logodds_diffs(st_p, un_p)}
         if control is not None:
             ct, ct_bad, ct_p = self._judged(qs, topic, control.texts)
             det["random_rate"] = sum(ct) / max(len(ct), 1)
             cm, clo, chi = mean_ci(ct, self.s)
             out.append(Effect(**control_base, check="sufficiency", metric="on_concept_rate", value=cm, ci_low=clo,
                               ci_high=chi, n=len(ct), details={"topic": topic, "unparsed": ct_bad,
-                                                               "examples": control.texts[:3]}))
+                                                               "examples": control.texts[:3],
+                                                               "p_yes": _rounded(ct_p)}))
             diffs["on_concept_vs_random"] = [a - b for a, b in zip(st, ct)]
             diffs["p_yes_vs_random"] = _diffs(st_p, ct_p)
+            diffs["p_yes_logodds_vs_random"] = logodds_diffs(st_p, ct_p)
         out.insert(0, Effect(**base, check="sufficiency", metric="on_concept_rate", value=m, ci_low=lo, ci_high=hi,
                              n=len(st), details=det))
         for metric, vals in diffs.items():
             dm, dlo, dhi = mean_ci(vals, self.s)
+            extra = {}
+            if metric.startswith("p_yes_logodds"):   # the pre-registered statistic (stats.py), a t interval beside
+                tlo, thi = t_interval(vals)
+                extra = {"t_low": tlo, "t_high": thi, "on_concept": None if dlo is None else bool(dlo > 0)}
             out.append(Effect(**base, check="sufficiency", metric=metric, value=dm, ci_low=dlo, ci_high=dhi,
-                              n=len(vals)))
+                              n=len(vals), details=extra))
         # the graded forced choice: on how many queries the steered answer has the higher p_yes
         others = [("unsteered", un_p)] + ([("random", ct_p)] if control is not None else [])
         for tag, other_p in others:
@@ -318,6 +359,10 @@ def _wins(a: list[float | None], b: list[float | None]) -> tuple[list[float], in
     """Per pair 1.0 (a higher), 0.0 (b higher) or 0.5 (equal); pairs with an unusable reply left out."""
     scores = [1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(a, b) if x is not None and y is not None]
     return scores, scores.count(1.0), scores.count(0.0), scores.count(0.5)
+
+
+def _rounded(p: list[float | None]) -> list[float | None]:
+    return [None if x is None else round(float(x), 6) for x in p]
 
 
 def _diffs(a: list[float | None], b: list[float | None]) -> list[float]:

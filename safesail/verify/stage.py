@@ -39,7 +39,8 @@ from safesail.verify.directions import diff_in_means
 from safesail.verify.interventions import SteerableSAE, steering_norm
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.steering import UNITS, residual_norm
-from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, reference_unit, run_wave  # noqa: F401
+from safesail.verify.overlap import overlap_judge
+from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, reference_unit, run_wave, start_wave  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class VerifySettings(VerifyConfig):
         for name in ("max_latents", "queries_per_domain", "max_new_tokens", "batch_size", "wave", "n_boot"):
             if int(getattr(s, name)) < 1:
                 raise UserError(f"verify.{name} is {getattr(s, name)}; set it to a positive integer.")
+        if s.sufficiency_queries is not None and int(s.sufficiency_queries) < 2:
+            raise UserError(f"verify.sufficiency_queries is {s.sufficiency_queries}; set it to 2 or more (or null: "
+                            "as many as verify.queries_per_domain).")
         for x in [s.strength, *s.strength_scan]:
             if not 0 < float(x) <= 100:
                 raise UserError(f"verify.strength{'' if x == s.strength else '_scan'} has {x}; use strengths in "
@@ -193,20 +197,38 @@ def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> tuple[list[
     return informative_order(items, _scores(rd))[:s.max_latents], exclude
 
 
+def _round_robin(by_lang: dict[str, list], langs: list[str], n: int) -> list:
+    """Up to n items taken from the front of the per-language lists, one language after the other."""
+    out = []
+    while len(out) < n and any(by_lang.get(x) for x in langs):
+        for lang in langs:
+            if by_lang.get(lang) and len(out) < n:
+                out.append(by_lang[lang].pop(0))
+    return out
+
+
 def query_sets(pairs, s: VerifySettings, tok, system_prompt) -> tuple[dict[str, QuerySet], dict[str, tuple]]:
-    """Per domain: the test queries (round robin over languages) and the held-out reference pairs."""
+    """Per domain: the test queries (round robin over languages), the held-out reference pairs and, with a
+    strength scan, `scan_queries` neutral queries of further pairs for it (round robin over languages).
+
+    The concept queries are the first `queries_per_domain` test pairs; the neutral queries (steered and
+    judged) the first `sufficiency_queries` (default: as many), so the first `queries_per_domain` neutral
+    queries are the concept queries' twins. Reference and scan pairs are disjoint from the test pairs
+    and from each other: the strength is not chosen on the queries it is judged on."""
     sets, refs = {}, {}
+    n_neutral = int(s.sufficiency_queries or s.queries_per_domain)
+    n_test = max(s.queries_per_domain, n_neutral)
+    enc = lambda q: encode_chat(tok, q, system_prompt)
     for dom in sorted({p.domain for p in pairs}):
         by_lang = {lang: [p for p in pairs if p.domain == dom and p.lang == lang] for lang in s.langs}
-        test = []
-        while len(test) < s.queries_per_domain and any(by_lang.values()):
-            for lang in s.langs:
-                if by_lang[lang] and len(test) < s.queries_per_domain:
-                    test.append(by_lang[lang].pop(0))
+        test = _round_robin(by_lang, list(s.langs), n_test)
         held = [p for p in pairs if p.domain == dom and p not in test][:s.reference_pairs]
-        enc = lambda q: encode_chat(tok, q, system_prompt)
-        sets[dom] = QuerySet(dom, [p.lang for p in test], [enc(p.concept_query) for p in test],
-                             [enc(p.neutral_query) for p in test])
+        rest = {lang: [p for p in ps if p not in held] for lang, ps in by_lang.items()}
+        scan = _round_robin(rest, list(s.langs), s.scan_queries) if s.strength_scan else []
+        concept, neutral = test[:s.queries_per_domain], test[:n_neutral]
+        sets[dom] = QuerySet(dom, [p.lang for p in concept], [enc(p.concept_query) for p in concept],
+                             [enc(p.neutral_query) for p in neutral], neutral_langs=[p.lang for p in neutral],
+                             scan=[enc(p.neutral_query) for p in scan], scan_langs=[p.lang for p in scan])
         refs[dom] = ([enc(p.concept_query) for p in held], [enc(p.neutral_query) for p in held])
     return sets, refs
 
@@ -331,6 +353,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
         client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
                              device=str(cfg.get("device", "auto")))
         judge = lambda items: judge_many(loop, client, items)
+    judge, overlap_end = overlap_judge(judge, loop)
     v = Verifier(lm, s.checks(), judge)
     # every domain's unmodified answers in one fixed batch, so a resumed run reads the same baseline
     v.baselines([sets[d] for d in sorted({p["domain"] for p in plan})])
@@ -351,14 +374,9 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     n_records, timings = 0, []
     waves = [units[i:i + s.wave] for i in range(0, len(units), s.wave)]
     with EffectWriter(effects_path(rd.root)) as w, open_append(done_path) as df:
-        for wave in tqdm(waves, desc="verify", unit="wave"):
-            todo = [(k, spec, ufp) for k, spec, ufp in wave if k not in valid]
-            if not todo:
-                continue
-            t0 = time.perf_counter()
-            built = [(k, ufp, build(k, spec)) for k, spec, ufp in todo]
-            res = run_wave(v, [u for _, _, u in built if u is not None], s.strength_scan, s.scan_queries,
-                           s.fluency_drop, s.scan_from_top)
+        def flush(built, records, t0) -> None:
+            nonlocal n_records
+            res = records()
             dt = time.perf_counter() - t0
             for k, _, _ in built:
                 w.write(res.get(k, []))
@@ -367,6 +385,24 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                 append_jsonl(df, {"unit": k, "fingerprint": ufp, "records": len(res.get(k, [])),
                                   "seconds": round(dt / len(built), 2)})
             timings.append(dt / len(built))
+
+        pending = None     # the wave whose judge replies are still coming (written after the next wave's generation)
+        try:
+            for wave in tqdm(waves, desc="verify", unit="wave"):
+                todo = [(k, spec, ufp) for k, spec, ufp in wave if k not in valid]
+                if not todo:
+                    continue
+                t0 = time.perf_counter()
+                built = [(k, ufp, build(k, spec)) for k, spec, ufp in todo]
+                records = start_wave(v, [u for _, _, u in built if u is not None], s.strength_scan, s.scan_queries,
+                                     s.fluency_drop, s.scan_from_top)
+                if pending is not None:
+                    flush(*pending)
+                pending = (built, records, t0)
+            if pending is not None:
+                flush(*pending)
+        finally:
+            overlap_end()
     atomic_write_json(out_dir / "baseline.json", {"model": lm.name, "max_new_tokens": s.max_new_tokens,
                                                   "domains": _baseline_summary(sets)})
     if client is not None:
@@ -374,4 +410,5 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     loop.close()
     rd.mark_stage("verify", fp, latents=len(plan), units=len(units), records_this_run=n_records,
                   seconds=round(time.perf_counter() - t_start, 1),
-                  mean_unit_s=round(sum(timings) / len(timings), 2) if timings else None)
+                  mean_unit_s=round(sum(timings) / len(timings), 2) if timings else None,
+                  judge_wait_s=round(v.judge_wait_s, 1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -113,7 +114,8 @@ def fluent(ids: list[int], mean_lp: float, base_lp: float, max_drop: float) -> b
 
 def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries: int, max_drop: float,
               from_top: bool = True) -> None:
-    """Per latent: steer its first `n_queries` neutral queries at strengths of the scan and keep the largest
+    """Per latent: steer its first `n_queries` scan queries (`QuerySet.scan_set`: neutral queries of pairs that
+    are not evaluated, when the stage gives some) at strengths of the scan and keep the largest
     strength at which at least 2/3 of the answers are fluent (the smallest one when none is); the scan goes
     to `details.scan`.
 
@@ -143,24 +145,24 @@ def calibrate(v: Verifier, units: list[Unit], strengths: list[float], n_queries:
 
 def _scan_round(v: Verifier, lat: list[Unit], strengths: list[float], n_queries: int, max_drop: float,
                 base_lp: dict) -> list[list[dict]]:
-    """Per latent, {strength, fluent, changed} of its first `n_queries` neutral queries steered at each of
+    """Per latent, {strength, fluent, changed} of its first `n_queries` scan queries steered at each of
     `strengths`, all rows in one batch; `base_lp` caches the unmodified answers' mean log-probs."""
     rows = []   # (unit, strength, query index)
     for u in lat:
         for st in strengths:
-            rows += [(u, st, q) for q in range(min(n_queries, len(u.qs.neutral)))]
+            rows += [(u, st, q) for q in range(min(n_queries, len(u.qs.scan_set[0])))]
     ivs = {(id(u), st): steer_intervention(u, st)[0] for u in lat for st in strengths}
-    prompts = [u.qs.neutral[q] for u, _, q in rows]
+    prompts = [u.qs.scan_set[0][q] for u, _, q in rows]
     ans = generate_full(v.lm, prompts, v.s.max_new_tokens, v.s.batch_size, [ivs[(id(u), st)] for u, st, _ in rows]).ids
     base_rows = [b for b in {(id(u.qs), q): (u.qs, q) for u, _, q in rows}.values() if (id(b[0]), b[1]) not in base_lp]
-    seqs = [p + a for p, a in zip(prompts, ans)] + [qs.neutral[q] + qs.base_neutral.ids[q] for qs, q in base_rows]
+    seqs = [p + a for p, a in zip(prompts, ans)] + [qs.scan_set[0][q] + qs.scan_set[1].ids[q] for qs, q in base_rows]
     lps, _ = token_logprobs(v.lm, seqs, v.s.batch_size)
 
     def mean_lp(k: int, n_prompt: int, n_ans: int) -> float:
         return float(lps[k][n_prompt - 1:n_prompt - 1 + n_ans].mean()) if n_ans else float("-inf")
 
     for k, (qs, q) in enumerate(base_rows):
-        base_lp[(id(qs), q)] = mean_lp(len(rows) + k, len(qs.neutral[q]), len(qs.base_neutral.ids[q]))
+        base_lp[(id(qs), q)] = mean_lp(len(rows) + k, len(qs.scan_set[0][q]), len(qs.scan_set[1].ids[q]))
     out = []
     for u in lat:
         scan = []
@@ -168,7 +170,7 @@ def _scan_round(v: Verifier, lat: list[Unit], strengths: list[float], n_queries:
             ks = [k for k, (uu, s2, _) in enumerate(rows) if uu is u and s2 == st]
             ok = [fluent(ans[k], mean_lp(k, len(prompts[k]), len(ans[k])), base_lp[(id(u.qs), rows[k][2])], max_drop)
                   for k in ks]
-            changed = [ans[k] != u.qs.base_neutral.ids[rows[k][2]] for k in ks]
+            changed = [ans[k] != u.qs.scan_set[1].ids[rows[k][2]] for k in ks]
             scan.append({"strength": st, "fluent": sum(ok) / len(ok), "changed": sum(changed) / len(changed)})
         out.append(scan)
     return out
@@ -235,28 +237,52 @@ def run_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, sc
              max_drop: float = 3.0, scan_from_top: bool = True) -> dict[str, list[Effect]]:
     """The records of each unit (by key), every unit's conditions computed in shared batches; with `scan`,
     each latent's steering strength is first calibrated (`calibrate`)."""
+    return start_wave(v, units, scan, scan_queries, max_drop, scan_from_top)()
+
+
+def start_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, scan_queries: int = 3,
+               max_drop: float = 3.0, scan_from_top: bool = True) -> Callable[[], dict[str, list[Effect]]]:
+    """`run_wave` in two halves: the source model's work now, and a function that builds the records.
+
+    The judge's questions are asked as soon as their answers exist, without waiting (`prejudge(wait=False)`):
+    the unmodified answers' before the scan, the steered and random-latent answers' before the ablated
+    answers, corpus segments and firing checks are computed; with an `overlap.BackgroundJudge` they are
+    answered meanwhile (and while the caller starts the next wave). The returned function waits for the
+    replies and builds the records."""
     v.baselines(list({id(u.qs): u.qs for u in units}.values()))
+    if v.judge is not None and "absolute" in v.s.judge_modes:
+        v.prejudge([(_topic(u), t) for u in units for t in u.qs.base_neutral.texts], wait=False)
     calibrate(v, units, list(scan or []), scan_queries, max_drop, scan_from_top)
-    reqs, where = [], []
-    for u in units:
-        qs = u.qs
-        for name, prompts, iv in (("ablated", qs.concept, u.ablate), ("steered", qs.neutral, u.steer),
-                                  ("control", qs.neutral, u.control)):
-            if iv is not None:
-                where.append((u, name))
-                reqs.append((prompts, qs.langs, iv))
-    for (u, name), ans in zip(where, v.answers_many(reqs)):
-        u.out[name] = ans
+
+    def conditions(names: tuple[str, ...]) -> None:
+        reqs, where = [], []
+        for u in units:
+            qs = u.qs
+            for name, prompts, langs, iv in (("ablated", qs.concept, qs.langs, u.ablate),
+                                             ("steered", qs.neutral, qs.nlangs, u.steer),
+                                             ("control", qs.neutral, qs.nlangs, u.control)):
+                if iv is not None and name in names:
+                    where.append((u, name))
+                    reqs.append((prompts, langs, iv))
+        for (u, name), ans in zip(where, v.answers_many(reqs)):
+            u.out[name] = ans
+
+    conditions(("steered", "control"))      # the judged conditions first
     for u in units:
         u.out["next"] = u.out["steered"].first    # next-token log-probs of the steered neutral queries
-    _segment_losses(v, units)
-    _fires_on_concept(v, units)
     if v.judge is not None:
         items = []
         for u in units:
             items += v.judge_items(_topic(u), u.out["steered"], u.qs, u.out.get("control"))
-        v.prejudge(items)
-    return {u.key: finish(v, u) for u in units}
+        v.prejudge(items, wait=False)
+    conditions(("ablated",))
+    _segment_losses(v, units)
+    _fires_on_concept(v, units)
+
+    def records() -> dict[str, list[Effect]]:
+        v.prejudge([])      # collect the replies asked above
+        return {u.key: finish(v, u) for u in units}
+    return records
 
 
 def finish(v: Verifier, u: Unit) -> list[Effect]:
@@ -272,10 +298,10 @@ def finish(v: Verifier, u: Unit) -> list[Effect]:
         out += v.necessity_answers(base, ablated, qs, None)
         out += v.sufficiency(base, _topic(u), steered, qs, None, None)
     out += v.refusal(base, "ablate", ablated, qs.base_concept, qs.langs)
-    out += v.refusal(base, "steer", steered, qs.base_neutral, qs.langs)
+    out += v.refusal(base, "steer", steered, qs.base_neutral, qs.nlangs)
     if ctrl is not None:
         out += v.refusal(dict(base, latent=u.control_latent, target="random_latent"), "steer", ctrl,
-                         qs.base_neutral, qs.langs)
+                         qs.base_neutral, qs.nlangs)
     for e in out:
         if u.kind == "latent":
             e.details.setdefault("strength", u.extra["strength"])
