@@ -224,6 +224,7 @@ class VerifyConfig:
     latents: Literal["tagged", "candidates"]
     max_latents: int
     strength_unit: Literal["quantile", "residual"]
+    steer_positions: Literal["all", "answer"]
     strength: float
     strength_scan: list[float]
     scan_queries: int

@@ -9,7 +9,10 @@ At a hook point with SAE codes `z = encode(x)` and decoder rows `d_i`:
   `z_i = 0` the activation is bit-for-bit unchanged.
 - ``clamp i = c``: `x' = x + (c s_i - z_i) d_i`, where `s_i` is the latent's typical
   activation (its 0.999 quantile): `c` is a normalized activation.
-- ``add i = a``: `x' = x + a s_i d_i` on every position (prompt and answer).
+- ``add i = a``: `x' = x + a s_i d_i` on every position (prompt and answer), or with
+  `positions="answer"` only where the answer is generated: in a pass over prompts (no KV cache yet)
+  only at their last position (left-padded: the last column), the one that predicts the first answer
+  token, then at every generated token (`POSITIONS`).
 - a raw direction `v` (diff-in-means reference, a random latent of the same norm):
   ``add`` gives `x' = x + v`, ``project_out`` gives `x' = x - (x.u) u` with `u = v/|v|`.
 
@@ -34,6 +37,7 @@ from safesail.errors import UserError
 from safesail.hooks import HookPoint, hook_module
 
 MODES = ("add", "clamp", "ablate")
+POSITIONS = ("all", "answer")     # where additive edits apply: every position, or the answer's only
 DIRECTION_MODES = ("add", "project_out")
 MAX_STRENGTH = 100.0
 _ID = re.compile(r"^\s*(\d+)_(\d+)\s*$")
@@ -131,6 +135,8 @@ class _HookEdit:
         self.add = None                    # [d] summed additive vector
         self.project: list[torch.Tensor] = []
         self.rows: torch.Tensor | None = None   # [batch] bool: edit only these rows (None: all)
+        self.answer_only = False           # additive edits only at the answer's positions (POSITIONS)
+        self.prefill = False               # set per pass by `_track_prefill`: a pass over prompts, no cache yet
 
     def add_vector(self, v: torch.Tensor) -> None:
         self.add = v.detach().float().clone() if self.add is None else self.add + v.detach().float()
@@ -158,7 +164,12 @@ class _HookEdit:
                 delta = coef.to(sae.W_dec.dtype) @ sae.W_dec.index_select(0, idx)
                 out = out + self._masked(delta.reshape(shape).to(x.dtype), x)
         if self.add is not None:
-            out = out + self._masked(self.add.to(device=x.device, dtype=x.dtype).expand_as(x), x)
+            add = self.add.to(device=x.device, dtype=x.dtype).expand_as(x)
+            if self.answer_only and self.prefill and x.dim() == 3 and x.shape[1] > 1:
+                last = torch.zeros((1, x.shape[1], 1), device=x.device, dtype=x.dtype)
+                last[:, -1] = 1
+                add = add * last
+            out = out + self._masked(add, x)
         for u in self.project:
             u = u.to(device=x.device, dtype=x.dtype)
             out = out - self._masked((out @ u).unsqueeze(-1) * u, x)
@@ -170,7 +181,10 @@ class Intervention:
 
     def __init__(self, saes: Sequence[SteerableSAE], latent_edits: Iterable[LatentEdit] = (),
                  direction_edits: Iterable[DirectionEdit] = (), max_strength: float = MAX_STRENGTH,
-                 site: str = "mlp_out"):
+                 site: str = "mlp_out", positions: str = "all"):
+        if positions not in POSITIONS:
+            raise UserError(f"steering positions {positions!r} are unknown; use {' or '.join(POSITIONS)}.")
+        self.positions = positions
         self.latent_edits = list(latent_edits)
         self.direction_edits = list(direction_edits)
         by_layer = {s.hook.layer: s for s in saes}
@@ -209,6 +223,8 @@ class Intervention:
                 if n == 0:
                     raise UserError(f"the direction to project out at layer {d.layer} is zero; it has no direction.")
                 h.project.append(d.vector.detach().float() / n)
+        for h in self.per_hook.values():
+            h.answer_only = positions == "answer"
 
     def __bool__(self) -> bool:
         return bool(self.per_hook)
@@ -237,12 +253,31 @@ class Intervention:
         try:
             for hp, edit in self.per_hook.items():
                 handles.append(hook_module(model, hp).register_forward_hook(make(edit)))
+            handles += _track_prefill(model, self.per_hook.values())
             yield self
         finally:
             for h in handles:
                 h.remove()
             for edit in self.per_hook.values():
                 edit.rows = None
+
+
+def _track_prefill(model: nn.Module, edits) -> list:
+    """For answer-only edits: a pre-hook on the base model that tells each edit whether the pass about to
+    run is over prompts (no KV cache, or an empty one: only the last position is edited) or continues a
+    cache (generated tokens, a trie of continuations: every position is)."""
+    edits = [e for e in edits if e.answer_only]
+    if not edits:
+        return []
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+
+    def pre(_module, _args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        for e in edits:
+            e.prefill = seen == 0
+
+    return [base.register_forward_pre_hook(pre, with_kwargs=True)]
 
 
 def steering_norm(s: SteerableSAE, latent: int, strength: float) -> float:
@@ -313,6 +348,7 @@ class PerRow:
                 for edit, _ in parts:
                     edit.rows = None
                 handles.append(hook_module(model, hp).register_forward_hook(make(parts)))
+            handles += _track_prefill(model, [e for parts in self.groups.values() for e, _ in parts])
             yield self
         finally:
             for h in handles:
