@@ -151,18 +151,65 @@ def _spearman(a, b):
     return num / den if den else 0.0
 
 
+def _lse(lp: dict, names) -> float:
+    import math
+
+    return math.log(sum(math.exp(lp[n]) for n in names if n in lp) or 1e-300)
+
+
+def judged_texts(run: Path, topic: str) -> dict[float, str]:
+    """p(yes) (rounded as the records keep it) -> answer text, for every answer the judge was asked about
+    `topic` (read back from the run's LLM response cache)."""
+    import math
+    import sqlite3
+
+    from safesail.verify.judge import NO, YES
+
+    out = {}
+    con = sqlite3.connect(str(run / "interpret" / "llm_cache.sqlite"))
+    needle = f"Topic: {topic}\nIs the following text about the topic?"
+    for req, resp in con.execute("select request, response from responses where method = 'prompt_logprobs' "
+                                 "and instr(request, 'Is the following text about the topic') > 0"):
+        prompt = json.loads(req)["params"]["prompt"]
+        if needle not in prompt:
+            continue
+        text = prompt.split("\nText: ", 1)[1].rsplit("<|im_end|>", 1)[0]
+        lp = (json.loads(resp).get("next_logprobs") or [{}])[-1]
+        d = max(-50.0, min(50.0, _lse(lp, YES) - _lse(lp, NO)))
+        out[round(1 / (1 + math.exp(-d)), 6)] = text
+    con.close()
+    return out
+
+
+def read(run: Path, rows: list[dict], names: list[str]) -> None:
+    """Every steered, random-latent and unsteered answer of the named latents (`<layer>_<index>`), per query."""
+    for r in rows:
+        if r["target"] != "latent" or f"{r['hook'].split('.')[1]}_{r['latent']}" not in names:
+            continue
+        texts = judged_texts(run, r["topic"])
+        print(f"\n## L{r['hook'].split('.')[1]} #{r['latent']} ({r['topic']}), strength {r.get('strength')}")
+        for k, (ps, pr, pu) in enumerate(zip(r["p"], r.get("random_p") or [None] * len(r["p"]), r["unsteered_p"])):
+            print(f"[{k}] steered  p={ps}: {texts.get(ps, '?')[:160]}")
+            print(f"     random   p={pr}: {texts.get(pr, '?')[:160]}")
+            print(f"     unsteered p={pu}: {texts.get(pu, '?')[:160]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
     ap.add_argument("--first", type=int, default=12)
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--examples", action="store_true", help="print each latent's example steered answers")
+    ap.add_argument("--read", nargs="*", default=[], help="print every answer of these latents (<layer>_<index>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = per_latent(Path(args.run))
     if not rows:
         print("no sufficiency records with per-query p(yes) (run verify with this session's code)", file=sys.stderr)
         return 1
+    if args.read:
+        read(Path(args.run), rows, args.read)
+        return 0
     res = report(rows, args.first, args.n_boot)
     if args.examples:
         for r in rows:

@@ -23,7 +23,6 @@ prefix once); a request is one prefill, no decoding.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
 import re
 from dataclasses import dataclass

@@ -13,7 +13,12 @@ from safesail.errors import UserError
 from safesail.hooks import HookPoint, hook_module
 from safesail.saes import SAEConfig, build_sae
 from safesail.verify.generation import _padded, generate_full
-from safesail.verify.interventions import DirectionEdit, Intervention, PerRow, SteerableSAE
+from safesail.verify.interventions import (
+    DirectionEdit,
+    Intervention,
+    PerRow,
+    SteerableSAE,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER = 1

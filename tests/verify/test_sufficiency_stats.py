@@ -9,7 +9,13 @@ import random
 import pytest
 
 from safesail.verify.checks import Answers, CheckSettings, QuerySet, Verifier
-from safesail.verify.stats import logit, logodds_diffs, steers_on_concept, t_interval, t_quantile
+from safesail.verify.stats import (
+    logit,
+    logodds_diffs,
+    steers_on_concept,
+    t_interval,
+    t_quantile,
+)
 
 
 @pytest.mark.parametrize("df, exact", [(5, 2.5706), (8, 2.3060), (11, 2.2010), (35, 2.0301), (1000, 1.9623)])
