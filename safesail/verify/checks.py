@@ -95,7 +95,7 @@ class Verifier:
         self.lm, self.s, self.judge = lm, settings, judge
         self._memo: dict = {}
         self._verdicts: dict = {}   # (topic, text) -> bool | None; PairItem -> 'A' | 'B' | None
-        self._pending: list = []    # (questions, future of their replies) asked with wait=False
+        self._pending: list = []    # (questions, future of their replies, set of them) asked with wait=False
         self.judge_wait_s = 0.0     # seconds the caller waited for judge replies
 
     # ---- conditions (batched: every row of every request in shared generate / forward calls) ----
@@ -149,22 +149,23 @@ class Verifier:
 
     def prejudge(self, items: list, wait: bool = True) -> None:
         """Ask the judge every question ((topic, text) or `PairItem`) not yet asked, in one concurrent batch.
-        `wait=False` with a judge that has `submit` (`overlap.BackgroundJudge`): ask and return at once; the
-        replies are collected by the next call that waits (every figure is read after one)."""
+        `wait=False` with a judge that has `submit` (`overlap.BackgroundJudge`): ask and return at once; a later
+        call that waits collects the replies of the earlier requests that hold its questions (and only those:
+        a wave's records do not wait for the next wave's questions)."""
         if self.judge is None:
             return
-        asked = {it for todo, _ in self._pending for it in todo}
+        t0 = time.perf_counter()
+        need = set(items)
+        if wait:
+            for entry in [e for e in self._pending if need & e[2] or e[1].done()]:
+                self._pending.remove(entry)
+                for it, v in zip(entry[0], entry[1].result()):
+                    self._verdicts[it] = v
+        asked = set().union(*(e[2] for e in self._pending)) if self._pending else set()
         todo = list(dict.fromkeys(it for it in items if it not in self._verdicts and it not in asked))
         if todo and not wait and hasattr(self.judge, "submit"):
-            self._pending.append((todo, self.judge.submit(todo)))
-            return
-        t0 = time.perf_counter()
-        if wait:
-            pending, self._pending = self._pending, []
-            for asked_, fut in pending:
-                for it, v in zip(asked_, fut.result()):
-                    self._verdicts[it] = v
-        if todo:
+            self._pending.append((todo, self.judge.submit(todo), set(todo)))
+        elif todo:
             for it, v in zip(todo, self.judge(todo)):
                 self._verdicts[it] = v
         self.judge_wait_s += time.perf_counter() - t0

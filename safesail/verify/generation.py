@@ -44,6 +44,14 @@ def _rows(ivs, i: int, n: int):
 
 MAX_ROWS = 48   # prompts per pass when scoring continuations from the prompts' cache (one row each)
 
+# called before every batch (the verify stage sets it: `overlap.ThreadGovernor`, torch threads beside the judge)
+before_batch = None
+
+
+def _tick() -> None:
+    if before_batch is not None:
+        before_batch()
+
 
 class _FirstLogits:
     """A logits processor that keeps the first step's logits (the next-token distribution after each
@@ -90,6 +98,7 @@ def generate_full(lm, prompts: list[list[int]], max_new_tokens: int, batch_size:
     out: list[list[int]] = []
     firsts, conts_out = [], []
     for i in range(0, len(prompts), batch_size):
+        _tick()
         chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad, left=True)
         width = ids.shape[1]
@@ -181,6 +190,7 @@ def _continuations(lm, cache, chunk, mask, first, conts, ivs) -> list[torch.Tens
         where = {n: j for j, n in enumerate(nodes)}
         for r0 in range(0, len(rows), MAX_ROWS):
             part = rows[r0:r0 + MAX_ROWS]
+            _tick()
             idx = torch.tensor(part, device=layers[0][0].device)
             sub = DynamicCache(ddp_cache_data=[(k[idx], v[idx]) for k, v in layers])
             ids = torch.tensor([[n[-1] for n in nodes]] * len(part), dtype=torch.long)
@@ -203,6 +213,7 @@ def next_token_logprobs(lm, prompts: list[list[int]], batch_size: int = 8, ivs: 
     pad = _pad_id(lm)
     rows = []
     for i in range(0, len(prompts), batch_size):
+        _tick()
         chunk = prompts[i:i + batch_size]
         ids, mask = _padded(chunk, pad)
         with _rows(ivs, i, len(chunk))(lm.model):
@@ -300,6 +311,7 @@ def token_logprobs(lm, seqs: list[list[int]], batch_size: int, ivs: list | None 
     base = getattr(lm.model, lm.model.base_model_prefix)
     head = lm.model.get_output_embeddings()
     for a in range(0, len(seqs), batch_size):
+        _tick()
         chunk = seqs[a:a + batch_size]
         ids, mask = _padded(chunk, pad)
         got: dict[str, torch.Tensor] = {}

@@ -386,7 +386,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                                   "seconds": round(dt / len(built), 2)})
             timings.append(dt / len(built))
 
-        pending = None     # the wave whose judge replies are still coming (written after the next wave's generation)
+        pending = None     # the wave whose judge replies are still coming (written during the next wave)
         try:
             for wave in tqdm(waves, desc="verify", unit="wave"):
                 todo = [(k, spec, ufp) for k, spec, ufp in wave if k not in valid]
@@ -394,10 +394,10 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                     continue
                 t0 = time.perf_counter()
                 built = [(k, ufp, build(k, spec)) for k, spec, ufp in todo]
+                prev, pending = pending, None      # written once this wave's judged answers are asked
                 records = start_wave(v, [u for _, _, u in built if u is not None], s.strength_scan, s.scan_queries,
-                                     s.fluency_drop, s.scan_from_top)
-                if pending is not None:
-                    flush(*pending)
+                                     s.fluency_drop, s.scan_from_top,
+                                     between=None if prev is None else (lambda p=prev: flush(*p)))
                 pending = (built, records, t0)
             if pending is not None:
                 flush(*pending)

@@ -241,17 +241,21 @@ def run_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, sc
 
 
 def start_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, scan_queries: int = 3,
-               max_drop: float = 3.0, scan_from_top: bool = True) -> Callable[[], dict[str, list[Effect]]]:
+               max_drop: float = 3.0, scan_from_top: bool = True,
+               between: Callable[[], None] | None = None) -> Callable[[], dict[str, list[Effect]]]:
     """`run_wave` in two halves: the source model's work now, and a function that builds the records.
 
     The judge's questions are asked as soon as their answers exist, without waiting (`prejudge(wait=False)`):
     the unmodified answers' before the scan, the steered and random-latent answers' before the ablated
     answers, corpus segments and firing checks are computed; with an `overlap.BackgroundJudge` they are
-    answered meanwhile (and while the caller starts the next wave). The returned function waits for the
-    replies and builds the records."""
+    answered meanwhile (and while the caller starts the next wave). `between` is called once the judged
+    conditions are asked (the stage writes the previous wave's records there). The returned function waits
+    for this wave's replies and builds the records."""
     v.baselines(list({id(u.qs): u.qs for u in units}.values()))
+    asked = []
     if v.judge is not None and "absolute" in v.s.judge_modes:
-        v.prejudge([(_topic(u), t) for u in units for t in u.qs.base_neutral.texts], wait=False)
+        asked = [(_topic(u), t) for u in units if _topic(u) for t in u.qs.base_neutral.texts]
+        v.prejudge(asked, wait=False)
     calibrate(v, units, list(scan or []), scan_queries, max_drop, scan_from_top)
 
     def conditions(names: tuple[str, ...]) -> None:
@@ -271,16 +275,17 @@ def start_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, 
     for u in units:
         u.out["next"] = u.out["steered"].first    # next-token log-probs of the steered neutral queries
     if v.judge is not None:
-        items = []
         for u in units:
-            items += v.judge_items(_topic(u), u.out["steered"], u.qs, u.out.get("control"))
-        v.prejudge(items, wait=False)
+            asked += v.judge_items(_topic(u), u.out["steered"], u.qs, u.out.get("control"))
+        v.prejudge(asked, wait=False)
+    if between is not None:
+        between()
     conditions(("ablated",))
     _segment_losses(v, units)
     _fires_on_concept(v, units)
 
     def records() -> dict[str, list[Effect]]:
-        v.prejudge([])      # collect the replies asked above
+        v.prejudge(asked)      # collect the replies asked above
         return {u.key: finish(v, u) for u in units}
     return records
 

@@ -1,0 +1,73 @@
+"""The judge on its own thread: questions asked without waiting, replies collected when read, threads shared."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import torch
+
+from safesail.verify.checks import CheckSettings, Verifier
+from safesail.verify.overlap import BackgroundJudge, ThreadGovernor, overlap_judge
+
+
+def test_questions_asked_without_waiting_are_answered_while_the_caller_works_and_read_once():
+    gate, calls = threading.Event(), []
+
+    def judge(items):           # blocks until the main thread has gone on: proves the call did not wait
+        assert gate.wait(10)
+        calls.append(list(items))
+        return [float(len(t)) for _, t in items]
+
+    bg = BackgroundJudge(judge)
+    v = Verifier(None, CheckSettings(), bg)
+    v.prejudge([("topic", "ab"), ("topic", "abc")], wait=False)      # returns at once
+    assert bg.busy and not calls
+    v.prejudge([("topic", "ab")], wait=False)                        # already asked: not asked again
+    gate.set()
+    v.prejudge([("topic", "abcd"), ("topic", "ab")])                  # waits, collects, asks only the new one
+    assert v._verdicts == {("topic", "ab"): 2.0, ("topic", "abc"): 3.0, ("topic", "abcd"): 4.0}
+    assert calls == [[("topic", "ab"), ("topic", "abc")], [("topic", "abcd")]]
+    assert not bg.busy
+    bg.close()
+
+
+def test_a_plain_judge_is_asked_at_once():
+    v = Verifier(None, CheckSettings(), lambda items: [1.0] * len(items))
+    v.prejudge([("t", "x")], wait=False)
+    assert v._verdicts == {("t", "x"): 1.0}
+
+
+def test_the_governor_gives_the_main_thread_fewer_torch_threads_while_the_judge_works():
+    before = torch.get_num_threads()
+    gate = threading.Event()
+    bg = BackgroundJudge(lambda items: gate.wait(10) and items)
+    gov = ThreadGovernor(bg, 2, 1)
+    try:
+        fut = bg.submit(["q"])
+        gov()
+        assert torch.get_num_threads() == 1
+        gate.set()
+        fut.result()
+        gov()
+        assert torch.get_num_threads() == 2 and gov.switches == 2
+    finally:
+        torch.set_num_threads(before)
+        bg.close()
+
+
+def test_the_judges_torch_work_runs_on_one_thread_of_the_loops_executor():
+    loop = asyncio.new_event_loop()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        async def probe():
+            return await asyncio.to_thread(torch.get_num_threads)
+
+        bg, end = overlap_judge(lambda items: [loop.run_until_complete(probe()) for _ in items], loop)
+        assert bg(["a", "b"]) == [1, 1]
+        end()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        loop.close()
