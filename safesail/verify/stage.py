@@ -36,7 +36,7 @@ from safesail.jsonl import append_jsonl, iter_jsonl, last_per_latent, open_appen
 from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify.checks import CheckSettings, QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
-from safesail.verify.interventions import SteerableSAE, steering_norm
+from safesail.verify.interventions import POSITIONS, SteerableSAE, steering_norm
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.steering import UNITS, residual_norm
 from safesail.verify.overlap import overlap_judge
@@ -60,6 +60,8 @@ class VerifySettings(VerifyConfig):
             raise UserError(f"verify.{unknown[0]} is not a verify setting; see configs/verify/default.yaml.")
         if node.get("latents") not in (None, "tagged", "candidates"):
             raise UserError(f"verify.latents is {node.get('latents')!r}; use tagged or candidates.")
+        if node.get("steer_positions") not in (None, *POSITIONS):
+            raise UserError(f"verify.steer_positions is {node.get('steer_positions')!r}; use {' or '.join(POSITIONS)}.")
         if node.get("strength_unit") not in (None, *UNITS):
             raise UserError(f"verify.strength_unit is {node.get('strength_unit')!r}; use {' or '.join(UNITS)}.")
         modes = node.get("judge_modes")
@@ -364,12 +366,12 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
         if kind == "ref":
             concept, neutral = refs[x]
             vec = diff_in_means(lm, sae.hook, concept, neutral)
-            return reference_unit(key, sae, vec, sets[x], norm, len(concept))
+            return reference_unit(key, sae, vec, sets[x], norm, len(concept), s.steer_positions)
         path = rd.latents(hook) / "segments.jsonl"
         segs = [g for g in load_segments(path, latent=x["latent"]) if g.get("kind") == "activating"][:s.segments] \
             if path.is_file() else []
         return latent_unit(key, sae, x, sets[x["domain"]], s.strength, exclude[hook], s.seed, segs,
-                           resid.get(hook))
+                           resid.get(hook), s.steer_positions)
 
     n_records, timings = 0, []
     waves = [units[i:i + s.wave] for i in range(0, len(units), s.wave)]

@@ -68,9 +68,10 @@ class Unit:
 
 
 def latent_unit(key: str, sae: SteerableSAE, item: dict, qs: QuerySet, strength: float, exclude: set[int],
-                seed: int, segments: list[dict], resid_norm: float | None = None) -> Unit | None:
+                seed: int, segments: list[dict], resid_norm: float | None = None, positions: str = "all") -> Unit | None:
     """`resid_norm`: strengths are multiples of this residual-stream norm (`steering.py`); None: of the
-    latent's 0.999 quantile."""
+    latent's 0.999 quantile. `positions`: where the latent and its random control are added
+    (`interventions.POSITIONS`)."""
     hp, i = sae.hook, item["latent"]
     if i not in sae.scales:
         log.warning("verify: %s latent %d never fired in collect (no 0.999 quantile); skipped", hp, i)
@@ -81,6 +82,8 @@ def latent_unit(key: str, sae: SteerableSAE, item: dict, qs: QuerySet, strength:
              control_latent=random_latent(sae, i, exclude, seed), direction=sae.direction(i), segments=segments)
     if resid_norm is not None:
         u.extra["resid_norm"] = float(resid_norm)
+    if positions != "all":
+        u.extra["positions"] = positions
     set_strength(u, strength)
     return u
 
@@ -91,7 +94,8 @@ def steer_intervention(u: Unit, strength: float) -> tuple[Intervention, float]:
     q = float(strength)
     if u.extra.get("resid_norm") is not None:
         q = quantile_strength(sae.scales[i], float(sae.direction(i).norm()), strength, u.extra["resid_norm"])
-    return Intervention([sae], [LatentEdit(hp.layer, i, "add", q)], max_strength=math.inf), q
+    return Intervention([sae], [LatentEdit(hp.layer, i, "add", q)], max_strength=math.inf,
+                        positions=u.extra.get("positions", "all")), q
 
 
 def set_strength(u: Unit, strength: float) -> None:
@@ -100,7 +104,8 @@ def set_strength(u: Unit, strength: float) -> None:
     u.steer, q = steer_intervention(u, strength)
     norm = steering_norm(sae, i, q)
     u.control = Intervention([sae], direction_edits=[DirectionEdit(hp.layer, scaled(sae.direction(u.control_latent)
-                                                                                    .float(), norm))])
+                                                                                    .float(), norm))],
+                             positions=u.extra.get("positions", "all"))
     u.extra["strength"] = float(strength)
     if u.extra.get("resid_norm") is not None:
         u.extra["quantile_strength"] = round(q, 4)
@@ -177,14 +182,17 @@ def _scan_round(v: Verifier, lat: list[Unit], strengths: list[float], n_queries:
 
 
 def reference_unit(key: str, sae: SteerableSAE, vector: torch.Tensor, qs: QuerySet, norm: float,
-                   n_pairs: int) -> Unit:
+                   n_pairs: int, positions: str = "all") -> Unit:
     hp = sae.hook
     vec = scaled(vector.float(), norm)
+    extra = {"norm": round(norm, 5), "raw_norm": round(float(vector.norm()), 5), "pairs": n_pairs}
+    if positions != "all":
+        extra["positions"] = positions
     return Unit(key, "ref", sae, qs, {"hook": hp.name, "layer": hp.layer, "latent": None, "target": "diff_in_means",
                                           "domain": qs.domain},
-                steer=Intervention([sae], direction_edits=[DirectionEdit(hp.layer, vec, "add")]),
+                steer=Intervention([sae], direction_edits=[DirectionEdit(hp.layer, vec, "add")], positions=positions),
                 ablate=Intervention([sae], direction_edits=[DirectionEdit(hp.layer, vec, "project_out")]),
-                direction=vec, extra={"norm": round(norm, 5), "raw_norm": round(float(vector.norm()), 5), "pairs": n_pairs})
+                direction=vec, extra=extra)
 
 
 # ---- batched corpus-segment and query passes ---------------------------------------------------------
@@ -310,7 +318,7 @@ def finish(v: Verifier, u: Unit) -> list[Effect]:
     for e in out:
         if u.kind == "latent":
             e.details.setdefault("strength", u.extra["strength"])
-            for k in ("quantile_strength", "resid_norm"):
+            for k in ("quantile_strength", "resid_norm", "positions"):
                 if k in u.extra:
                     e.details.setdefault(k, u.extra[k])
             if "scan" in u.extra and e.check == "sufficiency" and e.target == "latent":
