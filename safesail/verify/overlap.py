@@ -94,3 +94,23 @@ def overlap_judge(judge: Callable[[list], list] | None, loop: asyncio.AbstractEv
         bg.close()
         torch.set_num_threads(main)
     return bg, end
+
+
+def judge_engine_counter(client) -> Callable[[], dict | None]:
+    """A function giving the judge's local-engine work since now (prompt tokens asked for, tokens computed:
+    the rest came from its prefix cache, forward calls), or None for a back end without an engine."""
+    engine = None
+    while client is not None and engine is None:
+        engine = getattr(client, "engine", None)
+        client = getattr(client, "inner", None)
+    stats = getattr(engine, "stats", None)
+    if stats is None:
+        return lambda: None
+    start = (stats.prompt_tokens, stats.computed_tokens, stats.forward_calls)
+
+    def delta() -> dict:
+        asked, computed, calls = (stats.prompt_tokens - start[0], stats.computed_tokens - start[1],
+                                  stats.forward_calls - start[2])
+        return {"prompt_tokens": asked, "computed_tokens": computed, "forward_calls": calls,
+                "prefix_reuse": round(1 - computed / asked, 3) if asked else None}
+    return delta

@@ -39,7 +39,7 @@ from safesail.verify.directions import diff_in_means
 from safesail.verify.interventions import POSITIONS, SteerableSAE, steering_norm
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.steering import UNITS, residual_norm
-from safesail.verify.overlap import overlap_judge
+from safesail.verify.overlap import judge_engine_counter, overlap_judge
 from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, reference_unit, run_wave, start_wave  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -356,6 +356,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                              device=str(cfg.get("device", "auto")))
         judge = lambda items: judge_many(loop, client, items)
     judge, overlap_end = overlap_judge(judge, loop)
+    judge_work = judge_engine_counter(client)
     v = Verifier(lm, s.checks(), judge)
     # every domain's unmodified answers in one fixed batch, so a resumed run reads the same baseline
     v.baselines([sets[d] for d in sorted({p["domain"] for p in plan})])
@@ -413,4 +414,4 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     rd.mark_stage("verify", fp, latents=len(plan), units=len(units), records_this_run=n_records,
                   seconds=round(time.perf_counter() - t_start, 1),
                   mean_unit_s=round(sum(timings) / len(timings), 2) if timings else None,
-                  judge_wait_s=round(v.judge_wait_s, 1))
+                  judge_wait_s=round(v.judge_wait_s, 1), judge_engine=judge_work())

@@ -71,3 +71,17 @@ def test_the_judges_torch_work_runs_on_one_thread_of_the_loops_executor():
     finally:
         torch.set_num_threads(before)
         loop.close()
+
+
+def test_the_judge_engine_counter_reads_the_work_since_it_was_made():
+    from types import SimpleNamespace
+
+    from safesail.interpret.clients.local_engine import EngineStats
+    from safesail.verify.overlap import judge_engine_counter
+
+    stats = EngineStats(prompt_tokens=100, computed_tokens=80, forward_calls=3)
+    client = SimpleNamespace(inner=SimpleNamespace(engine=SimpleNamespace(stats=stats)))   # a cache wrapper
+    work = judge_engine_counter(client)
+    stats.prompt_tokens, stats.computed_tokens, stats.forward_calls = 300, 130, 5
+    assert work() == {"prompt_tokens": 200, "computed_tokens": 50, "forward_calls": 2, "prefix_reuse": 0.75}
+    assert judge_engine_counter(SimpleNamespace())() is None and judge_engine_counter(None)() is None
