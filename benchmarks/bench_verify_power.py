@@ -62,11 +62,11 @@ def per_latent(run: Path) -> list[dict]:
     by: dict[tuple, dict] = defaultdict(dict)
     for r in recs:
         if r.get("target") == "random_latent":
-            key = (r["hook"], (r.get("details") or {}).get("control_for"), "latent")
+            key = (r["hook"], (r.get("details") or {}).get("control_for"), "latent", None)
             if r["check"] == "sufficiency" and r["metric"] == "on_concept_rate":
                 by[key]["random_p"] = r["details"].get("p_yes")
             continue
-        key = (r["hook"], r.get("latent"), r["target"])
+        key = (r["hook"], r.get("latent"), r["target"], r.get("domain") if r["target"] == "diff_in_means" else None)
         d = by[key]
         d.setdefault("domain", r.get("domain"))
         det = r.get("details") or {}
@@ -77,7 +77,7 @@ def per_latent(run: Path) -> list[dict]:
             d["output_score"] = r.get("value")
             d["promoted"] = det.get("tokens")
     out = []
-    for (hook, latent, target), d in by.items():
+    for (hook, latent, target, _), d in by.items():
         if d.get("p") is None:
             continue
         out.append({"hook": hook, "latent": latent, "target": target, **d})

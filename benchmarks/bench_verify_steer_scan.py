@@ -5,8 +5,11 @@ queries of the bundled pairs with the latent's decoder direction scaled to a mul
 residual-stream norm (`--alphas`: the added vector's norm is alpha x the median per-token norm of the
 residual stream after that block on those prompts, first position excluded), on every position
 (prompt and answer), next to a random latent of the same SAE at the same norm, greedy answers of
-`--new-tokens` tokens. Prints every answer and writes them (with the quantile-unit strength each
-alpha corresponds to) to `--out` as JSON, for reading side by side.
+`--new-tokens` tokens. `--positions all answer` steers each row both on every position and only where
+the answer is generated (`interventions.POSITIONS`). Prints every answer and writes them (with the
+quantile-unit strength each alpha corresponds to) to `--out` as JSON, for reading side by side;
+`--judge FILE` afterwards asks the judge (the `llm` group) p(yes) of every answer of such a file about its
+latent's explanation (`--set llm=...`), and prints the mean per (latent, alpha, kind, positions).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_verify_steer_scan.py --run /tmp/vs/runs/demo \
         --latents 7_700 7_4156 14_158 --alphas 0.25 0.5 1 2 --queries 4 --out /tmp/vs/scan.json
@@ -24,6 +27,48 @@ from pathlib import Path
 import torch
 
 
+def judge_file(path: Path, args) -> int:
+    """p(yes) of every answer of a scan file about its latent's explanation; means per condition."""
+    import asyncio
+    from collections import defaultdict
+
+    from safesail.config import compose
+    from safesail.interpret.clients import make_client
+    from safesail.jsonl import last_per_latent
+    from safesail.verify.judge import judge_many
+    from safesail.verify.stats import logit
+
+    run = Path(args.run)
+    cfg = compose([*args.set, f"run.root={run.parent}", f"run.name={run.name}"])
+    expl = last_per_latent(run / "interpret" / "explanations.jsonl")
+    topic = {f"{h.split('.')[1]}_{i}": e.get("explanation") for (h, i), e in expl.items()}
+    data = json.loads(path.read_text())
+    rows = [m for m in data["rows"] if m["latent"] is not None]
+    loop = asyncio.new_event_loop()
+    client = make_client(cfg.llm, run / "interpret" / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"))
+    t0 = time.perf_counter()
+    ps = judge_many(loop, client, [(topic[m["latent"]], m["text"]) for m in rows])
+    loop.run_until_complete(client.aclose())
+    groups = defaultdict(list)
+    for m, p in zip(rows, ps):
+        m["p_yes"] = p
+        groups[(m["latent"], m["alpha"], m["kind"], m.get("positions", "all"))].append((m["query"], p))
+    print(f"judged {len(rows)} answers in {time.perf_counter() - t0:.0f} s")
+    print("| latent | alpha | positions | mean logit p(yes) latent | control | latent - control (per query) |")
+    print("|---|---|---|---|---|---|")
+    for (lat, a, kind, pos), vals in sorted(groups.items()):
+        if kind != "latent":
+            continue
+        ctrl = dict(groups.get((lat, a, "control", pos), []))
+        mine = dict(vals)
+        d = [logit(mine[q]) - logit(ctrl[q]) for q in mine if q in ctrl and mine[q] is not None and ctrl[q] is not None]
+        ml = sum(logit(p) for p in mine.values() if p is not None) / max(len(mine), 1)
+        mc = sum(logit(p) for p in ctrl.values() if p is not None) / max(len(ctrl), 1) if ctrl else float("nan")
+        print(f"| {lat} | {a} | {pos} | {ml:+.2f} | {mc:+.2f} | {sum(d) / max(len(d), 1):+.2f} (n {len(d)}) |")
+    path.with_suffix(".judged.json").write_text(json.dumps(data, ensure_ascii=False, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a run directory through collect (its SAEs and latent stats)")
@@ -32,10 +77,14 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=4, help="English neutral queries (spread over domains)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-control", action="store_true", help="skip the random-latent control rows")
+    ap.add_argument("--positions", nargs="+", default=["all"], choices=["all", "answer"])
+    ap.add_argument("--judge", default=None, help="judge the answers of this --out file instead of generating")
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", nargs="*", default=["experiment=demo"], help="config overrides")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.judge:
+        return judge_file(Path(args.judge), args)
 
     from safesail.chat import encode_chat
     from safesail.config import compose
@@ -92,20 +141,22 @@ def main(argv=None) -> int:
                 if kind == "control" and args.no_control:
                     continue
                 d = s.direction(j).float()
-                iv = Intervention([s], direction_edits=[DirectionEdit(layer, d / d.norm() * a * R)])
-                for q, p in zip(chosen, prompts):
-                    rows.append(p)
-                    ivs.append(iv)
-                    qs = (a * R / (s.scales[latent] * float(s.direction(latent).norm()))
-                          if latent in s.scales else None)
-                    meta.append({"latent": ident, "alpha": a, "kind": kind, "control_latent": j,
-                                 "query": q.neutral_query, "quantile_strength": qs, "resid_norm": R})
+                for pos in args.positions:
+                    iv = Intervention([s], direction_edits=[DirectionEdit(layer, d / d.norm() * a * R)], positions=pos)
+                    for q, p in zip(chosen, prompts):
+                        rows.append(p)
+                        ivs.append(iv)
+                        qs = (a * R / (s.scales[latent] * float(s.direction(latent).norm()))
+                              if latent in s.scales else None)
+                        meta.append({"latent": ident, "alpha": a, "kind": kind, "control_latent": j,
+                                     "positions": pos, "query": q.neutral_query, "quantile_strength": qs,
+                                     "resid_norm": R})
     g = generate_full(lm, rows, args.new_tokens, 48, ivs=ivs)
     for m, ids in zip(meta[len(chosen):], g.ids):
         m["text"] = lm.tokenizer.decode(ids, skip_special_tokens=True)
     for m in meta:
         qs = m.get("quantile_strength")
-        print(f"[{m['latent']} a={m['alpha']} {m['kind']}{'' if qs is None else f' q={qs:.1f}'}] "
+        print(f"[{m['latent']} a={m['alpha']} {m['kind']} {m.get('positions', '')}{'' if qs is None else f' q={qs:.1f}'}] "
               f"{m['query'][:40]!r} -> {m['text']!r}")
     print(f"residual norms: {norms}; {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.out:
