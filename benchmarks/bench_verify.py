@@ -19,6 +19,9 @@ Parts (run one or several with --parts):
   in one process, interleaved with plain diagnoses (no HTTP): the ratio of each to a diagnose under the
   same load.
 
+* ``scan``: the strength scan of every planned latent of ``--run`` (settings: ``--set``), full and from the top
+  down, in one process: rows generated, CPU seconds, and how often the strength kept differs.
+
 * ``speed``: the verify stage's wall time with an older version of the package (``--old-src``: a
   directory holding its ``safesail/``, ``configs/`` and ``data/``, e.g. from
   ``git archive <commit> safesail configs data``; each run starts in its source directory)
@@ -303,6 +306,63 @@ def speed_part(args) -> dict:
     return out
 
 
+def scan_part(args) -> dict:
+    """The strength scan of every planned latent of a run (``--run``), full (every strength in one batch) and
+    from the top down (`verify.scan_from_top`), in one process on the same units: generated rows, CPU and wall
+    seconds of each, and whether every latent keeps the same strength."""
+    import safesail.verify.wave as wave
+    from safesail.config import compose
+    from safesail.models import load_model
+    from safesail.rundir import RunDir
+    from safesail.train.pairs import load_pairs
+    from safesail.train.selection import chosen_sae_dirs
+    from safesail.verify.checks import Verifier
+    from safesail.verify.stage import VerifySettings, load_steerable, plan_latents, query_sets
+    from safesail.verify.steering import residual_norm
+
+    root = Path(args.run)
+    cfg = compose([f"run.root={root.parent}", f"run.name={root.name}", *args.set])
+    s = VerifySettings.from_cfg(cfg)
+    rd = RunDir.from_cfg(cfg)
+    sae_dirs = chosen_sae_dirs(cfg, rd.root)
+    plan, exclude = plan_latents(rd, s, sorted(sae_dirs))
+    lm = load_model(cfg.model, "cpu", cache_dir=cfg.get("cache_dir"))
+    saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
+    sets, _ = query_sets(load_pairs(cfg.select.get("pairs")), s, lm.tokenizer, cfg.model.get("system_prompt"))
+    resid = {}
+    if s.strength_unit == "residual":
+        neutral = [q for d in sorted(sets) for q in sets[d].neutral]
+        resid = {h: residual_norm(lm, saes[h].hook, neutral) for h in sorted({p["hook"] for p in plan})}
+    v = Verifier(lm, s.checks(), None)
+    v.baselines([sets[d] for d in sorted({p["domain"] for p in plan})])
+    rows, real = [], wave.generate_full
+    wave.generate_full = lambda lm_, prompts, *a, **k: rows.append(len(prompts)) or real(lm_, prompts, *a, **k)
+    out = {"latents": len(plan), "strengths": list(s.strength_scan), "scan_queries": s.scan_queries}
+    order = ("full", "top") if not args.runs % 2 else ("top", "full")
+    for mode in order:
+        units = [wave.latent_unit(f"latent:{p['hook']}:{p['latent']}", saes[p["hook"]], p, sets[p["domain"]],
+                                  s.strength, exclude[p["hook"]], s.seed, [], resid.get(p["hook"]))
+                 for p in plan]
+        units = [u for u in units if u is not None]
+        rows.clear()
+        t, c = time.perf_counter(), time.process_time()
+        for i in range(0, len(units), s.wave):      # per wave, as the stage does
+            wave.calibrate(v, units[i:i + s.wave], list(s.strength_scan), s.scan_queries, s.fluency_drop,
+                           from_top=mode == "top")
+        out[mode] = {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(time.process_time() - c, 1),
+                     "rows": sum(rows), "kept": {u.key: u.extra["strength"] for u in units},
+                     "tried": {u.key: [x["strength"] for x in u.extra["scan"]] for u in units}}
+        print(mode, {k: out[mode][k] for k in ("wall_s", "cpu_s", "rows")}, flush=True)
+    wave.generate_full = real
+    out["same_strength"] = sum(out["full"]["kept"][k] == out["top"]["kept"][k] for k in out["full"]["kept"])
+    out["differs"] = {k: [out["full"]["kept"][k], out["top"]["kept"][k]] for k in out["full"]["kept"]
+                      if out["full"]["kept"][k] != out["top"]["kept"][k]}
+    out["row_ratio"] = round(out["top"]["rows"] / out["full"]["rows"], 3)
+    out["cpu_ratio"] = round(out["top"]["cpu_s"] / out["full"]["cpu_s"], 3)
+    print(json.dumps({k: v for k, v in out.items() if k not in ("full", "top")}, indent=1))
+    return out
+
+
 def _fig(e):
     return None if e is None else [round(e.value, 4) if e.value is not None else None,
                                    None if e.ci_low is None else round(e.ci_low, 4),
@@ -311,7 +371,7 @@ def _fig(e):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "steer_ab", "stage", "speed"])
+    ap.add_argument("--parts", nargs="+", default=["refusal", "steer"], choices=["refusal", "steer", "steer_ab", "stage", "speed", "scan"])
     ap.add_argument("--models", nargs="+", default=["smollm2"], choices=list(MODEL_OVERRIDES))
     ap.add_argument("--per-group", type=int, default=0, help="at most this many pairs per (domain, language); 0: all")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -333,7 +393,7 @@ def main() -> None:
                       f"{torch.get_num_threads()} threads", "load": os.getloadavg()}
     for part in args.parts:
         fig[part] = {"refusal": refusal_part, "steer": steer_part, "steer_ab": steer_ab_part, "stage": stage_part,
-                     "speed": speed_part}[part](args)
+                     "speed": speed_part, "scan": scan_part}[part](args)
     fig["load_after"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(fig, indent=1, ensure_ascii=False), encoding="utf-8")
