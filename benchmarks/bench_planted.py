@@ -9,7 +9,9 @@ unless `n` is set) plus bench keys: `batch` (rows per step, default --batch), `s
 decoder MMCS between the first two seeds' decoders), `init: oracle` (start the decoder and
 encoder at the true atoms: is the dictionary a resting point of the objective at all?), and
 trial-only knobs (`k_start`/`k_until`: k annealed down to k; `freeze`: parameters kept at their
-init; `sgd`: plain SGD; `resample_scale`: encoder norm of resampled latents). `dec_init` is the
+init; `sgd`: plain SGD; `resample_scale`: encoder norm of resampled latents; `redundant`: a cosine at which
+resampling also restarts the less recently fired of two decoder rows, with `opt.resample_every`).
+`"arch": "pursuit"` (safesail/saes/archs/pursuit.py) chooses the k latents in greedy rounds. `dec_init` is the
 SAE config key (`data`, the default, or `random`).
 Printed per entry, one JSON line: MMCS to the true atoms, `recovered` (share of atoms with a
 decoder row at cosine >= 0.9), MMCS of the frequent / middle / rare thirds of the atoms,
@@ -102,6 +104,40 @@ def sgd_patch(momentum: float):
     return mock.patch.object(trainer, "make_optimizer", make)
 
 
+def redundant_patch(threshold: float):
+    """Resampling also restarts redundant latents: of two decoder rows at cosine >= threshold, the one
+    silent longer (trial of a coherence-based resample)."""
+    from safesail.train import resample, trainer
+    orig_step = trainer.SAETrainState.train_step
+
+    def train_step(self, *a):
+        self._bench_stale = self.stale
+        return orig_step(self, *a)
+
+    def resample_both(sae, opt, dead, x, recon, **kw):
+        w = F.normalize(sae.W_dec.detach().float(), dim=1)
+        cos = (w @ w.T).fill_diagonal_(0)
+        stale = torch.zeros(w.shape[0])
+        for st in _STATES:
+            if st.sae is sae:
+                stale = st.stale.float()
+        i, j = (cos >= threshold).nonzero(as_tuple=True)
+        worse = torch.where(stale[i] > stale[j], i, torch.where(stale[i] < stale[j], j, torch.maximum(i, j)))
+        mask = dead.clone()
+        mask[worse] = True
+        return resample.resample_dead(sae, opt, mask, x, recon, **kw)
+    orig_init = trainer.SAETrainState.__init__
+
+    def init(self, *a, **k):
+        orig_init(self, *a, **k)
+        _STATES.append(self)
+    return [mock.patch.object(trainer, "resample_dead", resample_both),
+            mock.patch.object(trainer.SAETrainState, "__init__", init)]
+
+
+_STATES: list = []
+
+
 def _train(init: str, train, cfg: dict, opt: dict, pdata: PlantedData, seed: int):
     if init == "oracle":
         p1, p2 = oracle_patch(pdata.atoms)
@@ -118,6 +154,7 @@ def run_entry(g: dict, args, data_cache: dict) -> dict:
     rs_scale = g.pop("resample_scale", None)
     k_start, k_until = g.pop("k_start", None), float(g.pop("k_until", 0.5))
     freeze = g.pop("freeze", [])           # parameter names kept at their init (e.g. ["b_enc"])
+    redundant = g.pop("redundant", None)  # cosine: resampling also restarts the less used of two such decoder rows
     sgd = g.pop("sgd", None)               # {"momentum": 0.9}: plain SGD instead of the config's optimiser (trial)
     opt = {"progress": False, "log_every": 10 ** 9, **g.pop("opt", {})}
     key = (batch, samples)
@@ -139,6 +176,9 @@ def run_entry(g: dict, args, data_cache: dict) -> dict:
             patches.enter_context(k_anneal_patch(int(k_start), int(g["k"]), k_until))
         if freeze:
             patches.enter_context(freeze_patch(freeze))
+        if redundant is not None:
+            for p in redundant_patch(float(redundant)):
+                patches.enter_context(p)
         if sgd is not None:
             patches.enter_context(sgd_patch(float(sgd.get("momentum", 0.9))))
         with patches:

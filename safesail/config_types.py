@@ -85,7 +85,7 @@ class TrainConfig:
     max_tokens: Optional[int]
     shuffle_seed: int
     seed: int
-    optimizer: Literal["signum", "adam"]
+    optimizer: Literal["signum", "adam", "auto"]
     lr: Optional[float]
     enc_init: Literal["decoder", "decoder_scaled"]
     enc_init_scale: float

@@ -24,7 +24,7 @@ from typing import Any
 
 from safesail.errors import UserError
 
-OPTIMIZERS = ("adam", "signum")
+OPTIMIZERS = ("adam", "signum", "auto")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DEC_INITS = ("data", "random")
 ENC_INITS = ("decoder", "decoder_scaled")
@@ -42,8 +42,9 @@ def _param_names(arch: str) -> tuple[str, ...]:
 
 def default_lr(n_latents: int, optimizer: str = "signum") -> float:
     """The learning-rate rule (docs/training.md): 1/sqrt(n / 2^14) in the width (Gao et al., sparsify);
-    base 5e-3 for signum (sparsify's), 1.6e-3 for Adam (8x sparsify's Adam rule: better in the short runs measured)."""
-    base = 5e-3 if optimizer == "signum" else 1.6e-3
+    base 5e-3 for signum (sparsify's), 1.6e-3 for Adam (8x sparsify's Adam rule: better in the short runs measured).
+    `auto` is resolved to one of them by the trainer before this is read (unresolved: signum's)."""
+    base = 1.6e-3 if optimizer == "adam" else 5e-3
     return base / math.sqrt(n_latents / 2 ** 14)
 
 
@@ -56,7 +57,7 @@ class SAEConfig:
     model: str | None = None          # source model name
     # training knobs (recorded so a folder says how it was made)
     lr: float | None = None           # None: default_lr(n_latents, optimizer)
-    optimizer: str = "signum"         # signum (schedule-free sign descent) | adam; see safesail/train/optim.py
+    optimizer: str = "signum"         # signum (schedule-free sign descent) | adam | auto (by run length); safesail/train/optim.py
     seed: int = 0
     enc_init: str = "decoder_scaled"  # decoder: W_enc = W_dec; decoder_scaled: W_enc = W_dec * enc_init_scale
     enc_init_scale: float = 1 / math.sqrt(3)

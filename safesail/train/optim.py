@@ -1,4 +1,4 @@
-"""Optimisers for SAE training: `adam` and `signum` (schedule-free sign descent).
+"""Optimisers for SAE training: `adam`, `signum` (schedule-free sign descent), and `auto` (one of them by run length).
 
 - `adam`: torch's Adam; the trainer's schedule (warmup, constant, final decay) sets its lr.
 - `signum`: the step is `-lr * sign(grad)` (steepest descent in the L-infinity norm, as
@@ -6,6 +6,12 @@
   0.95): gradients are taken at `y = (1 - b) z + b x`, `z` takes the sign steps, and `x` is
   the running average of `z` (weights `lr^2`). Training weights are `y`, only `z` is stored; `eval_params()`
   swaps in `x`, the weights to save. It needs no decay schedule (warmup is still honoured).
+
+- `auto`: `resolve_optimizer("auto", total_steps)` is signum below `AUTO_ADAM_STEPS` steps and Adam
+  from there on (each with its own lr rule, `safesail.saes.config.default_lr`): signum wins the
+  23-step run, Adam every run of >= 46 steps measured on real activations (docs/training.md,
+  "The optimiser by run length"); a run of unknown length gets signum (no decay schedule needed).
+  The trainer resolves it before building the SAE, so cfg.json records the optimiser used.
 
 `make_optimizer(name, params, lr, ...)` returns an object with `step()`, `zero_grad()`,
 `param_groups`, `state_dict()` / `load_state_dict()` and `eval_params()` (a no-op for Adam).
@@ -68,6 +74,17 @@ class ScheduleFreeSignum(torch.optim.Optimizer):
             with torch.no_grad():
                 for p, v in saved:
                     p.copy_(v)
+
+
+AUTO_ADAM_STEPS = 46   # `auto`: Adam from this many steps on (measured: docs/training.md)
+
+
+def resolve_optimizer(name: str, total_steps: int | None) -> str:
+    """`auto` -> `signum` for runs shorter than AUTO_ADAM_STEPS steps (or of unknown length), else `adam`;
+    any other name unchanged."""
+    if name != "auto":
+        return name
+    return "adam" if total_steps and total_steps >= AUTO_ADAM_STEPS else "signum"
 
 
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float,

@@ -13,7 +13,8 @@ trained[0].sae.encode(x)     # an SAE in raw activation units; trained[0].metric
 `start_batch -> iterable` (lets a resumed run skip data without reading it). Each batch is
 read, checked, normalised and copied to the device once and fed to every SAE (on
 `sae_threads` threads if asked); each SAE has its own optimiser (`cfg.optimizer`: schedule-free
-signum by default, or Adam with warmup / constant / final linear decay) and learning rate
+signum, Adam with warmup / constant / final linear decay, or `auto`: signum below
+`optim.AUTO_ADAM_STEPS` steps, Adam from there on) and learning rate
 (`safesail.saes.config.default_lr`). The recipe and the sweep that chose it: docs/training.md.
 
 Per SAE and step: activations scaled to unit mean squared norm (the scale is estimated on the
@@ -47,7 +48,7 @@ from safesail.train.distributed import DistContext
 from safesail.atomic import atomic_torch_save
 from safesail.train.checkpoint import checkpoint_position, read_checkpoint  # noqa: F401 (re-exported)
 from safesail.train.data_init import data_initial_decoder, init_decoder_from_data
-from safesail.train.optim import make_optimizer
+from safesail.train.optim import make_optimizer, resolve_optimizer
 from safesail.train.resample import resample_dead
 from safesail.train.step_pool import StepPool
 from safesail.train.wandb_log import start_wandb
@@ -298,6 +299,10 @@ def train_saes(batches: BatchSource, configs: list[SAEConfig | dict], options: T
     if opts.max_steps and (opts.total_steps is None or opts.total_steps > opts.max_steps):
         opts = copy.copy(opts)
         opts.total_steps = opts.max_steps
+    for c in all_cfgs:   # optimizer auto: signum or Adam by the run's length (safesail/train/optim.py)
+        if c.optimizer == "auto":
+            c.optimizer = resolve_optimizer("auto", opts.total_steps)
+            c.extra["optimizer_rule"] = f"auto ({opts.total_steps or 'unknown'} steps)"
     fp = opts.fingerprint or job_fingerprint(all_cfgs, opts, (ctx.world_size, ctx.mode))
     ck_path = Path(opts.checkpoint_path) if opts.checkpoint_path else None
     if ck_path is not None and ctx.mode == "sae_parallel" and ctx.world_size > 1:
