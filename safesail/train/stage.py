@@ -30,6 +30,7 @@ from safesail.train.activation_store import ActivationStore
 from safesail.train.distributed import DistContext
 from safesail.saes import SAEConfig, load_sae, read_cfg, read_metrics, save_sae
 from safesail.train.sweep import format_table, make_configs, sweep_entries, sweep_hooks, write_sweep
+from safesail.train.optim import resolve_optimizer
 from safesail.train.trainer import TrainOptions, train_saes
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,11 @@ def run_train_stage(cfg: DictConfig, args: list[str]) -> None:
     eval_fp = fingerprint({k: OmegaConf.to_container(tc.eval, resolve=True).get(k) for k in _EVAL_KEYS})
 
     plan: list[tuple[SAEConfig, str, Path]] = []  # (config, train fingerprint, folder)
+    steps = _planned_steps(tc, stores, hooks, ctx)
     for hook in hooks:
         store = stores[hook]
         for c in make_configs(entries, hook, store.d, model_name, cfg):
+            c.optimizer = resolve_optimizer(c.optimizer, steps)   # auto: by run length, before the fingerprint
             fp = fingerprint({"sae": c.to_dict(), "train": train_bits, "data": store.meta.get("fingerprint")})
             c.extra["fingerprint"] = fp
             plan.append((c, fp, rd.saes(hook) / c.name))
@@ -121,6 +124,16 @@ def run_train_stage(cfg: DictConfig, args: list[str]) -> None:
     print(format_table([r for r in rows if r["folder"] in mine]))
     log.info("sweep table: %s%s", json_path, f", plot: {png}" if png else "")
     rd.mark_stage("train", stage_fp, saes=len(plan), sweep=str(json_path))
+
+
+def _planned_steps(tc, stores: dict[str, ActivationStore], hooks: list[str], ctx: DistContext) -> int:
+    """Optimiser steps the run will take (as `_train` counts them; 0 when a cache is short of one batch)."""
+    w = ctx.world_size if ctx.world_size > 1 and ctx.mode == "ddp" else 1
+    batch_size = int(tc.batch_size)
+    total = min(stores[h].num_batches(max(1, batch_size // w)) for h in hooks) // w * int(tc.get("epochs", 1))
+    if tc.get("max_tokens"):
+        total = min(total, max(1, int(tc.max_tokens) // batch_size))
+    return total
 
 
 def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict[str, ActivationStore],

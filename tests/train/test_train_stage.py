@@ -83,6 +83,24 @@ def test_train_stage_writes_the_sweep(run_cfg, tmp_path, capsys):
     assert {f: (f / "sae.safetensors").stat().st_mtime_ns for f in folders} == before
 
 
+def test_optimizer_auto_is_resolved_before_the_fingerprint(run_cfg, tmp_path):
+    """train.optimizer=auto: a short run is the signum run (same folders, same fingerprint: nothing to redo);
+    a run past AUTO_ADAM_STEPS steps trains with Adam and says so in cfg.json."""
+    from safesail.saes import list_saes, read_cfg
+    from safesail.train.stage import run_train_stage
+
+    one = ["sae.saes=[{arch:topk,k:4}]", "sae.hooks=[layers.0.mlp_out]"]
+    run_train_stage(run_cfg("train.optimizer=signum", *one, name="auto"), [])
+    [folder] = list_saes(tmp_path / "auto" / "saes")
+    before = (folder / "sae.safetensors").stat().st_mtime_ns
+    run_train_stage(run_cfg("train.optimizer=auto", *one, name="auto"), [])   # ~6 steps: signum, already done
+    assert (folder / "sae.safetensors").stat().st_mtime_ns == before and read_cfg(folder).optimizer == "signum"
+    run_train_stage(run_cfg("train.optimizer=auto", "train.batch_size=16", *one, name="auto_long"), [])  # ~100 steps
+    [folder] = list_saes(tmp_path / "auto_long" / "saes")
+    assert read_cfg(folder).optimizer == "adam"
+    assert json.loads((folder / "metrics.json").read_text())["steps"] >= 64
+
+
 def _stage_cmd(tmp_path, cache_dir, name):
     return [sys.executable, "-m", "safesail", "train", *_kill_overrides(tmp_path, cache_dir, name)]
 
