@@ -13,6 +13,7 @@ and sit flat in cfg.json beside the common ones.
 | `matryoshka` | `k`, `groups` (nested prefix sizes)   | `matryoshka-k32`         |
 | `jumprelu`   | `l0_coef`, `bandwidth`, `init_threshold` | `jumprelu-l0_0.001`   |
 | `relu`       | `l1_coef`                             | `relu-l1_0.05`           |
+| `pursuit`    | `k`, `rounds` (greedy rounds, default k) | `pursuit-k32-r4`      |
 """
 
 from __future__ import annotations
