@@ -312,6 +312,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     out_dir = rd.root / "verify"
     done_path = out_dir / "done.jsonl"
     t_start = time.perf_counter()
+    cpu_start = (time.thread_time(), time.process_time())   # the main thread's CPU (SmolLM2) and all threads' (+ the judge)
     lm = load_model(cfg.model, cfg.get("device", "auto"), cache_dir=cfg.get("cache_dir"))
     saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
     sets, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))
@@ -414,4 +415,6 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     rd.mark_stage("verify", fp, latents=len(plan), units=len(units), records_this_run=n_records,
                   seconds=round(time.perf_counter() - t_start, 1),
                   mean_unit_s=round(sum(timings) / len(timings), 2) if timings else None,
-                  judge_wait_s=round(v.judge_wait_s, 1), judge_engine=judge_work())
+                  judge_wait_s=round(v.judge_wait_s, 1), judge_engine=judge_work(),
+                  main_thread_cpu_s=round(time.thread_time() - cpu_start[0], 1),
+                  process_cpu_s=round(time.process_time() - cpu_start[1], 1))
