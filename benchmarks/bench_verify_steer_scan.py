@@ -40,10 +40,12 @@ def judge_file(path: Path, args) -> int:
 
     run = Path(args.run)
     cfg = compose([*args.set, f"run.root={run.parent}", f"run.name={run.name}"])
-    expl = last_per_latent(run / "interpret" / "explanations.jsonl")
-    topic = {f"{h.split('.')[1]}_{i}": e.get("explanation") for (h, i), e in expl.items()}
+    topic = {}
+    for f in [*(args.explanations or []), run / "interpret" / "explanations.jsonl"]:   # the run's own win
+        expl = last_per_latent(Path(f))
+        topic.update({f"{h.split('.')[1]}_{i}": e.get("explanation") for (h, i), e in expl.items()})
     data = json.loads(path.read_text())
-    rows = [m for m in data["rows"] if m["latent"] is not None]
+    rows = [m for m in data["rows"] if m["latent"] is not None and m["alpha"] in args.alphas]   # --alphas picks
     loop = asyncio.new_event_loop()
     client = make_client(cfg.llm, run / "interpret" / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"))
     t0 = time.perf_counter()
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-control", action="store_true", help="skip the random-latent control rows")
     ap.add_argument("--positions", nargs="+", default=["all"], choices=["all", "answer"])
     ap.add_argument("--judge", default=None, help="judge the answers of this --out file instead of generating")
+    ap.add_argument("--explanations", nargs="*", default=[],
+                    help="explanations.jsonl files for latents the run has no explanation of (its own are preferred)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", nargs="*", default=["experiment=demo"], help="config overrides")
     args = ap.parse_args(argv)
