@@ -98,7 +98,12 @@ def flips_part(args) -> dict:
     from safesail.train.selection import chosen_sae_dirs
     from safesail.verify.checks import Verifier
     from safesail.verify.directions import diff_in_means
-    from safesail.verify.interventions import DirectionEdit, Intervention, LatentEdit, scaled
+    from safesail.verify.interventions import (
+        DirectionEdit,
+        Intervention,
+        LatentEdit,
+        scaled,
+    )
     from safesail.verify.records import effects_path, read_effects
     from safesail.verify.stage import VerifySettings, load_steerable, query_sets
 

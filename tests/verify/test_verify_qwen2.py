@@ -11,7 +11,12 @@ from safesail.chat import encode_chat
 from safesail.hooks import HookPoint, capture_activations
 from safesail.saes import SAEConfig, build_sae
 from safesail.verify.generation import generate_full
-from safesail.verify.interventions import DirectionEdit, Intervention, LatentEdit, SteerableSAE
+from safesail.verify.interventions import (
+    DirectionEdit,
+    Intervention,
+    LatentEdit,
+    SteerableSAE,
+)
 from safesail.verify.refusal import _opening_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
