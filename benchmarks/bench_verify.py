@@ -351,7 +351,7 @@ def scan_part(args) -> dict:
                            from_top=mode == "top")
         out[mode] = {"wall_s": round(time.perf_counter() - t, 1), "cpu_s": round(time.process_time() - c, 1),
                      "rows": sum(rows), "kept": {u.key: u.extra["strength"] for u in units},
-                     "tried": {u.key: [x["strength"] for x in u.extra["scan"]] for u in units}}
+                     "tried": {u.key: [[x["strength"], round(x["fluent"], 3)] for x in u.extra["scan"]] for u in units}}
         print(mode, {k: out[mode][k] for k in ("wall_s", "cpu_s", "rows")}, flush=True)
     wave.generate_full = real
     out["same_strength"] = sum(out["full"]["kept"][k] == out["top"]["kept"][k] for k in out["full"]["kept"])
