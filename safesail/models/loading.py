@@ -71,6 +71,24 @@ def model_folder(cfg: DictConfig, cache_dir: str | os.PathLike) -> str:
                     f"({', '.join(EMBEDDED)}).")
 
 
+def _contiguous(_module, args):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and not x.is_contiguous():
+        return (x.contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head_input(model: torch.nn.Module) -> None:
+    """Feed the unembedding a contiguous input. transformers slices the last position(s) of the hidden
+    states (`logits_to_keep`, every `generate` prefill), a strided view, and torch's CPU bf16 linear on a
+    strided input was ~500x slower and allocated GBs (Qwen2.5-Coder-0.5B: 57 s and 12.5 GiB vs 0.12 s for
+    48 rows; SmolLM2: 6.4 s vs 0.02 s; BENCHMARKS.md issue 15, session 4 SECOND-SOURCE). Same values."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module) and not getattr(head, "_safesail_contiguous", False):
+        head.register_forward_pre_hook(_contiguous)
+        head._safesail_contiguous = True
+
+
 def load_model(cfg: DictConfig, device: str | torch.device = "auto", cache_dir: str | os.PathLike | None = None,
                dtype: str | None = None) -> LoadedModel:
     """Load the model described by a `model` config group for inference (eval mode, no grad)."""
@@ -95,6 +113,7 @@ def load_model(cfg: DictConfig, device: str | torch.device = "auto", cache_dir: 
                         "and, for a hub id, that you are online or have it in the local HF cache.") from None
     model.to(dev).eval()
     model.requires_grad_(False)
+    contiguous_head_input(model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     mc = model.config
