@@ -13,8 +13,13 @@ Parts (``--parts``):
   (its query sets, its diff-in-means directions at the norm the stage recorded), the answers under the
   direction's project-out / add and under each latent's ablation, and prints every query whose
   phrase-check verdict flips (base answer beside the intervened one), so the flips can be read.
+* ``head``: the unembedding of ``--model`` (experiment name, default qwen05b-refusal) on a [48, 1, d] input,
+  contiguous and as the strided slice transformers passes (`logits_to_keep`), with and without the hook
+  `load_model` adds (`models/loading.contiguous_head_input`): seconds and peak RSS (run it in a fresh
+  process: the peak is the process's, so the contiguous case goes first).
 
     python benchmarks/bench_second_source.py --parts stage flips --run /tmp/ss/runs/qwen05b
+    python benchmarks/bench_second_source.py --parts head --model qwen05b-refusal
 """
 
 from __future__ import annotations
@@ -159,10 +164,34 @@ def flips_part(args) -> dict:
     return {"flips": out}
 
 
+def head_part(args) -> dict:
+    import resource
+    import time
+
+    from safesail.config import compose
+    from safesail.models import load_model
+
+    cfg = compose([f"experiment={args.model}"])
+    lm = load_model(cfg.model, "cpu", cache_dir=cfg.get("cache_dir"))
+    head = lm.model.get_output_embeddings()
+    x = torch.randn(48, 103, head.in_features, dtype=lm.dtype)
+    out = {}
+    for name, inp, hooked in (("contiguous", x[:, -1:].contiguous(), False), ("strided, with the hook", x[:, -1:], True),
+                              ("strided, no hook", x[:, -1:], False)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            head(inp) if hooked else torch.nn.functional.linear(inp, head.weight, head.bias)
+        out[name] = {"s": round(time.perf_counter() - t0, 3),
+                     "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+        print(lm.name, name, out[name], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["stage"], choices=["stage", "flips"])
-    ap.add_argument("--run", required=True, help="a run directory with a finished (or partial) verify/")
+    ap.add_argument("--parts", nargs="+", default=["stage"], choices=["stage", "flips", "head"])
+    ap.add_argument("--run", help="a run directory with a finished (or partial) verify/ (stage, flips)")
+    ap.add_argument("--model", default="qwen05b-refusal", help="head: the experiment whose source model to load")
     ap.add_argument("--all-latents", action="store_true", help="flips: every latent's ablation (default: those "
                     "whose ablation changed the refusal rate in the stage)")
     ap.add_argument("--threads", type=int, default=1)
@@ -173,7 +202,7 @@ def main() -> None:
     fig = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads", "load": os.getloadavg(), "command": sys.argv}
     for part in args.parts:
-        fig[part] = {"stage": stage_part, "flips": flips_part}[part](args)
+        fig[part] = {"stage": stage_part, "flips": flips_part, "head": head_part}[part](args)
     fig["load_after"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(fig, indent=1, ensure_ascii=False), encoding="utf-8")
