@@ -105,7 +105,7 @@ def _settings(**kw):
     from safesail.config import compose
     from safesail.verify.stage import VerifySettings
 
-    cfg = compose([])
+    cfg = compose([])      # the default experiment's verify group, then the test's values
     node = OmegaConf.to_container(cfg.verify)
     node.update(kw)
     return VerifySettings.from_cfg(OmegaConf.create({"verify": node}))
@@ -134,10 +134,12 @@ def test_sufficiency_queries_extend_the_twins_and_the_scan_has_queries_of_its_ow
         assert not scan & {text(n) for n in qs.neutral} and not scan & {text(n) for n in refs[dom][1]}
         assert qs.scan_set[0] is qs.scan
     # without sufficiency_queries the neutral queries are exactly the twins (the earlier sets)
-    sets2, _ = query_sets(pairs, _settings(queries_per_domain=6, reference_pairs=10), _Tok(), None)
+    sets2, _ = query_sets(pairs, _settings(queries_per_domain=6, sufficiency_queries=None, reference_pairs=10),
+                          _Tok(), None)
     assert all(sets2[d].neutral == sets[d].neutral[:6] and sets2[d].concept == sets[d].concept for d in sets)
     # no scan: no scan queries, the scan set falls back to the neutral queries
-    sets3, _ = query_sets(pairs, _settings(queries_per_domain=6, strength_scan=[]), _Tok(), None)
+    sets3, _ = query_sets(pairs, _settings(queries_per_domain=6, sufficiency_queries=None, strength_scan=[]),
+                          _Tok(), None)
     assert all(not q.scan and q.scan_set[0] is q.neutral for q in sets3.values())
 
 
