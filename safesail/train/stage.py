@@ -18,19 +18,25 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from safesail.errors import UserError
 from safesail.rundir import RunDir, fingerprint
+from safesail.saes import SAEConfig, load_sae, read_cfg, read_metrics, save_sae
 from safesail.train.activation_store import ActivationStore
 from safesail.train.distributed import DistContext
-from safesail.saes import SAEConfig, load_sae, read_cfg, read_metrics, save_sae
-from safesail.train.sweep import format_table, make_configs, sweep_entries, sweep_hooks, write_sweep
 from safesail.train.optim import resolve_optimizer
+from safesail.train.sweep import (
+    format_table,
+    make_configs,
+    sweep_entries,
+    sweep_hooks,
+    write_sweep,
+)
 from safesail.train.trainer import TrainOptions, train_saes
 
 log = logging.getLogger(__name__)
@@ -126,14 +132,20 @@ def run_train_stage(cfg: DictConfig, args: list[str]) -> None:
     rd.mark_stage("train", stage_fp, saes=len(plan), sweep=str(json_path))
 
 
-def _planned_steps(tc, stores: dict[str, ActivationStore], hooks: list[str], ctx: DistContext) -> int:
-    """Optimiser steps the run will take (as `_train` counts them; 0 when a cache is short of one batch)."""
-    w = ctx.world_size if ctx.world_size > 1 and ctx.mode == "ddp" else 1
+def _step_counts(tc, stores: dict[str, ActivationStore], hooks: list[str], w: int) -> tuple[int, int]:
+    """(steps per epoch, total optimiser steps) of a run over `hooks` on `w` data-parallel processes
+    (0 when a cache is short of one batch)."""
     batch_size = int(tc.batch_size)
-    total = min(stores[h].num_batches(max(1, batch_size // w)) for h in hooks) // w * int(tc.get("epochs", 1))
+    steps_per_epoch = min(stores[h].num_batches(max(1, batch_size // w)) for h in hooks) // w
+    total = steps_per_epoch * int(tc.get("epochs", 1))
     if tc.get("max_tokens"):
         total = min(total, max(1, int(tc.max_tokens) // batch_size))
-    return total
+    return steps_per_epoch, total
+
+
+def _planned_steps(tc, stores: dict[str, ActivationStore], hooks: list[str], ctx: DistContext) -> int:
+    """Optimiser steps the run will take, counted as `_train` counts them."""
+    return _step_counts(tc, stores, hooks, ctx.world_size if ctx.world_size > 1 and ctx.mode == "ddp" else 1)[1]
 
 
 def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict[str, ActivationStore],
@@ -151,11 +163,8 @@ def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict
         if have < batch_size:
             raise UserError(f"the activation cache of {h} holds {have} training tokens, fewer than one batch "
                             f"(train.batch_size={batch_size}); cache more data or lower train.batch_size.")
-    steps_per_epoch = min(stores[h].num_batches(per_rank) for h in hooks) // w
+    steps_per_epoch, total = _step_counts(tc, stores, hooks, w)
     epochs = int(tc.get("epochs", 1))
-    total = steps_per_epoch * epochs
-    if tc.get("max_tokens"):
-        total = min(total, max(1, int(tc.max_tokens) // batch_size))
     seed = int(tc.get("shuffle_seed", 0))
     rank = ctx.rank if ddp else 0
 

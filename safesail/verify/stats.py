@@ -18,6 +18,7 @@ one (`t_low`, `t_high`).
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 P_CLIP = 1e-6          # p(yes) is clipped to [P_CLIP, 1 - P_CLIP] before the logit (a text reply gives 0 or 1)
 CRITERION_METRIC = "p_yes_logodds_vs_random"
@@ -43,21 +44,11 @@ def t_quantile(level: float, df: int) -> float:
     df = max(int(df), 1)
     if abs(level - 0.95) < 1e-9 and df in _T95:
         return _T95[df]
-    z = _z(0.5 + level / 2)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
     return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
-def _z(q: float) -> float:
-    """Standard normal quantile (bisection on erf; no scipy)."""
-    lo, hi = -10.0, 10.0
-    for _ in range(80):
-        mid = (lo + hi) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < q:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float | None, float | None]:
