@@ -232,6 +232,9 @@ class VerifyConfig:
     fluency_drop: float
     queries_per_domain: int
     sufficiency_queries: Optional[int]
+    sufficiency_prompts: Literal["twins", "open"]
+    open_prompts: str
+    random_latents: int
     langs: list[str]
     reference_pairs: int
     segments: int

@@ -223,13 +223,15 @@ class Verifier:
         return [Effect(**base, check="necessity", metric="answer_changed", value=m, ci_low=lo, ci_high=hi,
                        n=len(changed), details=details)]
 
-    def judge_items(self, topic: str, steered: Answers, qs: QuerySet, control: Answers | None) -> list:
-        """Every judge question the sufficiency check of one direction will ask (for one batch per wave)."""
+    def judge_items(self, topic: str, steered: Answers, qs: QuerySet, control: Answers | None,
+                    more: list[Answers] = ()) -> list:
+        """Every judge question the sufficiency check of one direction will ask (for one batch per wave);
+        `more`: the answers under further random control latents (judged absolutely only)."""
         if self.judge is None or not topic:
             return []
         items = []
         if "absolute" in self.s.judge_modes:
-            for a in (qs.base_neutral, steered, control):
+            for a in (qs.base_neutral, steered, control, *more):
                 if a is not None:
                     items += [(topic, x) for x in a.texts]
         if "paired" in self.s.judge_modes:
@@ -278,7 +280,10 @@ class Verifier:
                           "sign_test_p": round(sign_test_p(wins, losses), 6), "examples": steered.texts[:3]})
 
     def sufficiency(self, base: dict, topic: str, steered: Answers, qs: QuerySet,
-                    control: Answers | None, control_base: dict | None) -> list[Effect]:
+                    control: Answers | None, control_base: dict | None,
+                    more: list[tuple[Answers, dict]] = ()) -> list[Effect]:
+        """`more`: (answers, record base) of further random control latents of the same norm; the control's
+        p(yes) of a query is then the mean over all of them (absolute mode; the paired mode uses the first)."""
         if self.judge is None or not topic:
             return []
         out = []
@@ -287,11 +292,12 @@ class Verifier:
                 out.append(self.paired(base, topic, steered, control, "random"))
             out.append(self.paired(base, topic, steered, qs.base_neutral, "unsteered"))
         if "absolute" in self.s.judge_modes:
-            out += self._absolute(base, topic, steered, qs, control, control_base)
+            out += self._absolute(base, topic, steered, qs, control, control_base, list(more))
         return out
 
     def _absolute(self, base: dict, topic: str, steered: Answers, qs: QuerySet,
-                  control: Answers | None, control_base: dict | None) -> list[Effect]:
+                  control: Answers | None, control_base: dict | None,
+                  more: list[tuple[Answers, dict]] | None = None) -> list[Effect]:
         if topic not in qs.judged_unsteered:
             qs.judged_unsteered[topic] = self._judged(qs, topic, qs.base_neutral.texts)
         un, _, un_p = qs.judged_unsteered[topic]
@@ -305,13 +311,22 @@ class Verifier:
                  "p_yes_vs_unsteered": _diffs(st_p, un_p),
                  "p_yes_logodds_vs_unsteered": logodds_diffs(st_p, un_p)}
         if control is not None:
-            ct, ct_bad, ct_p = self._judged(qs, topic, control.texts)
+            per = []     # per control latent: its verdicts and p_yes
+            for ans, cb in [(control, control_base), *(more or [])]:
+                ct, ct_bad, ct_p = self._judged(qs, topic, ans.texts)
+                per.append((ct, ct_p))
+                cm, clo, chi = mean_ci(ct, self.s)
+                out.append(Effect(**cb, check="sufficiency", metric="on_concept_rate", value=cm, ci_low=clo,
+                                  ci_high=chi, n=len(ct), details={"topic": topic, "unparsed": ct_bad,
+                                                                   "examples": ans.texts[:3], "p_yes": _rounded(ct_p)}))
+            if len(per) > 1:   # the control of a query: the mean over the random latents
+                ct = [sum(c[q] for c, _ in per) / len(per) for q in range(len(per[0][0]))]
+                ct_p = [None if any(p[q] is None for _, p in per) else sum(p[q] for _, p in per) / len(per)
+                        for q in range(len(per[0][1]))]
+                det["random_latents"], det["random_p_yes"] = len(per), _rounded(ct_p)
+            else:
+                ct, ct_p = per[0]
             det["random_rate"] = sum(ct) / max(len(ct), 1)
-            cm, clo, chi = mean_ci(ct, self.s)
-            out.append(Effect(**control_base, check="sufficiency", metric="on_concept_rate", value=cm, ci_low=clo,
-                              ci_high=chi, n=len(ct), details={"topic": topic, "unparsed": ct_bad,
-                                                               "examples": control.texts[:3],
-                                                               "p_yes": _rounded(ct_p)}))
             diffs["on_concept_vs_random"] = [a - b for a, b in zip(st, ct)]
             diffs["p_yes_vs_random"] = _diffs(st_p, ct_p)
             diffs["p_yes_logodds_vs_random"] = logodds_diffs(st_p, ct_p)

@@ -37,6 +37,9 @@ from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify.checks import CheckSettings, QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
 from safesail.verify.interventions import POSITIONS, SteerableSAE, steering_norm
+from safesail.verify.prompts import SOURCES as PROMPT_SOURCES
+from safesail.verify.prompts import by_lang as prompts_by_lang
+from safesail.verify.prompts import load_open_prompts
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.steering import UNITS, residual_norm
 from safesail.verify.overlap import judge_engine_counter, overlap_judge
@@ -62,6 +65,9 @@ class VerifySettings(VerifyConfig):
             raise UserError(f"verify.latents is {node.get('latents')!r}; use tagged or candidates.")
         if node.get("steer_positions") not in (None, *POSITIONS):
             raise UserError(f"verify.steer_positions is {node.get('steer_positions')!r}; use {' or '.join(POSITIONS)}.")
+        if node.get("sufficiency_prompts") not in (None, *PROMPT_SOURCES):
+            raise UserError(f"verify.sufficiency_prompts is {node.get('sufficiency_prompts')!r}; use twins (the "
+                            "concept pairs' neutral twins) or open (open-ended prompts, verify.open_prompts).")
         if node.get("strength_unit") not in (None, *UNITS):
             raise UserError(f"verify.strength_unit is {node.get('strength_unit')!r}; use {' or '.join(UNITS)}.")
         modes = node.get("judge_modes")
@@ -72,6 +78,8 @@ class VerifySettings(VerifyConfig):
         for name in ("max_latents", "queries_per_domain", "max_new_tokens", "batch_size", "wave", "n_boot"):
             if int(getattr(s, name)) < 1:
                 raise UserError(f"verify.{name} is {getattr(s, name)}; set it to a positive integer.")
+        if not 1 <= int(s.random_latents) <= 16:
+            raise UserError(f"verify.random_latents is {s.random_latents}; set it to 1-16 random latents per latent.")
         if s.sufficiency_queries is not None and int(s.sufficiency_queries) < 2:
             raise UserError(f"verify.sufficiency_queries is {s.sufficiency_queries}; set it to 2 or more (or null: "
                             "as many as verify.queries_per_domain).")
@@ -216,8 +224,22 @@ def query_sets(pairs, s: VerifySettings, tok, system_prompt) -> tuple[dict[str, 
     The concept queries are the first `queries_per_domain` test pairs; the neutral queries (steered and
     judged) the first `sufficiency_queries` (default: as many), so the first `queries_per_domain` neutral
     queries are the concept queries' twins. Reference and scan pairs are disjoint from the test pairs
-    and from each other: the strength is not chosen on the queries it is judged on."""
+    and from each other: the strength is not chosen on the queries it is judged on.
+
+    With `sufficiency_prompts: open` the neutral queries (steered, judged) are the open prompts file's eval
+    prompts and the scan's its scan prompts (round robin over languages), the same for every domain; the
+    concept queries, their twins' places and the reference pairs are unchanged."""
     sets, refs = {}, {}
+    opened = None
+    if s.sufficiency_prompts == "open":
+        ops = load_open_prompts(s.open_prompts)
+        ev = _round_robin(prompts_by_lang(ops, "eval", list(s.langs)), list(s.langs), int(s.sufficiency_queries or
+                                                                               s.queries_per_domain))
+        sc = _round_robin(prompts_by_lang(ops, "scan", list(s.langs)), list(s.langs), s.scan_queries) if s.strength_scan else []
+        if len(ev) < 2:
+            raise UserError(f"{s.open_prompts} holds {len(ev)} eval prompt(s) in the languages {', '.join(s.langs)}; "
+                            "give at least 2 (verify.langs picks the languages).")
+        opened = ([x.prompt for x in ev], [x.lang for x in ev], [x.prompt for x in sc], [x.lang for x in sc])
     n_neutral = int(s.sufficiency_queries or s.queries_per_domain)
     n_test = max(s.queries_per_domain, n_neutral)
     enc = lambda q: encode_chat(tok, q, system_prompt)
@@ -228,9 +250,12 @@ def query_sets(pairs, s: VerifySettings, tok, system_prompt) -> tuple[dict[str, 
         rest = {lang: [p for p in ps if p not in held] for lang, ps in by_lang.items()}
         scan = _round_robin(rest, list(s.langs), s.scan_queries) if s.strength_scan else []
         concept, neutral = test[:s.queries_per_domain], test[:n_neutral]
+        nq, nl = [p.neutral_query for p in neutral], [p.lang for p in neutral]
+        sq, sl = [p.neutral_query for p in scan], [p.lang for p in scan]
+        if opened is not None:
+            nq, nl, sq, sl = opened
         sets[dom] = QuerySet(dom, [p.lang for p in concept], [enc(p.concept_query) for p in concept],
-                             [enc(p.neutral_query) for p in neutral], neutral_langs=[p.lang for p in neutral],
-                             scan=[enc(p.neutral_query) for p in scan], scan_langs=[p.lang for p in scan])
+                             [enc(q) for q in nq], neutral_langs=list(nl), scan=[enc(q) for q in sq], scan_langs=list(sl))
         refs[dom] = ([enc(p.concept_query) for p in held], [enc(p.neutral_query) for p in held])
     return sets, refs
 
@@ -320,7 +345,10 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     # strengths in units of the residual stream's norm after each hooked block (steering.py)
     resid = {}
     if s.strength_unit == "residual":
-        neutral = [q for d in sorted(sets) for q in sets[d].neutral]
+        # always on the twins, so a strength is the same push whichever prompts sufficiency steers
+        twins = sets if s.sufficiency_prompts == "twins" else query_sets(
+            pairs, dataclasses.replace(s, sufficiency_prompts="twins"), lm.tokenizer, cfg.model.get("system_prompt"))[0]
+        neutral = [q for d in sorted(twins) for q in twins[d].neutral]
         resid = {h: residual_norm(lm, saes[h].hook, neutral) for h in sorted({p["hook"] for p in plan})}
         log.info("verify: residual-stream norms %s", {h: round(r, 2) for h, r in resid.items()})
 
@@ -373,7 +401,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
         segs = [g for g in load_segments(path, latent=x["latent"]) if g.get("kind") == "activating"][:s.segments] \
             if path.is_file() else []
         return latent_unit(key, sae, x, sets[x["domain"]], s.strength, exclude[hook], s.seed, segs,
-                           resid.get(hook), s.steer_positions)
+                           resid.get(hook), s.steer_positions, s.random_latents)
 
     n_records, timings = 0, []
     waves = [units[i:i + s.wave] for i in range(0, len(units), s.wave)]

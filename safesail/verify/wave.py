@@ -41,11 +41,17 @@ DOMAIN_TOPICS = {"politics": "politics, government, elections or protest",
 
 
 def random_latent(s: SteerableSAE, latent: int, exclude: set[int], seed: int) -> int:
-    rng = random.Random(f"{seed}:{s.hook.layer}:{latent}")
-    while True:
+    return random_latents(s, latent, exclude, seed, 1)[0]
+
+
+def random_latents(s: SteerableSAE, latent: int, exclude: set[int], seed: int, k: int) -> list[int]:
+    """k distinct random control latents (seeded by the latent; the first is the same for every k)."""
+    rng, out = random.Random(f"{seed}:{s.hook.layer}:{latent}"), []
+    while len(out) < min(k, s.n_latents - len(exclude | {latent})):
         j = rng.randrange(s.n_latents)
-        if j != latent and j not in exclude:
-            return j
+        if j != latent and j not in exclude and j not in out:
+            out.append(j)
+    return out
 
 
 @dataclass
@@ -61,6 +67,8 @@ class Unit:
     ablate: Intervention | None = None       # project-out for a reference direction
     control: Intervention | None = None
     control_latent: int | None = None
+    more_control_latents: list[int] = field(default_factory=list)   # verify.random_latents > 1: the others
+    more_controls: list[Intervention] = field(default_factory=list)
     direction: torch.Tensor | None = None
     segments: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
@@ -68,18 +76,22 @@ class Unit:
 
 
 def latent_unit(key: str, sae: SteerableSAE, item: dict, qs: QuerySet, strength: float, exclude: set[int],
-                seed: int, segments: list[dict], resid_norm: float | None = None, positions: str = "all") -> Unit | None:
+                seed: int, segments: list[dict], resid_norm: float | None = None, positions: str = "all",
+                n_random: int = 1) -> Unit | None:
     """`resid_norm`: strengths are multiples of this residual-stream norm (`steering.py`); None: of the
     latent's 0.999 quantile. `positions`: where the latent and its random control are added
-    (`interventions.POSITIONS`)."""
+    (`interventions.POSITIONS`). `n_random`: random control latents of the same norm (their mean p(yes) per
+    query is the control: `Verifier.sufficiency`)."""
     hp, i = sae.hook, item["latent"]
     if i not in sae.scales:
         log.warning("verify: %s latent %d never fired in collect (no 0.999 quantile); skipped", hp, i)
         return None
+    controls = random_latents(sae, i, exclude, seed, max(1, int(n_random)))
     u = Unit(key, "latent", sae, qs, {"hook": hp.name, "layer": hp.layer, "latent": i, "target": "latent",
                                       "domain": qs.domain},
              item=item, ablate=Intervention([sae], [LatentEdit(hp.layer, i, "ablate")]),
-             control_latent=random_latent(sae, i, exclude, seed), direction=sae.direction(i), segments=segments)
+             control_latent=controls[0], more_control_latents=controls[1:], direction=sae.direction(i),
+             segments=segments)
     if resid_norm is not None:
         u.extra["resid_norm"] = float(resid_norm)
     if positions != "all":
@@ -103,9 +115,9 @@ def set_strength(u: Unit, strength: float) -> None:
     hp, i, sae = u.sae.hook, u.base["latent"], u.sae
     u.steer, q = steer_intervention(u, strength)
     norm = steering_norm(sae, i, q)
-    u.control = Intervention([sae], direction_edits=[DirectionEdit(hp.layer, scaled(sae.direction(u.control_latent)
-                                                                                    .float(), norm))],
-                             positions=u.extra.get("positions", "all"))
+    u.control, *u.more_controls = [
+        Intervention([sae], direction_edits=[DirectionEdit(hp.layer, scaled(sae.direction(j).float(), norm))],
+                     positions=u.extra.get("positions", "all")) for j in [u.control_latent, *u.more_control_latents]]
     u.extra["strength"] = float(strength)
     if u.extra.get("resid_norm") is not None:
         u.extra["quantile_strength"] = round(q, 4)
@@ -276,6 +288,9 @@ def start_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, 
                 if iv is not None and name in names:
                     where.append((u, name))
                     reqs.append((prompts, langs, iv))
+            for j, iv in enumerate(u.more_controls if "control" in names else []):
+                where.append((u, f"control{j + 1}"))
+                reqs.append((qs.neutral, qs.nlangs, iv))
         for (u, name), ans in zip(where, v.answers_many(reqs)):
             u.out[name] = ans
 
@@ -284,7 +299,7 @@ def start_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, 
         u.out["next"] = u.out["steered"].first    # next-token log-probs of the steered neutral queries
     if v.judge is not None:
         for u in units:
-            asked += v.judge_items(_topic(u), u.out["steered"], u.qs, u.out.get("control"))
+            asked += v.judge_items(_topic(u), u.out["steered"], u.qs, u.out.get("control"), _more(u))
         v.prejudge(asked, wait=False)
     if between is not None:
         between()
@@ -298,6 +313,11 @@ def start_wave(v: Verifier, units: list[Unit], scan: list[float] | None = None, 
     return records
 
 
+def _more(u: Unit) -> list:
+    """The answers under the further random control latents (verify.random_latents > 1)."""
+    return [u.out[f"control{j + 1}"] for j in range(len(u.more_controls))]
+
+
 def finish(v: Verifier, u: Unit) -> list[Effect]:
     qs, base = u.qs, u.base
     out = v.output_effect(base, u.direction, u.out["next"], qs)
@@ -306,7 +326,8 @@ def finish(v: Verifier, u: Unit) -> list[Effect]:
         out += v.segment_loss(base, u.out["segments"], len(u.segments))
         out += v.necessity_answers(base, ablated, qs, u.out["fires"])
         cbase = dict(base, latent=u.control_latent, target="random_latent")
-        out += v.sufficiency(base, _topic(u), steered, qs, ctrl, cbase)
+        more = [(a, dict(base, latent=j, target="random_latent")) for a, j in zip(_more(u), u.more_control_latents)]
+        out += v.sufficiency(base, _topic(u), steered, qs, ctrl, cbase, more)
     else:
         out += v.necessity_answers(base, ablated, qs, None)
         out += v.sufficiency(base, _topic(u), steered, qs, None, None)
