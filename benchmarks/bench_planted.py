@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -159,7 +160,7 @@ def run_entry(g: dict, args, data_cache: dict) -> dict:
     opt = {"progress": False, "log_every": 10 ** 9, **g.pop("opt", {})}
     key = (batch, samples)
     if key not in data_cache:
-        pdata = PlantedData(args.variant, seed=args.data_seed)
+        pdata = PlantedData(args.pvariant, seed=args.data_seed)
         data_cache[key] = (pdata, pdata.batches(batch, samples), pdata.sample(4096))
     pdata, train, held = data_cache[key]
     width = int(g.pop("n", pdata.v.n_atoms))
@@ -195,7 +196,8 @@ def run_entry(g: dict, args, data_cache: dict) -> dict:
                    "train_dead": round(m.get("train_dead_fraction", float("nan")), 4),
                    "init_cos": round(m["decoder_init_cos"], 3), "enc_dec": round(m["enc_dec_cos"], 3),
                    "plateau": round(m.get("fvu_plateau", float("nan")), 3), "lr": round(m["lr"], 5),
-                   "steps": m["steps"], "resampled": m.get("resampled", 0), "s": round(dt, 1)}
+                   "steps": m["steps"], "resampled": m.get("resampled", 0), "split": m.get("split", 0),
+                   "s": round(dt, 1)}
         else:
             out["mmcs_seeds"] = out.get("mmcs_seeds", [out["mmcs"]]) + [round(mmcs(t.sae.W_dec, pdata.atoms), 4)]
     if len(decs) > 1:
@@ -210,12 +212,16 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=250_000)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--knobs", default="{}", help="JSON: generator fields changed from the variant's "
+                    "(planted.Variant: noise, power, share, active, mag_low, mag_span, cluster)")
     a = ap.parse_args()
+    knobs = json.loads(a.knobs)
+    a.pvariant = dataclasses.replace(VARIANTS[a.variant], **knobs) if knobs else a.variant
     torch.set_num_threads(1)
     cache: dict = {}
     for g in json.loads(a.grid):
         row = run_entry(g, a, cache)
-        print(json.dumps({"variant": a.variant, **g, **row}), flush=True)
+        print(json.dumps({"variant": a.variant, **({"knobs": knobs} if knobs else {}), **g, **row}), flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ class Variant:
     power: float           # firing probability of atom i ~ (i + 1) ** -power
     cluster: int = 8       # atoms per cluster
     noise: float = 0.01
+    mag_low: float = 0.5   # magnitudes of active atoms: uniform on [mag_low, mag_low + mag_span]
+    mag_span: float = 1.0
 
 
 VARIANTS = {
@@ -56,7 +58,7 @@ class PlantedData:
 
     def sample(self, rows: int) -> torch.Tensor:
         on = torch.rand(rows, self.v.n_atoms, generator=self.gen) < self.prob
-        mag = torch.rand(rows, self.v.n_atoms, generator=self.gen) + 0.5
+        mag = torch.rand(rows, self.v.n_atoms, generator=self.gen) * self.v.mag_span + self.v.mag_low
         x = (on * mag) @ self.atoms
         return x + self.v.noise * torch.randn(rows, self.v.d, generator=self.gen)
 

@@ -50,6 +50,7 @@ from safesail.train.checkpoint import checkpoint_position, read_checkpoint  # no
 from safesail.train.data_init import data_initial_decoder, init_decoder_from_data
 from safesail.train.optim import make_optimizer, resolve_optimizer
 from safesail.train.resample import resample_dead
+from safesail.train.split import split_duplicates
 from safesail.train.step_pool import StepPool
 from safesail.train.wandb_log import start_wandb
 from safesail.train.signals import curve_signals, weight_signals
@@ -85,6 +86,9 @@ class TrainOptions:
                                           # torch threads / sae_threads intra-op threads)
     resample_every: int = 0               # steps between dead-latent resamplings (0: never; safesail/train/resample.py)
     resample_until: float = 0.5           # ... only in this first share of the run (total_steps needed)
+    split_every: int = 0                  # steps between duplicate splits (0: never; safesail/train/split.py),
+                                          # until resample_until of the run
+    split_cos: float = 0.9                # decoder cosine at which two latents count as duplicates
 
 
 @dataclass
@@ -120,6 +124,7 @@ class SAETrainState:
         self.dead_tokens: int | None = opts.dead_tokens
         self.step_seconds = 0.0
         self.resampled = 0
+        self.split = 0
 
     def lr_at(self, step: int) -> float:
         base = self.base_lr
@@ -156,6 +161,10 @@ class SAETrainState:
                 device=x.device).manual_seed(int(self.cfg.seed) * 1_000_003 + self.step))
             self.resampled += n
             self.stale[dead] = 0
+        if self._resample_now(ctx, self.opts.split_every) and hasattr(self.sae, "encode_sparse"):
+            with torch.no_grad():
+                vals, idx = self.sae.encode_sparse(x)
+            self.split += split_duplicates(self.sae, self.opt, x, out.recon.detach(), idx, vals, cos=self.opts.split_cos)
         fired = out.fired.to(torch.int32)
         figures = torch.stack([out.loss.detach().float(), out.fvu.detach().float(), out.aux_loss.detach().float(),
                                out.l0.detach().float() * x.shape[0]])
@@ -170,8 +179,9 @@ class SAETrainState:
         return {"loss": loss, "fvu": fvu, "auxk": aux, "l0": l0sum / n_global, "lr": self.lr_at(self.step - 1),
                 "dead_fraction": float((self.stale >= self.dead_tokens).float().mean())}
 
-    def _resample_now(self, ctx: DistContext) -> bool:
-        every, total = self.opts.resample_every, self.opts.total_steps
+    def _resample_now(self, ctx: DistContext, every: int | None = None) -> bool:
+        every = self.opts.resample_every if every is None else every
+        total = self.opts.total_steps
         if not every or ctx.data_parallel or self.step == 0 or (self.step + 1) % every:
             return False
         return total is None or self.step + 1 <= self.opts.resample_until * total
@@ -185,7 +195,7 @@ class SAETrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_dict(), "model": self.sae.state_dict(), "optim": self.opt.state_dict(),
                 "step": self.step, "tokens": self.tokens, "stale": self.stale.cpu(), "recent": self.recent,
-                "curve": self.curve, "resampled": self.resampled}
+                "curve": self.curve, "resampled": self.resampled, "split": self.split}
 
     def load_state_dict(self, st: dict[str, Any]) -> None:
         self.sae.load_state_dict(st["model"])
@@ -195,6 +205,7 @@ class SAETrainState:
         self.recent = dict(st.get("recent", {}))
         self.curve = [list(p) for p in st.get("curve", [])]
         self.resampled = int(st.get("resampled", 0))
+        self.split = int(st.get("split", 0))
 
     def export(self, scale: float, release: bool = False, first_rows: torch.Tensor | None = None) -> TrainedSAE:
         """The trained SAE in raw units on CPU; `release`: drop the training copy and optimiser state
@@ -210,6 +221,8 @@ class SAETrainState:
         metrics = {f"train_{k}": v for k, v in self.recent.items()}
         metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.base_lr, optimizer=self.cfg.optimizer,
                        dead_tokens=self.dead_tokens, train_fvu_curve=self.curve, resampled=self.resampled)
+        if self.opts.split_every:
+            metrics["split"] = self.split
         if self.cfg.dec_init == "data":
             init = data_initial_decoder(self.cfg, first_rows) if first_rows is not None else None
             metrics.update(weight_signals(sae, init=init, drift=init is not None))
@@ -252,6 +265,8 @@ def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[i
                                                          "lr_decay_fraction", "adam_betas", "adam_eps",
                                                          "dead_tokens", "autocast", "decoder_impl",
                                                          "resample_every", "resample_until")}
+    if opts.split_every:   # only when on, so that the fingerprints of runs before the option stay the same
+        keep.update(split_every=opts.split_every, split_cos=opts.split_cos)
     return make_fingerprint({"saes": [c.to_dict() for c in configs], "opts": keep, "world": list(world)})
 
 

@@ -14,6 +14,13 @@ encoder can learn to undo what interference is left); only `encode` differs, and
 `rounds` encoder products instead of one. Training: the selection runs without gradient;
 the codes and residuals are recomputed with gradient along the chosen latents only (gathers
 of `[b, d]` rows per round), so the loss sees how each code depends on the rows subtracted before it.
+
+Options (session 5, docs/training.md): `refit: ls` re-solves the codes of all latents chosen so
+far by least squares on their decoder rows after every round (orthogonal matching pursuit; the
+next round reads the residual orthogonal to them, codes clamped at 0), `select: decoder` picks
+each round's latents by `W_dec r` (tied selection, as OMP; the encoder then only trains through
+AuxK), `refine: N` runs N projected-gradient (ISTA) steps on the chosen codes after the last
+round. Gradients flow through the solves and the steps.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ from safesail.saes.registry import register_arch
 @dataclass
 class PursuitParams(KParams):
     rounds: int | None = None   # greedy rounds (None: k, i.e. one latent per round)
+    refit: str = "none"         # none | ls: least-squares codes of all chosen latents after every round (OMP)
+    select: str = "encoder"     # encoder: a round's latents are the top of W_enc r + b_enc | decoder: of W_dec r
+    refine: int = 0             # projected-gradient steps on the chosen codes after the last round
+
+
+REFITS, SELECTS = ("none", "ls"), ("encoder", "decoder")
 
 
 @register_arch
@@ -41,7 +54,12 @@ class PursuitSAE(KSparseSAE):
 
     @classmethod
     def folder_name(cls, cfg: SAEConfig) -> str:
-        return f"{cls.arch}-k{cfg.k}-r{cfg.rounds}"
+        name = f"{cls.arch}-k{cfg.k}-r{cfg.rounds}"
+        if cfg.refit != "none":
+            name += f"-{cfg.refit}"
+        if cfg.select != "encoder":
+            name += f"-sel{cfg.select}"
+        return name + (f"-i{cfg.refine}" if cfg.refine else "")
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -54,33 +72,62 @@ class PursuitSAE(KSparseSAE):
         if not 1 <= r <= cfg.k:
             raise UserError(f"pursuit needs rounds from 1 to k={cfg.k} (got {r}); set rounds in the sweep config.")
         cfg.params["rounds"] = r
+        if cfg.refit not in REFITS:
+            raise UserError(f"pursuit refit {cfg.refit!r} is unknown; use {' or '.join(REFITS)}.")
+        if cfg.select not in SELECTS:
+            raise UserError(f"pursuit select {cfg.select!r} is unknown; use {' or '.join(SELECTS)}.")
+        try:
+            refine = int(cfg.refine)
+        except (TypeError, ValueError):
+            refine = -1
+        if refine < 0:
+            raise UserError(f"pursuit refine must be an integer >= 0 (got {cfg.refine!r}).")
+        cfg.params["refine"] = refine
 
     def _schedule(self) -> list[int]:
         """Latents picked in each round (k split as evenly as it goes, larger rounds first)."""
         k, r = self.cfg.k, self.cfg.rounds
         return [k // r + (1 if i < k % r else 0) for i in range(r)]
 
+    def _select_pre(self, r: torch.Tensor) -> torch.Tensor:
+        if self.cfg.select == "decoder":
+            return F.linear(r, self.W_dec)
+        return F.linear(r, self.W_enc, self.b_enc)
+
     def _pursue(self, x_c: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(values [b, k], indices [b, k], first-round pre-activations [b, n], detached) of `x_c = x - b_dec`."""
         b = x_c.shape[0]
         taken = torch.zeros(b, self.cfg.n_latents, dtype=torch.bool, device=x_c.device)
-        r = x_c if grad else x_c.detach()
+        x0 = x_c if grad else x_c.detach()
+        r = x0
         vals, idxs, first = [], [], None
         for m in self._schedule():
             with torch.no_grad():
-                pre = F.linear(r.detach(), self.W_enc, self.b_enc)
+                pre = self._select_pre(r.detach())
                 if first is None:
-                    first = pre
+                    first = pre if self.cfg.select == "encoder" else F.linear(r.detach(), self.W_enc, self.b_enc)
                 pre = pre.masked_fill(taken, float("-inf"))
                 j = pre.topk(m, dim=1, sorted=False).indices          # [b, m]
                 taken.scatter_(1, j, True)
+            if self.cfg.refit == "ls":
+                j = torch.cat(idxs + [j], 1)
+                d_rows = self.W_dec[j]                                  # [b, m_all, d]
+                v = _least_squares(d_rows, x0)
+                r = x0 - torch.einsum("bm,bmd->bd", v, d_rows)
+                vals, idxs = [v], [j]
+                continue
             w_e = self.W_enc[j]                                        # [b, m, d]
             v = (torch.einsum("bmd,bd->bm", w_e, r) + self.b_enc[j]).relu()
             r = r - torch.einsum("bm,bmd->bd", v, self.W_dec[j])
             vals.append(v)
             idxs.append(j)
+        v, j = torch.cat(vals, 1), torch.cat(idxs, 1)
+        if self.cfg.refine:
+            d_rows = self.W_dec[j]
+            v = _projected_gradient(v, d_rows, x0, int(self.cfg.refine))
+            r = x0 - torch.einsum("bm,bmd->bd", v, d_rows)
         self._residual = r.detach() if grad else None
-        return torch.cat(vals, 1), torch.cat(idxs, 1), first
+        return v, j, first
 
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -104,3 +151,26 @@ class PursuitSAE(KSparseSAE):
         with torch.no_grad():
             pre_r = F.linear(r, self.W_enc, self.b_enc)
         return super()._auxk(pre_r, e, dead_mask, total_var, r)
+
+
+def _least_squares(d_rows: torch.Tensor, x: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """Codes [b, m] minimising |x - v D|^2 over the rows D [b, m, d] of each token (a small ridge keeps
+    repeated rows solvable), clamped at 0; float32 whatever the autocast."""
+    dt = d_rows.dtype
+    wide = torch.promote_types(dt, torch.float32)
+    d32, x32 = d_rows.to(wide), x.to(wide)
+    g = torch.einsum("bmd,bnd->bmn", d32, d32)
+    g = g + ridge * torch.eye(g.shape[-1], device=g.device, dtype=g.dtype)
+    c = torch.einsum("bmd,bd->bm", d32, x32)
+    return torch.linalg.solve(g, c).relu().to(dt)
+
+
+def _projected_gradient(v: torch.Tensor, d_rows: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """`steps` of v <- relu(v + (c - G v) / L) on |x - v D|^2 (G = D D^T, c = D x, L >= G's largest
+    eigenvalue by Gershgorin): codes moved toward the non-negative least squares on their support."""
+    g = torch.einsum("bmd,bnd->bmn", d_rows, d_rows)
+    c = torch.einsum("bmd,bd->bm", d_rows, x.to(d_rows.dtype))
+    step = 1.0 / g.abs().sum(-1).amax(-1, keepdim=True).clamp_min(1e-6)
+    for _ in range(steps):
+        v = (v + step * (c - torch.einsum("bmn,bn->bm", g, v))).relu()
+    return v
