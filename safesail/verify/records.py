@@ -1,7 +1,8 @@
 """`runs/<name>/verify/effects.jsonl`: one record per causal-check result (written by `safesail verify`).
 
 Each line is one `Effect`: which direction was tested (`target`: an SAE latent, the
-difference-in-means reference or a random latent of the same norm), on which slice of
+difference-in-means reference or a random latent of the same norm; the residual-stream refusal
+direction of `residual_direction.py` and its random control, `random_direction`), on which slice of
 the queries (`domain`, `lang`, either may be null), which check (`output_effect`,
 `necessity`, `sufficiency`, `refusal`), one named `metric` with its `value`, a bootstrap
 interval (`ci_low`, `ci_high`; null where no interval applies), the number of items
@@ -22,7 +23,7 @@ from typing import Iterable, Iterator
 from safesail import layout
 from safesail.jsonl import JsonlWriter, iter_jsonl
 
-TARGETS = ("latent", "diff_in_means", "random_latent")
+TARGETS = ("latent", "diff_in_means", "random_latent", "residual_direction", "random_direction")
 CHECKS = ("output_effect", "necessity", "sufficiency", "refusal")
 FILE_NAME = layout.EFFECTS
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -247,3 +247,56 @@ def select_layer(lm, dirs: torch.Tensor, concept: list[list[int]], clangs: list[
     ok = [s for s in scores if s.kl_neutral <= max_kl] or scores
     best = min(ok, key=lambda s: s.refusal_ablated)
     return best.layer, scores, {"refusal_concept": mean(base_c), "refusal_neutral": mean(base_n)}
+
+
+# ---- as a verify unit: one domain's refusal records ------------------------------------------------------
+
+TARGET, CONTROL_TARGET = "residual_direction", "random_direction"
+
+
+def refusal_effects(v, qs, ref_concept: list[list[int]], ref_neutral: list[list[int]], layer: int | None = None,
+                    coef: float = 1.0, max_kl: float = 0.1, seed: int = 0, batch_size: int = 16) -> list:
+    """The refusal records of one domain's residual direction, for `safesail verify` (`v`: its Verifier, `qs`:
+    the domain's QuerySet with its unmodified answers): the direction from the first half of the held-out
+    reference pairs, its layer chosen on the second half (`select_layer`; or `layer`), then ablated at
+    every layer on the concept queries (`refusal_*_change_ablate`) and added at its layer on the neutral
+    queries (`refusal_*_change_steer`); a seeded random direction of the same norm beside it
+    (`target: random_direction`). Records: `hook` `layers.<L>.resid`, `target: residual_direction`."""
+    import dataclasses
+
+    from safesail.verify.refusal import query_lang
+
+    lm = v.lm
+    if len(ref_concept) < (2 if layer is None else 1):
+        raise UserError(f"the residual direction of {qs.domain} needs at least 2 reference pairs (one to compute "
+                        "it, one to choose its layer); raise verify.reference_pairs.")
+    v.baseline(qs)
+    half = len(ref_concept) // 2 if layer is None else len(ref_concept)
+    dirs = residual_directions(lm, ref_concept[:half], ref_neutral[:half], batch_size)
+    extra: dict = {"edit": "ablate: every residual writer; add: the input of block `layer`", "pairs": half,
+                   "coef": coef}
+    if layer is None:
+        langs = [query_lang(lm.tokenizer.decode(p, skip_special_tokens=True)) for p in ref_concept[half:]]
+        layer, scores, _ = select_layer(lm, dirs, ref_concept[half:], langs, ref_neutral[half:], langs,
+                                        max_kl=max_kl, batch_size=batch_size)
+        extra["selection"] = [{k: round(x, 4) if isinstance(x, float) else x for k, x in dataclasses.asdict(s).items()}
+                              for s in scores]
+    r = dirs[int(layer)]
+    g = torch.Generator().manual_seed(int(seed))
+    rnd = torch.randn(r.shape[0], generator=g)
+    rnd = rnd * (r.norm() / rnd.norm())
+    extra["norm"] = round(float(r.norm()), 5)
+    out = []
+    for target, vec in ((TARGET, r), (CONTROL_TARGET, rnd)):
+        base = {"hook": f"layers.{int(layer)}.resid", "layer": int(layer), "latent": None, "target": target,
+                "domain": qs.domain}
+        with ResidualDirection(vec, "ablate").apply(lm.model):
+            ablated = v.answers(qs.concept, qs.langs)
+        with ResidualDirection(vec, "add", layer=int(layer), coef=coef).apply(lm.model):
+            added = v.answers(qs.neutral, qs.nlangs)
+        recs = v.refusal(base, "ablate", ablated, qs.base_concept, qs.langs) + \
+            v.refusal(base, "steer", added, qs.base_neutral, qs.nlangs)
+        for e in recs:
+            e.details.update(extra)
+        out += recs
+    return out

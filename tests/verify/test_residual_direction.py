@@ -147,13 +147,43 @@ def test_select_layer_scores_every_candidate_and_keeps_one(tiny):
 def test_bad_edits_are_one_sentence(tiny):
     lm, _ = tiny
     d = lm.hidden_size
-    with pytest.raises(UserError, match="zero"):
-        with ResidualDirection(torch.zeros(d), "ablate").apply(lm.model):
-            pass
+    with pytest.raises(UserError, match="zero"), ResidualDirection(torch.zeros(d), "ablate").apply(lm.model):
+        pass
     with pytest.raises(UserError, match="needs a layer"):
         ResidualDirection(torch.ones(d), "add")
     with pytest.raises(UserError, match="unknown"):
         ResidualDirection(torch.ones(d), "steer")
-    with pytest.raises(UserError, match="out of range"):
-        with ResidualDirection(torch.ones(d), "add", layer=99).apply(lm.model):
-            pass
+    with pytest.raises(UserError, match="out of range"), \
+            ResidualDirection(torch.ones(d), "add", layer=99).apply(lm.model):
+        pass
+
+
+def test_refusal_effects_give_the_stage_records_of_the_direction_and_its_random_control(tiny):
+    from safesail.verify.checks import CheckSettings, QuerySet, Verifier
+    from safesail.verify.records import Effect
+    from safesail.verify.residual_direction import refusal_effects
+
+    lm, prompts = tiny
+    others = [encode_chat(lm.tokenizer, q, None) for q in ("Fix my bike.", "Name a river.", "你好吗？", "नमस्ते")]
+    v = Verifier(lm, CheckSettings(max_new_tokens=4, batch_size=4, n_boot=20), None)
+    qs = QuerySet("violence", LANGS, prompts, others, neutral_langs=LANGS)
+    recs = refusal_effects(v, qs, prompts, others, batch_size=4)
+    assert all(isinstance(e, Effect) and e.check == "refusal" for e in recs)
+    assert {e.target for e in recs} == {"residual_direction", "random_direction"}
+    layer = recs[0].layer
+    assert all(e.hook == f"layers.{layer}.resid" and e.layer == layer for e in recs)
+    assert [s["layer"] for s in recs[0].details["selection"]] == [1, 2, 3]     # block 0's (zero) left out
+    metrics = {(e.target, e.metric, e.lang) for e in recs}
+    for t in ("residual_direction", "random_direction"):
+        for m in ("refusal_logprob_change_ablate", "refusal_rate_change_ablate", "refusal_logprob_change_steer"):
+            assert (t, m, None) in metrics and (t, m, "zh") in metrics
+    # a given layer: the ablation records are those of the orthogonalised model's answers
+    fixed = refusal_effects(v, qs, prompts, others, layer=2, batch_size=4)
+    r = residual_directions(lm, prompts, others, 4)[2]
+    ortho = copy.copy(lm)
+    ortho.model = orthogonalize_(copy.deepcopy(lm.model), r)
+    want = Verifier(ortho, v.s, None).answers(qs.concept, qs.langs)
+    got = next(e for e in fixed if e.target == "residual_direction" and e.metric == "refusal_logprob_change_ablate"
+               and e.lang is None)
+    ref = sum(a - b for a, b in zip(want.refusal_lp, qs.base_concept.refusal_lp)) / len(prompts)
+    assert got.value == pytest.approx(ref, abs=1e-3)
