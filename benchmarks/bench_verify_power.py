@@ -57,14 +57,17 @@ def statistics(a: list, b: list, n_boot: int) -> dict:
     return out
 
 
-def per_latent(run: Path) -> list[dict]:
+def per_latent(run: Path, control: str = "mean") -> list[dict]:
+    """`control`: the random-latent p(yes) per query compared with: `mean` over the run's random latents
+    (verify.random_latents), `first` (the one random latent of a random_latents=1 run), or `k<j>` the mean of
+    the first j."""
     recs = list(iter_jsonl(run / "verify" / "effects.jsonl"))
     by: dict[tuple, dict] = defaultdict(dict)
     for r in recs:
         if r.get("target") == "random_latent":
             key = (r["hook"], (r.get("details") or {}).get("control_for"), "latent", None)
-            if r["check"] == "sufficiency" and r["metric"] == "on_concept_rate":
-                by[key]["random_p"] = r["details"].get("p_yes")
+            if r["check"] == "sufficiency" and r["metric"] == "on_concept_rate":   # in the order drawn
+                by[key].setdefault("random_ps", []).append(r["details"].get("p_yes"))
             continue
         key = (r["hook"], r.get("latent"), r["target"], r.get("domain") if r["target"] == "diff_in_means" else None)
         d = by[key]
@@ -80,6 +83,12 @@ def per_latent(run: Path) -> list[dict]:
     for (hook, latent, target, _), d in by.items():
         if d.get("p") is None:
             continue
+        ps = d.get("random_ps") or []
+        k = 1 if control == "first" else int(control[1:]) if control.startswith("k") else len(ps)
+        if ps and k:
+            ps = ps[:k]
+            d["random_p"] = [None if any(p[q] is None for p in ps) else sum(p[q] for p in ps) / len(ps)
+                             for q in range(len(ps[0]))]
         out.append({"hook": hook, "latent": latent, "target": target, **d})
     return sorted(out, key=lambda x: (x["target"] != "latent", x["hook"], x["latent"] or -1))
 
@@ -199,11 +208,13 @@ def main(argv=None) -> int:
     ap.add_argument("--run", required=True)
     ap.add_argument("--first", type=int, default=12)
     ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--control", default="mean", help="random control per query: mean (of the run's random latents), "
+                                                       "first, or k<j> (mean of the first j)")
     ap.add_argument("--examples", action="store_true", help="print each latent's example steered answers")
     ap.add_argument("--read", nargs="*", default=[], help="print every answer of these latents (<layer>_<index>)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    rows = per_latent(Path(args.run))
+    rows = per_latent(Path(args.run), args.control)
     if not rows:
         print("no sufficiency records with per-query p(yes) (run verify with this session's code)", file=sys.stderr)
         return 1
