@@ -241,6 +241,7 @@ class VerifyConfig:
     max_new_tokens: int
     batch_size: int
     wave: int
+    judge_batch_size: Optional[int]
     top_tokens: int
     n_boot: int
     judge: bool

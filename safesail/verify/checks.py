@@ -159,7 +159,7 @@ class Verifier:
         if wait:
             for entry in [e for e in self._pending if need & e[2] or e[1].done()]:
                 self._pending.remove(entry)
-                for it, v in zip(entry[0], entry[1].result()):
+                for it, v in zip(entry[0], self._result(entry[1])):
                     self._verdicts[it] = v
         asked = set().union(*(e[2] for e in self._pending)) if self._pending else set()
         todo = list(dict.fromkeys(it for it in items if it not in self._verdicts and it not in asked))
@@ -169,6 +169,11 @@ class Verifier:
             for it, v in zip(todo, self.judge(todo)):
                 self._verdicts[it] = v
         self.judge_wait_s += time.perf_counter() - t0
+
+    def _result(self, fut):
+        """A pending judge reply, waited for through the judge when it can lend its threads meanwhile."""
+        wait = getattr(self.judge, "wait", None)
+        return wait(fut) if wait is not None else fut.result()
 
     def _judged(self, qs: QuerySet, topic: str, texts: list[str]) -> tuple[list[float], int, list[float | None]]:
         """Per text: the verdict (1.0: p_yes > 0.5), how many replies were unusable, and p_yes itself."""

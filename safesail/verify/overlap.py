@@ -9,10 +9,14 @@ verdicts only when a unit's records are built, so a wave's questions are answere
 next wave (or the rest of this one) generates.
 
 Threads: the judge's torch work runs in its event loop's default executor, one thread whose
-torch intra-op thread count is `judge_threads`; while the judge is busy the main thread uses
+torch intra-op thread count is set per job (`_JudgeExecutor`): `judge_threads` while the main thread
+works, and the stage's `main_threads` while the main thread waits for a reply (`BackgroundJudge.wait`,
+or a call): then SmolLM2 has nothing to do and its core would idle (session 4's idle run: the main
+thread waited 222 s of 694 on the judge). While the judge is busy the main thread uses
 `main_threads - judge_threads` (at least 1) and its own `main_threads` again once the judge is
 idle (`ThreadGovernor`, asked before every batch of `generation.py`), so the two together
-use the cores the stage was given instead of twice as many.
+use the cores the stage was given instead of twice as many (a judge job started while the main
+thread waited keeps its threads to its end: one engine batch, a few seconds).
 """
 
 from __future__ import annotations
@@ -25,24 +29,64 @@ from collections.abc import Callable
 import torch
 
 
+class _JudgeExecutor(cf.ThreadPoolExecutor):
+    """One worker thread whose torch intra-op threads are set at the start of every job to `threads()`."""
+
+    def __init__(self, threads: Callable[[], int]):
+        super().__init__(max_workers=1, thread_name_prefix="verify-judge-torch")
+        self._threads_now = threads
+        self.jobs_by_threads: dict[int, int] = {}
+
+    def submit(self, fn, /, *args, **kwargs):
+        def job():
+            n = max(1, int(self._threads_now()))
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+            self.jobs_by_threads[n] = self.jobs_by_threads.get(n, 0) + 1
+            return fn(*args, **kwargs)
+        return super().submit(job)
+
+
 class BackgroundJudge:
-    """`judge(items) -> replies` run on one worker thread; `submit` returns a future, a call waits."""
+    """`judge(items) -> replies` run on one worker thread; `submit` returns a future, `wait(future)` or a
+    call waits (and while anyone waits the judge's torch work gets `main_threads` threads, else
+    `judge_threads`)."""
 
     def __init__(self, judge: Callable[[list], list], loop: asyncio.AbstractEventLoop | None = None,
-                 judge_threads: int | None = None):
+                 judge_threads: int | None = None, main_threads: int | None = None):
         self._judge = judge
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-judge")
         self._busy = 0
+        self._waiting = 0
         self._lock = threading.Lock()
+        self.executor: _JudgeExecutor | None = None
         if loop is not None and judge_threads:
-            n = int(judge_threads)
-            loop.set_default_executor(cf.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="verify-judge-torch", initializer=torch.set_num_threads,
-                initargs=(n,)))
+            self.judge_threads = int(judge_threads)
+            self.main_threads = max(self.judge_threads, int(main_threads or judge_threads))
+            self.executor = _JudgeExecutor(self.torch_threads)
+            loop.set_default_executor(self.executor)
 
     @property
     def busy(self) -> bool:
         return self._busy > 0
+
+    @property
+    def waited_on(self) -> bool:
+        return self._waiting > 0
+
+    def torch_threads(self) -> int:
+        """The judge's torch threads for a job starting now: all the stage's while the main thread waits."""
+        return self.main_threads if self._waiting > 0 else self.judge_threads
+
+    def wait(self, fut: cf.Future):
+        """`fut.result()`, the judge's next jobs getting the main thread's cores meanwhile."""
+        with self._lock:
+            self._waiting += 1
+        try:
+            return fut.result()
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def _run(self, items: list) -> list:
         try:
@@ -57,7 +101,13 @@ class BackgroundJudge:
         return self._pool.submit(self._run, items)
 
     def __call__(self, items: list) -> list:
-        return self.submit(items).result()
+        with self._lock:
+            self._waiting += 1      # counted before the job starts, so its first batch gets the threads
+        try:
+            return self.wait(self.submit(items))
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -80,13 +130,14 @@ class ThreadGovernor:
 
 def overlap_judge(judge: Callable[[list], list] | None, loop: asyncio.AbstractEventLoop):
     """(the judge on its own thread, a function that ends it) for the stage; with two or more torch threads
-    the judge gets one and the main thread the rest while the judge works (`ThreadGovernor`)."""
+    the judge gets one and the main thread the rest while both work (`ThreadGovernor`), and all of them
+    while the main thread waits for it (`BackgroundJudge.wait`)."""
     from safesail.verify import generation
 
     if judge is None:
         return None, lambda: None
     main = torch.get_num_threads()
-    bg = BackgroundJudge(judge, loop, judge_threads=1 if main > 1 else None)
+    bg = BackgroundJudge(judge, loop, judge_threads=1 if main > 1 else None, main_threads=main)
     generation.before_batch = ThreadGovernor(bg, main, 1) if main > 1 else None
 
     def end() -> None:
@@ -114,3 +165,17 @@ def judge_engine_counter(client) -> Callable[[], dict | None]:
         return {"prompt_tokens": asked, "computed_tokens": computed, "forward_calls": calls,
                 "prefix_reuse": round(1 - computed / asked, 3) if asked else None}
     return delta
+
+
+def judge_batches(client, batch_size: int | None) -> None:
+    """Let the judge's local back end batch `batch_size` requests per engine call (`verify.judge_batch_size`;
+    None: keep the llm group's). Requests of one topic differ only in their text, so a bigger batch is one
+    forward over more continuations after one shared prefix: 16 instead of 4 cost ~6% less CPU on the
+    1.5B judge (BENCHMARKS.md, issue 15, session 5). Back ends without `batch_size` are left alone."""
+    if not batch_size:
+        return
+    while client is not None:
+        if hasattr(client, "batch_size"):
+            client.batch_size = int(batch_size)
+            return
+        client = getattr(client, "inner", None)

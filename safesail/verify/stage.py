@@ -42,7 +42,7 @@ from safesail.verify.prompts import by_lang as prompts_by_lang
 from safesail.verify.prompts import load_open_prompts
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.steering import UNITS, residual_norm
-from safesail.verify.overlap import judge_engine_counter, overlap_judge
+from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
 from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, reference_unit, run_wave, start_wave  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class VerifySettings(VerifyConfig):
                 raise UserError(f"verify.{name} is {getattr(s, name)}; set it to a positive integer.")
         if not 1 <= int(s.random_latents) <= 16:
             raise UserError(f"verify.random_latents is {s.random_latents}; set it to 1-16 random latents per latent.")
+        if s.judge_batch_size is not None and int(s.judge_batch_size) < 1:
+            raise UserError(f"verify.judge_batch_size is {s.judge_batch_size}; set it to a positive integer (or null: "
+                            "the llm group's batch_size).")
         if s.sufficiency_queries is not None and int(s.sufficiency_queries) < 2:
             raise UserError(f"verify.sufficiency_queries is {s.sufficiency_queries}; set it to 2 or more (or null: "
                             "as many as verify.queries_per_domain).")
@@ -96,7 +99,7 @@ class VerifySettings(VerifyConfig):
     def unit_settings(self) -> dict:
         """The settings a unit's records depend on (not which or how many latents are planned)."""
         d = dataclasses.asdict(self)
-        for k in ("max_latents", "latents", "wave"):
+        for k in ("max_latents", "latents", "wave", "judge_batch_size"):
             d.pop(k)
         return d
 
@@ -383,6 +386,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
 
         client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
                              device=str(cfg.get("device", "auto")))
+        judge_batches(client, s.judge_batch_size)
         judge = lambda items: judge_many(loop, client, items)
     judge, overlap_end = overlap_judge(judge, loop)
     judge_work = judge_engine_counter(client)
