@@ -30,6 +30,8 @@ class Variant:
     noise: float = 0.01
     mag_low: float = 0.5   # magnitudes of active atoms: uniform on [mag_low, mag_low + mag_span]
     mag_span: float = 1.0
+    exact: bool = False    # every row holds exactly `active` atoms (drawn by frequency, no repeats), not a
+                           # Bernoulli draw per atom (whose count per row varies: Poisson-like around `active`)
 
 
 VARIANTS = {
@@ -57,7 +59,11 @@ class PlantedData:
         self.prob = (p * v.active / p.sum()).clamp(max=1.0).float()
 
     def sample(self, rows: int) -> torch.Tensor:
-        on = torch.rand(rows, self.v.n_atoms, generator=self.gen) < self.prob
+        if self.v.exact:
+            j = torch.multinomial(self.prob.expand(rows, -1), int(self.v.active), replacement=False, generator=self.gen)
+            on = torch.zeros(rows, self.v.n_atoms, dtype=torch.bool).scatter_(1, j, True)
+        else:
+            on = torch.rand(rows, self.v.n_atoms, generator=self.gen) < self.prob
         mag = torch.rand(rows, self.v.n_atoms, generator=self.gen) * self.v.mag_span + self.v.mag_low
         x = (on * mag) @ self.atoms
         return x + self.v.noise * torch.randn(rows, self.v.d, generator=self.gen)

@@ -12,6 +12,10 @@ kept, optimiser state of the row reset (as resampling does: safesail/train/resam
 resampling from one high-error row, the new direction comes from the rows the latent already
 sees, so it keeps firing there. The trainer calls it every `split_every` steps until
 `resample_until` of the run (TrainOptions; measured on planted `hard`: docs/training.md, session 5).
+
+`coherence_penalty(w_dec, cos)`: the smooth alternative, a loss term
+`sum over pairs of relu(|cos_ij| - cos)^2 / n` that pushes decoder rows apart only above the
+threshold (TrainOptions `coherence_coef`, `coherence_cos`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from safesail.train.resample import _reset_state
+
+
+def coherence_penalty(w_dec: torch.Tensor, cos: float) -> torch.Tensor:
+    """sum_{i<j} relu(|cos(w_i, w_j)| - cos)^2 / n over the decoder rows (differentiable)."""
+    w = F.normalize(w_dec.float(), dim=1)
+    c = torch.triu(w @ w.T, diagonal=1).abs()
+    return (c - cos).relu().pow(2).sum() / w.shape[0]
 
 
 @torch.no_grad()
@@ -71,3 +82,71 @@ def split_duplicates(sae, opt: torch.optim.Optimizer, x: torch.Tensor, recon: to
     if moved:
         _reset_state(opt, sae, torch.tensor(moved, device=sae.W_dec.device))
     return len(moved)
+
+
+@torch.no_grad()
+def mixture_scores(sae, x: torch.Tensor, recon: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score [n], rows [n]) per latent: the mean cosine between its decoder row and what it explains on
+    each row it fires on, `y = x - recon + v * w` (its own share plus what is left); a latent on one
+    feature scores near 1, a latent between two features (firing on the rows of either) lower."""
+    n = sae.cfg.n_latents
+    err = (x.float() - recon.float())
+    on = vals > 0
+    w = F.normalize(sae.W_dec.float(), dim=1)
+    e_dot = torch.einsum("bd,bkd->bk", err, w[idx])
+    v = vals.float()
+    y_norm = (err.pow(2).sum(1, keepdim=True) + 2 * v * e_dot + v * v).clamp_min(1e-12).sqrt()
+    cos = ((e_dot + v) / y_norm) * on
+    total = torch.zeros(n, device=x.device).index_add_(0, idx.flatten(), cos.flatten())
+    rows = torch.zeros(n, device=x.device).index_add_(0, idx.flatten(), on.flatten().float())
+    return total / rows.clamp_min(1), rows
+
+
+@torch.no_grad()
+def split_mixtures(sae, opt: torch.optim.Optimizer, x: torch.Tensor, recon: torch.Tensor, idx: torch.Tensor,
+                   vals: torch.Tensor, donors: torch.Tensor, below: float = 0.85, min_rows: int = 8,
+                   iters: int = 5) -> list[int]:
+    """Give each donor latent (`donors` [n] bool: dead ones, duplicates) half of a mixture latent: the live
+    latents of lowest `mixture_scores` (below `below`, firing on >= `min_rows` rows) are split by a
+    two-centroid spherical k-means of what they explain; the latent keeps the centroid nearer its
+    row, the donor takes the other (encoder row: that direction at the latent's encoder norm, its
+    bias). Optimiser state of both rows reset. Return the donors used."""
+    donor_ids = donors.nonzero().flatten().tolist()
+    if not donor_ids:
+        return []
+    score, rows = mixture_scores(sae, x, recon, idx, vals)
+    ok = (rows >= min_rows) & (score < below) & ~donors
+    cand = torch.where(ok, score, torch.full_like(score, float("inf"))).argsort()[: len(donor_ids)]
+    cand = [int(m) for m in cand.tolist() if bool(ok[m])]
+    err = x.float() - recon.float()
+    w = F.normalize(sae.W_dec.float(), dim=1)
+    done = []
+    for m, dnr in zip(cand, donor_ids):
+        r, slot = (idx == m).nonzero(as_tuple=True)
+        v = vals[r, slot].float()
+        keep = v > 0
+        y = F.normalize(err[r[keep]] + v[keep, None] * w[m], dim=1)
+        if y.shape[0] < min_rows:
+            continue
+        c = torch.stack([w[m], y[(y @ w[m]).argmin()]])
+        for _ in range(iters):
+            lab = (y @ c.T).argmax(1)
+            if int(lab.sum()) in (0, lab.numel()):
+                break
+            c = F.normalize(torch.stack([y[lab == 0].sum(0), y[lab == 1].sum(0)]), dim=1)
+        else:
+            lab = (y @ c.T).argmax(1)
+        if int(lab.sum()) in (0, lab.numel()):
+            continue
+        if float(c[0] @ w[m]) < float(c[1] @ w[m]):
+            c = c.flip(0)
+        enc_norm = sae.W_enc[m].norm()
+        for latent, direction in ((m, c[0]), (dnr, c[1])):
+            sae.W_dec[latent] = direction.to(sae.W_dec.dtype)
+            sae.W_enc[latent] = (direction * enc_norm).to(sae.W_enc.dtype)
+        sae.b_enc[dnr] = sae.b_enc[m]
+        done += [m, dnr]
+    if done:
+        _reset_state(opt, sae, torch.tensor(done, device=sae.W_dec.device))
+    return done[1::2]

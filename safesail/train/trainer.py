@@ -50,7 +50,7 @@ from safesail.train.checkpoint import checkpoint_position, read_checkpoint  # no
 from safesail.train.data_init import data_initial_decoder, init_decoder_from_data
 from safesail.train.optim import make_optimizer, resolve_optimizer
 from safesail.train.resample import resample_dead
-from safesail.train.split import split_duplicates
+from safesail.train.split import coherence_penalty, duplicate_pairs, split_duplicates, split_mixtures
 from safesail.train.step_pool import StepPool
 from safesail.train.wandb_log import start_wandb
 from safesail.train.signals import curve_signals, weight_signals
@@ -89,6 +89,11 @@ class TrainOptions:
     split_every: int = 0                  # steps between duplicate splits (0: never; safesail/train/split.py),
                                           # until resample_until of the run
     split_cos: float = 0.9                # decoder cosine at which two latents count as duplicates
+    mix_split_every: int = 0              # steps between mixture splits (0: never; split.split_mixtures), until
+                                          # resample_until: dead and duplicate latents take half of a mixture latent
+    mix_split_below: float = 0.85         # ... latents whose mixture score is below this are split
+    coherence_coef: float = 0.0           # weight of split.coherence_penalty in the loss (0: off)
+    coherence_cos: float = 0.8            # ... which penalises decoder cosines above this
 
 
 @dataclass
@@ -150,7 +155,10 @@ class SAETrainState:
         self.opt.zero_grad(set_to_none=True)
         with autocast_ctx():
             out = self.sae.forward_with_loss(x, dead_mask=dead, total_var=total_var, n_tokens=n_global)
-        out.loss.backward()
+        loss = out.loss
+        if self.opts.coherence_coef:
+            loss = loss + self.opts.coherence_coef * coherence_penalty(self.sae.W_dec, self.opts.coherence_cos)
+        loss.backward()
         ctx.sum_grads_(list(self.sae.parameters()))
         self.sae.remove_parallel_grad()
         self.opt.step()
@@ -165,6 +173,16 @@ class SAETrainState:
             with torch.no_grad():
                 vals, idx = self.sae.encode_sparse(x)
             self.split += split_duplicates(self.sae, self.opt, x, out.recon.detach(), idx, vals, cos=self.opts.split_cos)
+        if self._resample_now(ctx, self.opts.mix_split_every) and hasattr(self.sae, "encode_sparse"):
+            with torch.no_grad():
+                vals, idx = self.sae.encode_sparse(x)
+                donors = dead.clone()
+                for a, b in duplicate_pairs(self.sae.W_dec, self.opts.split_cos):
+                    donors[b if int((idx == b).sum()) <= int((idx == a).sum()) else a] = True
+            used = split_mixtures(self.sae, self.opt, x, out.recon.detach(), idx, vals, donors,
+                                  below=self.opts.mix_split_below)
+            self.split += len(used)
+            self.stale[used] = 0   # a donor given a direction starts its silence count afresh
         fired = out.fired.to(torch.int32)
         figures = torch.stack([out.loss.detach().float(), out.fvu.detach().float(), out.aux_loss.detach().float(),
                                out.l0.detach().float() * x.shape[0]])
@@ -221,7 +239,7 @@ class SAETrainState:
         metrics = {f"train_{k}": v for k, v in self.recent.items()}
         metrics.update(tokens_trained=self.tokens, steps=self.step, lr=self.base_lr, optimizer=self.cfg.optimizer,
                        dead_tokens=self.dead_tokens, train_fvu_curve=self.curve, resampled=self.resampled)
-        if self.opts.split_every:
+        if self.opts.split_every or self.opts.mix_split_every:
             metrics["split"] = self.split
         if self.cfg.dec_init == "data":
             init = data_initial_decoder(self.cfg, first_rows) if first_rows is not None else None
@@ -267,6 +285,10 @@ def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[i
                                                          "resample_every", "resample_until")}
     if opts.split_every:   # only when on, so that the fingerprints of runs before the option stay the same
         keep.update(split_every=opts.split_every, split_cos=opts.split_cos)
+    if opts.mix_split_every:
+        keep.update(mix_split_every=opts.mix_split_every, mix_split_below=opts.mix_split_below, split_cos=opts.split_cos)
+    if opts.coherence_coef:
+        keep.update(coherence_coef=opts.coherence_coef, coherence_cos=opts.coherence_cos)
     return make_fingerprint({"saes": [c.to_dict() for c in configs], "opts": keep, "world": list(world)})
 
 

@@ -31,7 +31,8 @@ def test_the_less_used_duplicate_moves_to_the_residual_of_the_pair_rows():
         sae.W_dec[1] = F.normalize(a + 0.01 * torch.randn(d, generator=g), dim=0)     # duplicate of 0
         sae.W_enc.copy_(sae.W_dec * 0.5)
     opt = make_optimizer("adam", sae.parameters(), lr=1e-3)
-    sae.forward_with_loss(torch.randn(4, d)).loss.backward()
+    for p in sae.parameters():
+        p.grad = torch.ones_like(p)
     opt.step()
     x = torch.rand(64, 1, generator=g) * a + (torch.rand(64, 1, generator=g) < 0.5) * b
     with torch.no_grad():
@@ -67,3 +68,58 @@ def test_trainer_splits_only_when_asked_and_fingerprints_stay():
     assert job_fingerprint(c, base) != job_fingerprint(c, on)
     assert job_fingerprint(c, base) == job_fingerprint(c, TrainOptions(total_steps=12, lr_warmup_steps=1,
                                                                        progress=False, split_cos=0.5))
+
+
+def test_coherence_penalty_acts_only_above_the_threshold_and_pushes_rows_apart():
+    from safesail.train.split import coherence_penalty
+
+    w = F.normalize(torch.tensor([[1.0, 0, 0], [0.95, 0.3122, 0], [0, 0, 1.0], [0, 0.6, 0.8]]), dim=1)
+    c01 = float(w[0] @ w[1])                               # 0.95; the other pairs are at <= 0.8
+    assert float(coherence_penalty(w, 0.96)) == 0.0
+    assert float(coherence_penalty(w, 0.9)) == pytest.approx((c01 - 0.9) ** 2 / 4, rel=1e-4)
+    p = w.clone().requires_grad_(True)
+    coherence_penalty(p, 0.9).backward()
+    with torch.no_grad():
+        q = F.normalize(p - 0.1 * p.grad, dim=1)
+    assert float(q[0] @ q[1]) < c01
+    assert torch.equal(p.grad[2], torch.zeros(3))
+    [t] = train_saes([torch.randn(32, 3) for _ in range(4)], [dict(arch="topk", d_in=3, n_latents=4, k=1)],
+                     TrainOptions(progress=False, coherence_coef=1.0, coherence_cos=0.5))
+    assert t.metrics["steps"] == 4
+
+
+def test_a_mixture_latent_is_split_between_itself_and_a_dead_donor():
+    """Latent 0 sits between atoms a and b (it fires on the rows of either); latent 3 is dead. After the split
+    one of them is a and the other b; a latent on a single atom scores near 1 and is left alone."""
+    from safesail.train.split import mixture_scores, split_mixtures
+
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    a, b, c = F.normalize(torch.randn(3, d, generator=g), dim=1)
+    sae = build_sae(dict(arch="topk", d_in=d, n_latents=4, k=1, seed=0))
+    with torch.no_grad():
+        sae.W_dec.copy_(F.normalize(torch.randn(4, d, generator=g), dim=1))
+        sae.W_dec[0] = F.normalize(a + b, dim=0)
+        sae.W_dec[1] = c
+        sae.W_enc.copy_(sae.W_dec * 0.7)
+        sae.b_enc.copy_(torch.tensor([-0.1, 0.0, 0.0, 0.0]))
+    opt = make_optimizer("adam", sae.parameters(), lr=1e-3)
+    which = torch.arange(60) % 3                              # rows of a, of b, of c
+    mag = torch.rand(60, generator=g) + 0.5
+    x = mag[:, None] * torch.stack([a, b, c])[which]
+    idx = torch.where(which == 2, 1, 0)[:, None]
+    with torch.no_grad():
+        vals = (x * sae.W_dec[idx[:, 0]]).sum(1, keepdim=True)
+        recon = vals * sae.W_dec[idx[:, 0]]
+        score, rows = mixture_scores(sae, x, recon, idx, vals)
+        assert float(score[1]) == pytest.approx(1.0, abs=1e-5) and float(score[0]) < 0.85
+        donors = torch.tensor([False, False, False, True])
+        assert split_mixtures(sae, opt, x, recon, idx, vals, donors) == [3]
+        got = sorted([float(sae.W_dec[0] @ a), float(sae.W_dec[3] @ b)] if float(sae.W_dec[0] @ a) > 0.9
+                     else [float(sae.W_dec[0] @ b), float(sae.W_dec[3] @ a)])
+        assert got[0] > 0.999
+        assert torch.equal(sae.W_dec[1], c) and float(sae.b_enc[3]) == pytest.approx(-0.1)
+        assert float(sae.W_enc[3].norm()) == pytest.approx(0.7, rel=1e-5)
+    [t] = train_saes([torch.randn(32, 8, generator=g) for _ in range(8)], [dict(arch="topk", d_in=8, n_latents=32, k=2)],
+                     TrainOptions(progress=False, total_steps=8, mix_split_every=2, resample_until=1.0, dead_tokens=32))
+    assert t.metrics["split"] >= 0 and t.metrics["steps"] == 8
