@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -122,10 +123,16 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--concept-add", action=argparse.BooleanOptionalAction, default=True,
+                    help="also add the direction (and the random one) to the concept queries")
+    ap.add_argument("--dirs", type=Path, help="a .pt file: the directions are read from it when it exists, "
+                    "else computed and saved there")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger("safesail.verify.residual_direction").setLevel(logging.INFO)
 
     from safesail.chat import encode_chat
     from safesail.config import compose
@@ -152,7 +159,11 @@ def main() -> None:
     run = Runner(lm, args.tokens, args.batch)
 
     t0 = time.perf_counter()
-    if args.contrast == "pairs":
+    if args.dirs is not None and args.dirs.is_file():
+        saved = torch.load(args.dirs)
+        dirs = saved["dirs"]
+        fig["contrast_counts"] = saved.get("counts")
+    elif args.contrast == "pairs":
         pos, neg = [enc(p.concept_query) for p in train], [enc(p.neutral_query) for p in train]
     else:
         qs = [enc(p.concept_query) for p in train] + [enc(p.neutral_query) for p in train]
@@ -162,8 +173,12 @@ def main() -> None:
         neg = [q for q, r in zip(qs, ans["refused"]) if not r]
         fig["contrast_counts"] = {"refused": len(pos), "answered": len(neg)}
         print(f"  train prompts refused {len(pos)}, answered {len(neg)}", flush=True)
-    dirs = residual_directions(lm, pos, neg, batch_size=args.batch)
+    if args.dirs is None or not args.dirs.is_file():
+        dirs = residual_directions(lm, pos, neg, batch_size=args.batch)
+        if args.dirs is not None:
+            torch.save({"dirs": dirs, "counts": fig.get("contrast_counts")}, args.dirs)
     fig["direction_s"] = round(time.perf_counter() - t0, 1)
+    print(f"  directions in {fig['direction_s']} s", flush=True)
     fig["direction_norms"] = [round(float(x), 2) for x in dirs.norm(dim=-1)]
 
     t0 = time.perf_counter()
@@ -201,7 +216,7 @@ def main() -> None:
     conds = {}
     print("concept queries:", flush=True)
     conds["concept"] = run.answers(tc, tl)
-    for name in ("ablate", "random_ablate", "add", "random_add"):
+    for name in ("ablate", "random_ablate") + (("add", "random_add") if args.concept_add else ()):
         conds[f"concept_{name}"] = run.answers(tc, tl, edits[name])
     print("neutral twins:", flush=True)
     conds["neutral"] = run.answers(tn, tl)

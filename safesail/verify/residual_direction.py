@@ -25,6 +25,7 @@ Both edits apply to every forward pass inside `with edit.apply(model):`, generat
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from safesail.errors import UserError
 from safesail.hooks import decoder_layers
 
 MODES = ("ablate", "add")
+log = logging.getLogger(__name__)
 
 
 def _writers(model: nn.Module) -> list[nn.Module]:
@@ -244,6 +246,8 @@ def select_layer(lm, dirs: torch.Tensor, concept: list[list[int]], clangs: list[
         with ResidualDirection(dirs[k], "add", layer=k).apply(lm.model):
             rn = refusal_logprob(lm, neutral, nlangs, memo, batch_size)
         scores.append(LayerScore(k, float(dirs[k].norm()), mean(rc), kl, mean(rn)))
+        log.info("residual direction, layer %d: refusal ablated %.3f (unedited %.3f), KL %.4f, neutral added %.3f "
+                 "(unedited %.3f)", k, mean(rc), mean(base_c), kl, mean(rn), mean(base_n))
     ok = [s for s in scores if s.kl_neutral <= max_kl] or scores
     best = min(ok, key=lambda s: s.refusal_ablated)
     return best.layer, scores, {"refusal_concept": mean(base_c), "refusal_neutral": mean(base_n)}
