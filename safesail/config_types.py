@@ -242,6 +242,7 @@ class VerifyConfig:
     batch_size: int
     wave: int
     judge_batch_size: Optional[int]
+    judge_quantize: Literal["none", "int8"]
     top_tokens: int
     n_boot: int
     judge: bool

@@ -37,13 +37,20 @@ from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify.checks import CheckSettings, QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
 from safesail.verify.interventions import POSITIONS, SteerableSAE, steering_norm
+from safesail.verify.judge_engine import quantize_judge
+from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
 from safesail.verify.prompts import SOURCES as PROMPT_SOURCES
 from safesail.verify.prompts import by_lang as prompts_by_lang
 from safesail.verify.prompts import load_open_prompts
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.steering import UNITS, residual_norm
-from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
-from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, reference_unit, run_wave, start_wave  # noqa: F401
+from safesail.verify.wave import (  # noqa: F401
+    DOMAIN_TOPICS,
+    latent_unit,
+    reference_unit,
+    run_wave,
+    start_wave,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +108,8 @@ class VerifySettings(VerifyConfig):
         d = dataclasses.asdict(self)
         for k in ("max_latents", "latents", "wave", "judge_batch_size"):
             d.pop(k)
+        if d.get("judge_quantize") == "none":     # the default: fingerprints as before the key existed
+            d.pop("judge_quantize")
         return d
 
 
@@ -387,6 +396,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
         client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"),
                              device=str(cfg.get("device", "auto")))
         judge_batches(client, s.judge_batch_size)
+        quantize_judge(client, s.judge_quantize)
         judge = lambda items: judge_many(loop, client, items)
     judge, overlap_end = overlap_judge(judge, loop)
     judge_work = judge_engine_counter(client)
@@ -443,6 +453,9 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                                                   "domains": _baseline_summary(sets)})
     if client is not None:
         loop.run_until_complete(client.aclose())
+        if s.judge_quantize != "none":     # the shared model was quantized in place: nothing later may reuse it
+            from safesail.interpret.clients.local_engine import release_engines
+            release_engines()
     loop.close()
     rd.mark_stage("verify", fp, latents=len(plan), units=len(units), records_this_run=n_records,
                   seconds=round(time.perf_counter() - t_start, 1),

@@ -99,6 +99,7 @@ def test_verify_writes_records_and_resumes_after_sigkill(tagged_run, tmp_path, c
     ("verify.strength_unit=meters", "verify.strength_unit"),
     ("verify.judge_modes=[vibes]", "verify.judge_modes"),
     ("verify.judge_batch_size=0", "verify.judge_batch_size"),
+    ("verify.judge_quantize=int4", "verify.judge_quantize"),
 ])
 def test_bad_verify_settings_are_one_sentence(smoke_cfg, override, words):
     from safesail.errors import UserError
