@@ -11,6 +11,7 @@ Parts (--parts):
   interval: ``stats.py``) recomputed from the run's ``verify/effects.jsonl`` with the new p(yes) in place of
   the recorded ones: sign agreement, Spearman and the verdicts (interval above 0). CPU per computed judge
   token for each engine on the same first ``--timed`` requests (one engine after the other).
+- ``batch``: CPU per computed judge token at engine batch sizes ``--batches`` (requests of one topic).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_judge_engine.py --parts pairs rejudge \\
         --run /tmp/final4v/runs/demo --engines bf16 int8 --out /tmp/judge_engine.json
@@ -197,9 +198,41 @@ def rejudge_part(args) -> dict:
     return out
 
 
+def batch_part(args) -> dict:
+    """CPU per computed judge token at several engine batch sizes, on `--timed` requests of the run's most
+    judged topic (prefix of system prompt, topic and question computed once first), in rounds."""
+    run = Path(args.run)
+    by_topic: dict[str, list[str]] = {}
+    for t, x, _ in _cached_requests(run):
+        by_topic.setdefault(t, []).append(x)
+    topic, texts = max(by_topic.items(), key=lambda kv: len(kv[1]))
+    client = _client(args, args.engines[-1])
+    local = getattr(client, "inner", client)
+    eng, tok = local.engine, local.tokenizer
+    from safesail.verify.judge import judge_messages
+    ids = [tok(local.chat_prompt(judge_messages(topic, x)), add_special_tokens=False)["input_ids"]
+           for x in texts[:args.timed]]
+    cand = [tok(w, add_special_tokens=False)["input_ids"][0] for w in ("yes", "no")]
+    rows = []
+    for rnd in range(2):
+        for b in args.batches:
+            eng.cache.clear()
+            eng.logprobs([ids[0][:-8]], cand, [None])
+            k0, c0 = eng.stats.computed_tokens, time.process_time()
+            for k in range(0, len(ids), b):
+                part = ids[k:k + b]
+                eng.logprobs(part, cand, [[False] * (len(x) - 1) + [True] for x in part])
+            n, cpu = eng.stats.computed_tokens - k0, time.process_time() - c0
+            rows.append({"round": rnd, "batch": b, "requests": len(ids), "computed_tokens": n, "cpu_s": round(cpu, 2),
+                         "cpu_ms_per_token": round(1000 * cpu / max(1, n), 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    return {"topic": topic, "engine": args.engines[-1], "rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["pairs"], choices=["pairs", "rejudge"])
+    ap.add_argument("--parts", nargs="+", default=["pairs"], choices=["pairs", "rejudge", "batch"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[4, 16, 32], help="--parts batch: engine batch sizes")
     ap.add_argument("--engines", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     ap.add_argument("--run", help="a finished run directory (verify/ and its llm_cache.sqlite) for --parts rejudge")
     ap.add_argument("--timed", type=int, default=96, help="requests timed for each engine")
@@ -208,7 +241,7 @@ def main() -> None:
     args = ap.parse_args()
     fig = {"machine": f"{os.cpu_count()} CPUs", "load": os.getloadavg()}
     for part in args.parts:
-        fig[part] = {"pairs": pairs_part, "rejudge": rejudge_part}[part](args)
+        fig[part] = {"pairs": pairs_part, "rejudge": rejudge_part, "batch": batch_part}[part](args)
     fig["load_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in fig.items() if k != "rejudge"} | (
         {"rejudge": {k: v for k, v in fig["rejudge"].items() if k != "units"}} if "rejudge" in fig else {}),

@@ -299,6 +299,10 @@ def speed_part(args) -> dict:
         out[name] = {"wall_s": round(dt, 1), "cpu_s": round(float(user) + float(system), 1),
                      "peak_rss_mib": round(int(max_kb) / 1024), "units": len(units), "load_before": load0,
                      "load_after": os.getloadavg()[0]}
+        summary = json.loads((root / src.name / "stages" / "verify.json").read_text()).get("summary", {})
+        for k in ("seconds", "judge_wait_s", "main_thread_cpu_s", "process_cpu_s", "judge_engine"):
+            if k in summary:     # the main thread (SmolLM2) vs all threads (+ the judge), the judge's tokens
+                out[name][k] = summary[k]
         print(name, out[name], flush=True)
     out["speedup"] = round(out["old"]["wall_s"] / out["new"]["wall_s"], 2)
     out["cpu_speedup"] = round(out["old"]["cpu_s"] / out["new"]["cpu_s"], 2)   # one thread: ~ the idle ratio
