@@ -91,7 +91,7 @@ class TrainOptions:
     split_cos: float = 0.9                # decoder cosine at which two latents count as duplicates
     mix_split_every: int = 0              # steps between mixture splits (0: never; split.split_mixtures), until
                                           # resample_until: dead and duplicate latents take half of a mixture latent
-    mix_split_below: float = 0.85         # ... latents whose mixture score is below this are split
+    mix_split_above: float = 0.3          # ... latents whose mixture score (split.mixture_scores) is above this are split
     coherence_coef: float = 0.0           # weight of split.coherence_penalty in the loss (0: off)
     coherence_cos: float = 0.8            # ... which penalises decoder cosines above this
 
@@ -180,7 +180,7 @@ class SAETrainState:
                 for a, b in duplicate_pairs(self.sae.W_dec, self.opts.split_cos):
                     donors[b if int((idx == b).sum()) <= int((idx == a).sum()) else a] = True
             used = split_mixtures(self.sae, self.opt, x, out.recon.detach(), idx, vals, donors,
-                                  below=self.opts.mix_split_below)
+                                  above=self.opts.mix_split_above)
             self.split += len(used)
             self.stale[used] = 0   # a donor given a direction starts its silence count afresh
         fired = out.fired.to(torch.int32)
@@ -286,7 +286,7 @@ def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[i
     if opts.split_every:   # only when on, so that the fingerprints of runs before the option stay the same
         keep.update(split_every=opts.split_every, split_cos=opts.split_cos)
     if opts.mix_split_every:
-        keep.update(mix_split_every=opts.mix_split_every, mix_split_below=opts.mix_split_below, split_cos=opts.split_cos)
+        keep.update(mix_split_every=opts.mix_split_every, mix_split_above=opts.mix_split_above, split_cos=opts.split_cos)
     if opts.coherence_coef:
         keep.update(coherence_coef=opts.coherence_coef, coherence_cos=opts.coherence_cos)
     return make_fingerprint({"saes": [c.to_dict() for c in configs], "opts": keep, "world": list(world)})
