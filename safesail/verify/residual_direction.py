@@ -259,12 +259,14 @@ TARGET, CONTROL_TARGET = "residual_direction", "random_direction"
 
 
 def refusal_effects(v, qs, ref_concept: list[list[int]], ref_neutral: list[list[int]], layer: int | None = None,
-                    coef: float = 1.0, max_kl: float = 0.1, seed: int = 0, batch_size: int = 16) -> list:
+                    coef: float = 1.0, max_kl: float = 0.1, seed: int = 0, batch_size: int = 16,
+                    layers: Sequence[int] | None = None) -> list:
     """The refusal records of one domain's residual direction, for `safesail verify` (`v`: its Verifier, `qs`:
     the domain's QuerySet with its unmodified answers): the direction from the first half of the held-out
     reference pairs, its layer chosen on the second half (`select_layer`; or `layer`), then ablated at
     every layer on the concept queries (`refusal_*_change_ablate`) and added at its layer on the neutral
-    queries (`refusal_*_change_steer`); a seeded random direction of the same norm beside it
+    queries (`refusal_*_change_steer`); `layers`: the candidate layers (default: every block in the first 80%,
+    three passes over half the reference pairs each); a seeded random direction of the same norm beside it
     (`target: random_direction`). Records: `hook` `layers.<L>.resid`, `target: residual_direction`."""
     import dataclasses
 
@@ -281,7 +283,7 @@ def refusal_effects(v, qs, ref_concept: list[list[int]], ref_neutral: list[list[
                    "coef": coef}
     if layer is None:
         langs = [query_lang(lm.tokenizer.decode(p, skip_special_tokens=True)) for p in ref_concept[half:]]
-        layer, scores, _ = select_layer(lm, dirs, ref_concept[half:], langs, ref_neutral[half:], langs,
+        layer, scores, _ = select_layer(lm, dirs, ref_concept[half:], langs, ref_neutral[half:], langs, layers,
                                         max_kl=max_kl, batch_size=batch_size)
         extra["selection"] = [{k: round(x, 4) if isinstance(x, float) else x for k, x in dataclasses.asdict(s).items()}
                               for s in scores]

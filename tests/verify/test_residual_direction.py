@@ -177,6 +177,8 @@ def test_refusal_effects_give_the_stage_records_of_the_direction_and_its_random_
     for t in ("residual_direction", "random_direction"):
         for m in ("refusal_logprob_change_ablate", "refusal_rate_change_ablate", "refusal_logprob_change_steer"):
             assert (t, m, None) in metrics and (t, m, "zh") in metrics
+    only = refusal_effects(v, qs, prompts, others, batch_size=4, layers=[3])
+    assert {e.layer for e in only} == {3} and [s["layer"] for s in only[0].details["selection"]] == [3]
     # a given layer: the ablation records are those of the orthogonalised model's answers
     fixed = refusal_effects(v, qs, prompts, others, layer=2, batch_size=4)
     r = residual_directions(lm, prompts, others, 4)[2]
