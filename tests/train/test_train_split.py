@@ -123,3 +123,20 @@ def test_a_mixture_latent_is_split_between_itself_and_a_dead_donor():
     [t] = train_saes([torch.randn(32, 8, generator=g) for _ in range(8)], [dict(arch="topk", d_in=8, n_latents=32, k=2)],
                      TrainOptions(progress=False, total_steps=8, mix_split_every=2, resample_until=1.0, dead_tokens=32))
     assert t.metrics["split"] >= 0 and t.metrics["steps"] == 8
+
+
+def test_omp_with_the_duplicate_split_recovers_a_small_planted_dictionary():
+    """The session-5 planted recipe on a small dictionary (48 atoms in d 16, 3 a row): OMP (pursuit with
+    `refit: ls`, `select: decoder`) plus the duplicate split recovers more atoms than OMP alone, no latent dead."""
+    from safesail.train.planted import PlantedData, Variant, mmcs
+
+    p = PlantedData(Variant(d=16, n_atoms=48, active=3, share=0.2, power=0.5))
+    data = p.batches(128, 128 * 300)
+    cfg = dict(arch="pursuit", d_in=16, n_latents=48, k=3, refit="ls", select="decoder", optimizer="adam")
+    got = {}
+    for every in (0, 10):
+        [t] = train_saes(data, [cfg], TrainOptions(progress=False, split_every=every, split_cos=0.8, resample_until=0.9))
+        got[every] = mmcs(t.sae.W_dec, p.atoms)
+        with torch.no_grad():
+            assert ((t.sae.encode(p.sample(2048)) > 0).sum(0) > 0).all()
+    assert got[10] >= 0.96 and got[10] > got[0] + 0.005
