@@ -59,7 +59,8 @@ def test_verify_writes_records_and_resumes_after_sigkill(tagged_run, tmp_path, c
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = _records(clean)
     assert want
-    assert {r["target"] for r in want} == set(TARGETS)
+    # every target the stage writes (the residual direction's records come from residual_direction.py, not the stage)
+    assert {r["target"] for r in want} == set(TARGETS) - {"residual_direction", "random_direction"}
     assert {r["check"] for r in want} == set(CHECKS)
     assert any(r["ci_low"] is not None for r in want)
     for r in want:
