@@ -98,6 +98,10 @@ class TrainConfig:
     dead_tokens: Optional[int]
     b_dec_init: Literal["geometric_median", "mean", "zeros"]
     dec_init: Literal["random", "data"]
+    resample_every: int
+    split_every: int
+    split_cos: float
+    resample_until: float
     normalize: bool
     autocast: Union[bool, Literal["auto"]]
     decoder_impl: Literal["auto", "sparse", "dense"]
@@ -248,6 +252,10 @@ class VerifyConfig:
     judge: bool
     judge_modes: list[str]
     reference: bool
+    residual_direction: bool
+    residual_layer: Optional[int]
+    residual_layers: Optional[list[int]]
+    residual_coef: float
     seed: int
 
 

@@ -44,6 +44,20 @@ log = logging.getLogger(__name__)
 _TRAIN_KEYS = ("batch_size", "epochs", "max_tokens", "lr_warmup_steps", "lr_decay_fraction", "adam_betas",
                "adam_eps", "dead_tokens", "autocast", "decoder_impl", "shuffle_seed")
 _EVAL_KEYS = ("tokens", "ce_tokens", "ce_batch_size", "batch_size")
+# recipe keys fingerprinted only away from these defaults, so runs made before the keys existed stay valid
+_RECIPE_DEFAULTS = {"resample_every": 0, "split_every": 0, "split_cos": 0.9, "resample_until": 0.5}
+
+
+def _recipe(tc) -> dict:
+    """The resampling / duplicate-split keys of `train` (checked), for TrainOptions."""
+    r = {k: type(d)(tc.get(k, d)) for k, d in _RECIPE_DEFAULTS.items()}
+    for k in ("resample_every", "split_every"):
+        if r[k] < 0:
+            raise UserError(f"train.{k} is {r[k]}; set it to 0 (never) or a positive number of steps.")
+    for k in ("split_cos", "resample_until"):
+        if not 0 < r[k] <= 1:
+            raise UserError(f"train.{k} is {r[k]}; use a value in (0, 1].")
+    return r
 
 
 def _open_stores(rd: RunDir, hooks: list[str], model_name: str) -> dict[str, ActivationStore]:
@@ -89,6 +103,7 @@ def run_train_stage(cfg: DictConfig, args: list[str]) -> None:
     model_name = str(cfg.model.name)
     stores = _open_stores(rd, hooks, model_name)
     train_bits = {k: OmegaConf.to_container(tc, resolve=True).get(k) for k in _TRAIN_KEYS}
+    train_bits.update({k: v for k, v in _recipe(tc).items() if v != _RECIPE_DEFAULTS[k]})
     eval_fp = fingerprint({k: OmegaConf.to_container(tc.eval, resolve=True).get(k) for k in _EVAL_KEYS})
 
     plan: list[tuple[SAEConfig, str, Path]] = []  # (config, train fingerprint, folder)
@@ -185,7 +200,7 @@ def _train(cfg, ctx: DistContext, device: torch.device, rd: RunDir, stores: dict
         total_steps=total, max_steps=total, lr_warmup_steps=min(int(tc.lr_warmup_steps), max(1, total // 10)),
         lr_decay_fraction=float(tc.lr_decay_fraction), adam_betas=tuple(tc.adam_betas), adam_eps=float(tc.adam_eps),
         dead_tokens=int(tc.dead_tokens) if tc.get("dead_tokens") else None, autocast=tc.autocast, decoder_impl=str(tc.decoder_impl), device=str(device),
-        checkpoint_path=ck_path, checkpoint_every=int(tc.checkpoint_every),
+        checkpoint_path=ck_path, checkpoint_every=int(tc.checkpoint_every), **_recipe(tc),
         fingerprint=fingerprint({"plan": all_fps, "world": [ctx.world_size, ctx.mode]}),
         log_every=int(tc.get("log_every", 20)), distributed=ctx.mode, sae_threads=int(tc.get("sae_threads") or 1),
         wandb={**OmegaConf.to_container(cfg.wandb, resolve=True), "name": f"{cfg.run.name}-train",

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from safesail.config_types import VerifyConfig, load_group
 from safesail.domains import DOMAINS
 from safesail.errors import UserError
-from safesail.hooks import HookPoint
+from safesail.hooks import HookPoint, decoder_layers
 from safesail.jsonl import append_jsonl, iter_jsonl, last_per_latent, open_append
 from safesail.rundir import RunDir, atomic_write_json, fingerprint
+from safesail.verify import residual_direction
 from safesail.verify.checks import CheckSettings, QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
 from safesail.verify.interventions import POSITIONS, SteerableSAE, steering_norm
@@ -51,6 +52,8 @@ from safesail.verify.wave import (  # noqa: F401
 )
 
 log = logging.getLogger(__name__)
+
+RESIDUAL_TARGETS = (residual_direction.TARGET, residual_direction.CONTROL_TARGET)
 
 FORMAT_VERSION = 3
 JUDGE_MODES = ("paired", "absolute")
@@ -91,6 +94,9 @@ class VerifySettings(VerifyConfig):
         if s.sufficiency_queries is not None and int(s.sufficiency_queries) < 2:
             raise UserError(f"verify.sufficiency_queries is {s.sufficiency_queries}; set it to 2 or more (or null: "
                             "as many as verify.queries_per_domain).")
+        if not 0 < float(s.residual_coef) <= 100:
+            raise UserError(f"verify.residual_coef is {s.residual_coef}; use a value in (0, 100], e.g. 1 (the "
+                            "direction's own norm).")
         for x in [s.strength, *s.strength_scan]:
             if not 0 < float(x) <= 100:
                 raise UserError(f"verify.strength{'' if x == s.strength else '_scan'} has {x}; use strengths in "
@@ -106,8 +112,15 @@ class VerifySettings(VerifyConfig):
         d = dataclasses.asdict(self)
         for k in ("max_latents", "latents", "wave", "judge_batch_size"):
             d.pop(k)
-        if d.get("judge_quantize") == "none":     # the default: fingerprints as before the key existed
-            d.pop("judge_quantize")
+        # keys at their defaults leave the fingerprints as they were before the keys existed, so a finished
+        # run's units stay valid after an upgrade
+        for key, default, also in (("judge_quantize", "none", ()),
+                                   ("sufficiency_prompts", "twins", ("open_prompts",)),
+                                   ("random_latents", 1, ()),
+                                   ("residual_direction", False, ("residual_layer", "residual_layers", "residual_coef"))):
+            if d.get(key) == default:
+                for k in (key, *also):
+                    d.pop(k)
         return d
 
 
@@ -246,10 +259,34 @@ def _baseline_summary(sets: dict[str, QuerySet]) -> dict:
     return out
 
 
+def _sae_identity(root, folder) -> str:
+    """What a unit's fingerprint knows of its SAE: the training fingerprint in its cfg.json (so a retrained SAE
+    redoes its units and a copied or moved run directory does not), else its folder relative to the run."""
+    from pathlib import Path
+
+    from safesail.saes.io import read_cfg
+
+    fp = read_cfg(folder).extra.get("fingerprint")
+    if fp:
+        return f"trained:{fp}"
+    folder = Path(folder)
+    return str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)
+
+
+def _check_residual_layers(s: VerifySettings, n_blocks: int) -> None:
+    for name, layers in (("residual_layer", [s.residual_layer]), ("residual_layers", s.residual_layers or [])):
+        bad = [x for x in layers if x is not None and not 0 <= int(x) < n_blocks]
+        if bad:
+            raise UserError(f"verify.{name} has block {bad[0]}, but the source model has blocks 0-{n_blocks - 1}; "
+                            "pick blocks in that range (or null: chosen on the reference pairs).")
+
+
 def _unit_key(rec: dict) -> str | None:
     """The unit an effects record belongs to (its latent's, its control's, or its reference's)."""
     if rec.get("target") == "diff_in_means":
         return f"ref:{rec.get('hook')}:{rec.get('domain')}"
+    if rec.get("target") in RESIDUAL_TARGETS:
+        return f"resid:{rec.get('domain')}"
     latent = (rec.get("details") or {}).get("control_for") if rec.get("target") == "random_latent" \
         else rec.get("latent")
     return f"latent:{rec.get('hook')}:{latent}"
@@ -286,7 +323,8 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     common = {"v": FORMAT_VERSION, "settings": s.unit_settings(), "model": cfg.model.name,
               "pairs": [p.id for p in pairs],
               "judge": OmegaConf.to_container(cfg.llm, resolve=True) if s.judge else None}
-    fp = fingerprint({**common, "saes": {h: str(p) for h, p in sae_dirs.items()}, "plan": plan,
+    sae_ids = {h: _sae_identity(rd.root, p) for h, p in sae_dirs.items()}
+    fp = fingerprint({**common, "saes": sae_ids, "plan": plan,
                       "reference": s.reference, "wave": s.wave})
     if rd.stage_done("verify", fp):
         log.info("verify: already done for these latents and settings; nothing to do")
@@ -297,6 +335,8 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     cpu_start = (time.thread_time(), time.process_time())   # the main thread's CPU (SmolLM2) and all threads' (+ the judge)
     lm = load_model(cfg.model, cfg.get("device", "auto"), cache_dir=cfg.get("cache_dir"))
     saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
+    if s.residual_direction:
+        _check_residual_layers(s, len(decoder_layers(lm.model)))
     sets, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))
 
     # strengths in units of the residual stream's norm after each hooked block (steering.py)
@@ -322,10 +362,16 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                 if norms and refs[d][0]:
                     norm = float(torch.tensor(norms).median())
                     units.append((f"ref:{h}:{d}", ("ref", h, d, norm),
-                                  fingerprint({**common, "sae": str(sae_dirs[h]), "ref": [h, d, round(norm, 6)]})))
+                                  fingerprint({**common, "sae": sae_ids[h], "ref": [h, d, round(norm, 6)]})))
+    if s.residual_direction:      # one residual-stream refusal direction per domain (runs after the waves)
+        for d in sorted({p["domain"] for p in plan}):
+            if refs[d][0]:
+                units.append((f"resid:{d}", ("resid", None, d, None),
+                              fingerprint({**common, "resid": [d, s.residual_layer, s.residual_layers,
+                                                               s.residual_coef]})))
     for p in plan:
         units.append((f"latent:{p['hook']}:{p['latent']}", ("latent", p["hook"], p, None),
-                      fingerprint({**common, "sae": str(sae_dirs[p["hook"]]), "item": p,
+                      fingerprint({**common, "sae": sae_ids[p["hook"]], "item": p,
                                    "exclude": sorted(exclude[p["hook"]])})))
     done = {r["unit"]: r.get("fingerprint") for r in iter_jsonl(done_path)}
     valid = {k for k, _, ufp in units if done.get(k) == ufp}
@@ -363,7 +409,8 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                            resid.get(hook), s.steer_positions, s.random_latents)
 
     n_records, timings = 0, []
-    waves = [units[i:i + s.wave] for i in range(0, len(units), s.wave)]
+    in_waves = [u for u in units if u[1][0] != "resid"]     # a residual direction edits the model, not one row
+    waves = [in_waves[i:i + s.wave] for i in range(0, len(in_waves), s.wave)]
     with EffectWriter(effects_path(rd.root)) as w, open_append(done_path) as df:
         def flush(built, records, t0) -> None:
             nonlocal n_records
@@ -394,6 +441,17 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
                 flush(*pending)
         finally:
             overlap_end()
+        for k, spec, ufp in units:
+            if spec[0] != "resid" or k in valid:
+                continue
+            t0 = time.perf_counter()
+            recs = residual_direction.refusal_effects(v, sets[spec[2]], *refs[spec[2]], layer=s.residual_layer,
+                                                     coef=s.residual_coef, seed=s.seed,
+                                                     batch_size=s.batch_size, layers=s.residual_layers)
+            w.write(recs)
+            n_records += len(recs)
+            append_jsonl(df, {"unit": k, "fingerprint": ufp, "records": len(recs),
+                              "seconds": round(time.perf_counter() - t0, 2)})
     atomic_write_json(out_dir / "baseline.json", {"model": lm.name, "max_new_tokens": s.max_new_tokens,
                                                   "domains": _baseline_summary(sets)})
     if client is not None:

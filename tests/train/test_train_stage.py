@@ -101,6 +101,29 @@ def test_optimizer_auto_is_resolved_before_the_fingerprint(run_cfg, tmp_path):
     assert json.loads((folder / "metrics.json").read_text())["steps"] >= 64
 
 
+def test_split_recipe_keys_reach_the_trainer_and_the_fingerprint(run_cfg, tmp_path):
+    """train.split_every / split_cos / resample_until: off by default (fingerprints as before the keys existed);
+    set, they retrain (other settings) and the trainer's splits are recorded in metrics.json."""
+    from safesail.saes import list_saes
+    from safesail.train.stage import run_train_stage
+
+    one = ["sae.saes=[{arch:pursuit,k:4,refit:ls,select:decoder}]", "sae.hooks=[layers.0.mlp_out]",
+           "train.batch_size=64", "train.eval.ce_tokens=0"]
+    run_train_stage(run_cfg(*one, name="split"), [])
+    [folder] = list_saes(tmp_path / "split" / "saes")
+    assert "split" not in json.loads((folder / "metrics.json").read_text())
+    run_train_stage(run_cfg(*one, "train.split_every=0", "train.split_cos=0.9", name="split"), [])   # the defaults
+    with pytest.raises(UserError, match="trained with other settings"):
+        run_train_stage(run_cfg(*one, "train.split_every=2", "train.split_cos=0.5", name="split"), [])
+    run_train_stage(run_cfg(*one, "train.split_every=2", "train.split_cos=0.5", "train.resample_until=0.9",
+                            name="split2"), [])
+    [folder] = list_saes(tmp_path / "split2" / "saes")
+    assert json.loads((folder / "metrics.json").read_text())["split"] >= 0
+    for bad, words in (("train.split_cos=1.5", "train.split_cos"), ("train.split_every=-1", "train.split_every")):
+        with pytest.raises(UserError, match=words):
+            run_train_stage(run_cfg(*one, bad, name="split3"), [])
+
+
 def _stage_cmd(tmp_path, cache_dir, name):
     return [sys.executable, "-m", "safesail", "train", *_kill_overrides(tmp_path, cache_dir, name)]
 

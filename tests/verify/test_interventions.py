@@ -6,21 +6,24 @@ import pytest
 import torch
 
 from safesail.errors import UserError
-from safesail.hooks import HookPoint, capture_activations
-from safesail.saes import SAEConfig, build_sae
-from safesail.verify.interventions import (DirectionEdit, Intervention, LatentEdit, SteerableSAE, parse_edit,
-                                           parse_neuron_id)
+from safesail.hooks import capture_activations
+from safesail.verify.interventions import (
+    DirectionEdit,
+    Intervention,
+    LatentEdit,
+    SteerableSAE,
+    parse_edit,
+    parse_neuron_id,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LAYER = 1
+LAYER = 1          # the block of the tiny_topk_sae fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model):
+def setup(tiny_model, tiny_topk_sae):
     lm = tiny_model
-    hp = HookPoint(LAYER)
-    sae = build_sae(SAEConfig(arch="topk", d_in=lm.hidden_size, n_latents=4 * lm.hidden_size, k=8, hook=hp.name))
-    sae.eval().requires_grad_(False)
+    hp, sae = tiny_topk_sae
     ids = torch.tensor([lm.tokenizer("How do I bake bread at home? Tell me about the sea.")["input_ids"]])
     x = capture_activations(lm.model, ids, None, [hp])[hp.name][0]
     z = sae.encode(x)

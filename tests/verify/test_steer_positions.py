@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from safesail.errors import UserError
-from safesail.hooks import HookPoint, hook_module
-from safesail.saes import SAEConfig, build_sae
+from safesail.hooks import hook_module
 from safesail.verify.generation import _padded, generate_full
 from safesail.verify.interventions import (
     DirectionEdit,
@@ -21,15 +20,13 @@ from safesail.verify.interventions import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LAYER = 1
+LAYER = 1          # the block of the tiny_topk_sae fixture (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model):
+def setup(tiny_model, tiny_topk_sae):
     lm = tiny_model
-    hp = HookPoint(LAYER)
-    sae = build_sae(SAEConfig(arch="topk", d_in=lm.hidden_size, n_latents=4 * lm.hidden_size, k=8, hook=hp.name))
-    sae.eval().requires_grad_(False)
+    hp, sae = tiny_topk_sae
     v = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(0)) * 3
     return lm, SteerableSAE(hp, sae, {}), v
 

@@ -101,6 +101,7 @@ def test_verify_writes_records_and_resumes_after_sigkill(tagged_run, tmp_path, c
     ("verify.judge_modes=[vibes]", "verify.judge_modes"),
     ("verify.judge_batch_size=0", "verify.judge_batch_size"),
     ("verify.judge_quantize=int4", "verify.judge_quantize"),
+    ("verify.residual_coef=0", "verify.residual_coef"),
 ])
 def test_bad_verify_settings_are_one_sentence(smoke_cfg, override, words):
     from safesail.errors import UserError
@@ -137,3 +138,42 @@ def test_raising_max_latents_extends_the_run_instead_of_restarting(tagged_run, t
     assert len({(r["hook"], r["latent"], r["target"], r["check"], r["metric"], r["domain"], r["lang"])
                 for r in after}) == len(after)
     assert len({u for u in map(lambda r: r["unit"], lines)}) == len(set(first) | set(second))
+
+
+def test_new_settings_at_their_defaults_leave_unit_fingerprints_as_before(smoke_cfg):
+    """A finished run's units stay valid after an upgrade that adds keys, while the keys are at their defaults."""
+    from safesail.verify.stage import VerifySettings
+
+    added = {"judge_quantize", "sufficiency_prompts", "open_prompts", "random_latents", "residual_direction",
+             "residual_layer", "residual_layers", "residual_coef"}
+    assert not added & set(VerifySettings.from_cfg(smoke_cfg()).unit_settings())
+    changed = VerifySettings.from_cfg(smoke_cfg("verify.random_latents=3", "verify.residual_direction=true",
+                                                "verify.sufficiency_prompts=open")).unit_settings()
+    assert added - {"judge_quantize"} <= set(changed) and changed["random_latents"] == 3
+
+
+@pytest.mark.slow
+def test_residual_direction_units_are_written_once_and_resumed(tagged_run, tmp_path, cache_dir):
+    env = _env(cache_dir)
+    root = _copy(tagged_run, tmp_path / "resid")
+    args = ("verify.residual_direction=true", "verify.max_latents=1", "verify.reference=false")
+    bad = subprocess.run(_cmd(root, "verify", *args, "verify.residual_layer=99"), env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode != 0 and "verify.residual_layer has block 99" in bad.stderr
+    proc = subprocess.run(_cmd(root, "verify", *args), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = _records(root)
+    resid = [r for r in recs if r["target"] in ("residual_direction", "random_direction")]
+    assert {r["target"] for r in resid} == {"residual_direction", "random_direction"}
+    assert all(r["hook"].endswith(".resid") and r["check"] == "refusal" for r in resid)
+    assert {r["metric"].rsplit("_", 1)[1] for r in resid} == {"ablate", "steer"}
+    done = root / "smoke" / "verify" / "done.jsonl"
+    units = [json.loads(x)["unit"] for x in done.read_text().splitlines()]
+    assert any(u.startswith("resid:") for u in units)
+    # a second run, in a copy of the run directory, finds every unit done (the residual units' records are kept,
+    # not dropped as unplanned; a unit knows its SAE by its training fingerprint, not by its absolute path)
+    moved = _copy(root, tmp_path / "moved")
+    proc = subprocess.run(_cmd(moved, "verify", *args), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = moved / "smoke" / "verify" / "done.jsonl"
+    assert _records(moved) == recs and len(done.read_text().splitlines()) == len(units)

@@ -1,0 +1,19 @@
+"""Fixtures shared by the verify tests: a random TopK SAE on the tiny model's layer-1 MLP output."""
+
+from __future__ import annotations
+
+import pytest
+
+from safesail.hooks import HookPoint
+from safesail.saes import SAEConfig, build_sae
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def tiny_topk_sae(tiny_model):
+    """(hook point, SAE): TopK k=8 with 4x the tiny model's width at layer 1, frozen."""
+    hp = HookPoint(LAYER)
+    sae = build_sae(SAEConfig(arch="topk", d_in=tiny_model.hidden_size, n_latents=4 * tiny_model.hidden_size, k=8,
+                              hook=hp.name))
+    return hp, sae.eval().requires_grad_(False)
