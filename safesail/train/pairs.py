@@ -40,13 +40,19 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def resolve_pairs_path(path: str | Path | None) -> Path:
-    """A pairs path as given: absolute, relative to the working directory, or to the source tree."""
-    p = Path(path or DEFAULT_PAIRS).expanduser()
+def resolve_data_path(path: str | Path | None, default: str | Path) -> Path:
+    """A data file's path as given (or `default`): absolute, relative to the working directory, or to the
+    source tree (the bundled data/)."""
+    p = Path(path or default).expanduser()
     if p.is_absolute() or p.exists():
         return p
     bundled = repo_root() / p
     return bundled if bundled.exists() else p
+
+
+def resolve_pairs_path(path: str | Path | None) -> Path:
+    """A pairs path as given: absolute, relative to the working directory, or to the source tree."""
+    return resolve_data_path(path, DEFAULT_PAIRS)
 
 
 def _where(path: Path, lineno: int) -> str:

@@ -34,18 +34,10 @@ class OpenPrompt:
     prompt: str
 
 
-def _resolve(path: str | Path | None) -> Path:
-    from safesail.train.pairs import repo_root
-
-    p = Path(path or DEFAULT_OPEN_PROMPTS).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    bundled = repo_root() / p
-    return bundled if bundled.exists() else p
-
-
 def load_open_prompts(path: str | Path | None = None) -> list[OpenPrompt]:
-    p = _resolve(path)
+    from safesail.train.pairs import resolve_data_path
+
+    p = resolve_data_path(path, DEFAULT_OPEN_PROMPTS)
     if not p.is_file():
         raise UserError(f"the open prompts file {p} does not exist; point verify.open_prompts at a JSONL file of "
                         f"prompts ({DEFAULT_OPEN_PROMPTS} is bundled).")

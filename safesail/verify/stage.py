@@ -2,7 +2,9 @@
 
 Per latent (`checks.py`): output effect, necessity, sufficiency (against a random latent of
 the same norm) and refusal; per (hook, domain) the difference-in-means direction of the
-bundled pairs as a reference of the same norm. Work is done in units (one latent, or one
+bundled pairs as a reference of the same norm; with `verify.residual_direction`, per domain the
+residual-stream refusal direction (`residual_direction.py`, one unit each, after the waves: it
+edits the whole model, not one batch row). Settings: `settings.py`. Work is done in units (one latent, or one
 reference direction), run `verify.wave` units at a time with all their conditions in shared
 batches (`wave.py`); after a wave's records are appended, its units' keys go to
 `verify/done.jsonl` with each unit's own fingerprint (the settings that change its records,
@@ -21,28 +23,26 @@ import asyncio
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, fields
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from safesail.config_types import VerifyConfig, load_group
 from safesail.domains import DOMAINS
 from safesail.errors import UserError
 from safesail.hooks import HookPoint, decoder_layers
 from safesail.jsonl import append_jsonl, iter_jsonl, last_per_latent, open_append
 from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify import residual_direction
-from safesail.verify.checks import CheckSettings, QuerySet, Verifier
+from safesail.verify.checks import QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
-from safesail.verify.interventions import POSITIONS, SteerableSAE, steering_norm
+from safesail.verify.interventions import SteerableSAE, steering_norm
 from safesail.verify.judge_engine import quantize_judge
 from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
-from safesail.verify.prompts import SOURCES as PROMPT_SOURCES
 from safesail.verify.queries import _round_robin, query_sets  # noqa: F401  (re-exported: benchmarks import them here)
 from safesail.verify.records import Effect, EffectWriter, effects_path
-from safesail.verify.steering import UNITS, residual_norm
+from safesail.verify.settings import VerifySettings, check_residual_layers
+from safesail.verify.steering import residual_norm
 from safesail.verify.wave import (  # noqa: F401
     DOMAIN_TOPICS,
     latent_unit,
@@ -56,74 +56,6 @@ log = logging.getLogger(__name__)
 RESIDUAL_TARGETS = (residual_direction.TARGET, residual_direction.CONTROL_TARGET)
 
 FORMAT_VERSION = 3
-JUDGE_MODES = ("paired", "absolute")
-
-
-@dataclass
-class VerifySettings(VerifyConfig):
-    """The typed `verify` group (`config_types.VerifyConfig`) with its ranges checked."""
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> VerifySettings:
-        node = cfg.get("verify") or OmegaConf.create({})
-        unknown = sorted(set(node.keys()) - {f.name for f in fields(cls)})
-        if unknown:
-            raise UserError(f"verify.{unknown[0]} is not a verify setting; see configs/verify/default.yaml.")
-        if node.get("latents") not in (None, "tagged", "candidates"):
-            raise UserError(f"verify.latents is {node.get('latents')!r}; use tagged or candidates.")
-        if node.get("steer_positions") not in (None, *POSITIONS):
-            raise UserError(f"verify.steer_positions is {node.get('steer_positions')!r}; use {' or '.join(POSITIONS)}.")
-        if node.get("sufficiency_prompts") not in (None, *PROMPT_SOURCES):
-            raise UserError(f"verify.sufficiency_prompts is {node.get('sufficiency_prompts')!r}; use twins (the "
-                            "concept pairs' neutral twins) or open (open-ended prompts, verify.open_prompts).")
-        if node.get("strength_unit") not in (None, *UNITS):
-            raise UserError(f"verify.strength_unit is {node.get('strength_unit')!r}; use {' or '.join(UNITS)}.")
-        modes = node.get("judge_modes")
-        if modes is not None and (not isinstance(modes, (list, tuple)) and not OmegaConf.is_list(modes)
-                                  or not set(modes) <= set(JUDGE_MODES)):
-            raise UserError(f"verify.judge_modes is {modes!r}; give a list of {' and '.join(JUDGE_MODES)}.")
-        s = load_group(node, cls, "verify")
-        for name in ("max_latents", "queries_per_domain", "max_new_tokens", "batch_size", "wave", "n_boot"):
-            if int(getattr(s, name)) < 1:
-                raise UserError(f"verify.{name} is {getattr(s, name)}; set it to a positive integer.")
-        if not 1 <= int(s.random_latents) <= 16:
-            raise UserError(f"verify.random_latents is {s.random_latents}; set it to 1-16 random latents per latent.")
-        if s.judge_batch_size is not None and int(s.judge_batch_size) < 1:
-            raise UserError(f"verify.judge_batch_size is {s.judge_batch_size}; set it to a positive integer (or null: "
-                            "the llm group's batch_size).")
-        if s.sufficiency_queries is not None and int(s.sufficiency_queries) < 2:
-            raise UserError(f"verify.sufficiency_queries is {s.sufficiency_queries}; set it to 2 or more (or null: "
-                            "as many as verify.queries_per_domain).")
-        if not 0 < float(s.residual_coef) <= 100:
-            raise UserError(f"verify.residual_coef is {s.residual_coef}; use a value in (0, 100], e.g. 1 (the "
-                            "direction's own norm).")
-        for x in [s.strength, *s.strength_scan]:
-            if not 0 < float(x) <= 100:
-                raise UserError(f"verify.strength{'' if x == s.strength else '_scan'} has {x}; use strengths in "
-                                "(0, 100], e.g. 8 (x the 0.999 quantile) or 1 (x the residual norm).")
-        return s
-
-    def checks(self) -> CheckSettings:
-        return CheckSettings(self.max_new_tokens, self.batch_size, self.top_tokens, self.n_boot, self.seed,
-                             tuple(self.judge_modes))
-
-    def unit_settings(self) -> dict:
-        """The settings a unit's records depend on (not which or how many latents are planned)."""
-        d = dataclasses.asdict(self)
-        for k in ("max_latents", "latents", "wave", "judge_batch_size"):
-            d.pop(k)
-        # keys at their defaults leave the fingerprints as they were before the keys existed, so a finished
-        # run's units stay valid after an upgrade
-        for key, default, also in (("judge_quantize", "none", ()),
-                                   ("sufficiency_prompts", "twins", ("open_prompts",)),
-                                   ("random_latents", 1, ()),
-                                   ("residual_direction", False, ("residual_layer", "residual_layers", "residual_coef"))):
-            if d.get(key) == default:
-                for k in (key, *also):
-                    d.pop(k)
-        return d
-
-
 # ---- what to verify ---------------------------------------------------------------------------
 
 def _pair_domain(tag_rec: dict | None) -> str | None:
@@ -273,14 +205,6 @@ def _sae_identity(root, folder) -> str:
     return str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)
 
 
-def _check_residual_layers(s: VerifySettings, n_blocks: int) -> None:
-    for name, layers in (("residual_layer", [s.residual_layer]), ("residual_layers", s.residual_layers or [])):
-        bad = [x for x in layers if x is not None and not 0 <= int(x) < n_blocks]
-        if bad:
-            raise UserError(f"verify.{name} has block {bad[0]}, but the source model has blocks 0-{n_blocks - 1}; "
-                            "pick blocks in that range (or null: chosen on the reference pairs).")
-
-
 def _unit_key(rec: dict) -> str | None:
     """The unit an effects record belongs to (its latent's, its control's, or its reference's)."""
     if rec.get("target") == "diff_in_means":
@@ -336,7 +260,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     lm = load_model(cfg.model, cfg.get("device", "auto"), cache_dir=cfg.get("cache_dir"))
     saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
     if s.residual_direction:
-        _check_residual_layers(s, len(decoder_layers(lm.model)))
+        check_residual_layers(s, len(decoder_layers(lm.model)))
     sets, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))
 
     # strengths in units of the residual stream's norm after each hooked block (steering.py)

@@ -68,18 +68,10 @@ def test_residual_norm_and_the_strength_it_means(tiny_model):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_residual_unit_latent_and_its_control_are_steered_with_strength_times_the_norm(tiny_model):
-    from safesail.chat import encode_chat
-    from safesail.verify.checks import QuerySet
+def test_a_residual_unit_latent_and_its_control_are_steered_with_strength_times_the_norm(latent3_unit_inputs):
     from safesail.verify.wave import latent_unit
 
-    lm = tiny_model
-    hp = HookPoint(1)
-    torch.manual_seed(0)
-    sae = build_sae(SAEConfig(arch="topk", d_in=lm.hidden_size, n_latents=4 * lm.hidden_size, k=8, hook=hp.name))
-    s = SteerableSAE(hp, sae.eval().requires_grad_(False), {3: 0.05})
-    enc = [encode_chat(lm.tokenizer, "Name a colour.", None)]
-    qs = QuerySet("violence", ["en"], enc, enc)
+    hp, s, qs = latent3_unit_inputs
     u = latent_unit("latent:x:3", s, {"latent": 3}, qs, 4.0, set(), 0, [], resid_norm=10.0)
     added = u.steer.per_hook[hp].add
     assert float(added.norm()) == pytest.approx(40.0, rel=1e-4)      # above the old 100 x quantile cap

@@ -4,7 +4,6 @@ of a query is their mean, so one random direction that breaks its answers cannot
 from __future__ import annotations
 
 import pytest
-import torch
 
 from safesail.verify.checks import Answers, CheckSettings, QuerySet, Verifier
 from safesail.verify.stats import logit
@@ -62,20 +61,10 @@ def test_the_control_of_a_query_is_the_mean_p_yes_of_the_random_latents():
     assert {("topic", f"r2 {k}") for k in range(n)} <= set(items)
 
 
-def test_a_latent_unit_with_three_random_latents_steers_each_at_the_latents_norm(tiny_model):
-    from safesail.chat import encode_chat
-    from safesail.hooks import HookPoint
-    from safesail.saes import SAEConfig, build_sae
-    from safesail.verify.interventions import SteerableSAE
+def test_a_latent_unit_with_three_random_latents_steers_each_at_the_latents_norm(latent3_unit_inputs):
     from safesail.verify.wave import latent_unit
 
-    lm = tiny_model
-    hp = HookPoint(1)
-    torch.manual_seed(0)
-    sae = build_sae(SAEConfig(arch="topk", d_in=lm.hidden_size, n_latents=4 * lm.hidden_size, k=8, hook=hp.name))
-    s = SteerableSAE(hp, sae.eval().requires_grad_(False), {3: 0.05})
-    enc = [encode_chat(lm.tokenizer, "Name a colour.", None)]
-    qs = QuerySet("violence", ["en"], enc, enc)
+    hp, s, qs = latent3_unit_inputs
     single = latent_unit("latent:x:3", s, {"latent": 3}, qs, 4.0, set(), 0, [], resid_norm=10.0)
     u = latent_unit("latent:x:3", s, {"latent": 3}, qs, 4.0, set(), 0, [], resid_norm=10.0, n_random=3)
     assert u.control_latent == single.control_latent and not single.more_controls     # k=1 is the old control
