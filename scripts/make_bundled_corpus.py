@@ -18,6 +18,7 @@ Source formats (all UTF-8):
   chats.txt            records `=== lang=<l> domain=<d>`, then `U: ...` / `A: ...` turns
                        (a line without a prefix continues the previous turn)
   compare.txt          records `=== <id> <domain>`, then `en: ...`, `zh: ...`, `hi: ...`
+  open_prompts.txt     `@split eval|scan` / `@lang xx` headers, then one open-ended prompt per line (verify)
   generate_prompts.txt `domain | query` (English prompts the default model answers)
   generated_rejected.txt  prompts whose generated answer a reviewer left out (one a line)
 Lines starting with `#` are comments everywhere.
@@ -159,6 +160,23 @@ def read_compare() -> list[dict]:
     return out
 
 
+def read_open_prompts() -> list[dict]:
+    """data/src/open_prompts.txt: `@split` / `@lang` headers, one prompt per line (verify's open prompts)."""
+    path = SRC / "open_prompts.txt"
+    out, split, lang, n = [], None, None, 0
+    for line in _lines(path):
+        if line.startswith("@split "):
+            split, lang = _check(line.split()[1], ("eval", "scan"), str(path)), None
+        elif line.startswith("@lang "):
+            lang, n = _check(line.split()[1], LANGS, str(path)), 0
+        elif line.strip():
+            if split is None or lang is None:
+                raise ValueError(f"{path}: a prompt before its @split / @lang header: {line!r}")
+            n += 1
+            out.append({"id": f"open-{split}-{lang}-{n:02d}", "lang": lang, "split": split, "prompt": line.strip()})
+    return out
+
+
 def read_generate_prompts() -> list[tuple[str, str]]:
     out = []
     for line in _lines(SRC / "generate_prompts.txt"):
@@ -250,6 +268,7 @@ def build(out: Path = DATA) -> list[Path]:
     files = {
         "pairs/contrastive_pairs.jsonl": pairs,
         "queries/compare.jsonl": read_compare(),
+        "queries/open_prompts.jsonl": read_open_prompts(),   # verify's open prompts; not in the corpus
     }
     # The corpus holds the written queries and, as further queries, both sides of every pair.
     queries = read_queries()

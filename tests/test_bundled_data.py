@@ -120,7 +120,7 @@ def test_compare_queries_have_all_three_languages():
 def test_committed_files_are_exactly_what_the_build_script_makes(tmp_path):
     """data/*.jsonl are reproducible from data/src/ (no hand edits, no stale output)."""
     built = load_build_script().build(tmp_path)
-    assert len(built) == 7
+    assert len(built) == 8
     for path in built:
         rel = path.relative_to(tmp_path)
         assert path.read_bytes() == (DATA / rel).read_bytes(), f"data/{rel} differs from a fresh build"
