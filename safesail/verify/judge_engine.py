@@ -59,18 +59,14 @@ def quantize_module(root: nn.Module, skip: set[int] = frozenset()) -> int:
     return n
 
 
-def _local(client):
-    while client is not None and not hasattr(client, "engine"):
-        client = getattr(client, "inner", None)
-    return client
-
-
 def quantize_judge(client, mode: str | None) -> int:
     """Give the judge's local back end int8 linear layers (`mode` "int8"); "none"/None leaves it. Returns the
     number of layers swapped (0 for a back end without a local engine, or a model already quantized)."""
     if mode in (None, "none"):
         return 0
-    local = _local(client)
+    from safesail.interpret.clients.base import client_with
+
+    local = client_with(client, "engine")
     if local is None:
         return 0
     model = local.engine.model

@@ -104,7 +104,7 @@ class BackgroundJudge:
         with self._lock:
             self._waiting += 1      # counted before the job starts, so its first batch gets the threads
         try:
-            return self.wait(self.submit(items))
+            return self.submit(items).result()
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -150,11 +150,9 @@ def overlap_judge(judge: Callable[[list], list] | None, loop: asyncio.AbstractEv
 def judge_engine_counter(client) -> Callable[[], dict | None]:
     """A function giving the judge's local-engine work since now (prompt tokens asked for, tokens computed:
     the rest came from its prefix cache, forward calls), or None for a back end without an engine."""
-    engine = None
-    while client is not None and engine is None:
-        engine = getattr(client, "engine", None)
-        client = getattr(client, "inner", None)
-    stats = getattr(engine, "stats", None)
+    from safesail.interpret.clients.base import client_with
+
+    stats = getattr(getattr(client_with(client, "engine"), "engine", None), "stats", None)
     if stats is None:
         return lambda: None
     start = (stats.prompt_tokens, stats.computed_tokens, stats.forward_calls)
@@ -172,10 +170,8 @@ def judge_batches(client, batch_size: int | None) -> None:
     None: keep the llm group's). Requests of one topic differ only in their text, so a bigger batch is one
     forward over more continuations after one shared prefix: 16 instead of 4 cost ~6% less CPU on the
     1.5B judge (BENCHMARKS.md, issue 15, session 5). Back ends without `batch_size` are left alone."""
-    if not batch_size:
-        return
-    while client is not None:
-        if hasattr(client, "batch_size"):
-            client.batch_size = int(batch_size)
-            return
-        client = getattr(client, "inner", None)
+    from safesail.interpret.clients.base import client_with
+
+    local = client_with(client, "batch_size") if batch_size else None
+    if local is not None:
+        local.batch_size = int(batch_size)

@@ -120,6 +120,14 @@ class LLMClient(ABC):
         return None
 
 
+def client_with(client, attr: str):
+    """The first client along a wrapper chain (`.inner`: e.g. CachedClient -> LocalClient) that has `attr`, or
+    None (e.g. a remote back end has no local engine)."""
+    while client is not None and not hasattr(client, attr):
+        client = getattr(client, "inner", None)
+    return client
+
+
 @dataclass
 class CallStats:
     calls: int = 0
