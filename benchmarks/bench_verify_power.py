@@ -18,6 +18,10 @@ own resampling (`scoring.metrics.bootstrap_interval`, seed 0) so the "all" colum
 records' intervals.
 
     python benchmarks/bench_verify_power.py --run /tmp/vs4/runs/demo --first 12
+
+``--output-table``: each latent's output effect (verify's (a): output score, next-token KL, largest direct
+logit) beside its two verdicts, and how well each output figure predicts them (Spearman, AUC); issue 15
+session 6 (the literature's "output score" angle).
 """
 
 from __future__ import annotations
@@ -78,7 +82,12 @@ def per_latent(run: Path, control: str = "mean") -> list[dict]:
                      examples=det.get("examples"), strength=det.get("strength"))
         if r["check"] == "output_effect" and r["metric"] == "promoted_logprob_change":
             d["output_score"] = r.get("value")
+            d["output_ci"] = [r.get("ci_low"), r.get("ci_high")]
             d["promoted"] = det.get("tokens")
+        if r["check"] == "output_effect" and r["metric"] == "next_token_kl":
+            d["kl"] = r.get("value")
+        if r["check"] == "output_effect" and r["metric"] == "direct_logit_max":
+            d["dla_max"] = r.get("value")
     out = []
     for (hook, latent, target, _), d in by.items():
         if d.get("p") is None:
@@ -160,6 +169,56 @@ def _spearman(a, b):
     return num / den if den else 0.0
 
 
+def _auc(pos: list[float], neg: list[float]) -> float | None:
+    """P(a passing latent's score > a failing one's), ties 0.5 (Mann-Whitney AUC); None without both groups."""
+    if not pos or not neg:
+        return None
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def output_table(rows: list[dict], n_boot: int) -> dict:
+    """Does a latent's output effect (verify's (a), already in the records) predict its sufficiency verdict?
+    Per latent: the output score (`promoted_logprob_change`: mean change of its top direct-logit tokens'
+    next-token log-prob when it is added at the kept strength), the same score per nat of next-token KL (how
+    much of the change is the latent's own tokens rather than a broken distribution), the largest direct logit,
+    and the pre-registered log-odds effect against the random control and the unsteered answer (all queries).
+    Then the rank correlation of each output figure with each effect and the AUC of each for the verdicts."""
+    lines = ["| latent | topic | strength | out. score [95%] | KL | score / KL | max DLA | top promoted | "
+             "log-odds vs random | log-odds vs unsteered |", "|---|---|---|---|---|---|---|---|---|---|"]
+    pts = []
+    for r in rows:
+        if r["target"] != "latent" or r.get("output_score") is None:
+            continue
+        vs_u = statistics(r["p"], r["unsteered_p"], n_boot)
+        vs_r = statistics(r["p"], r["random_p"], n_boot) if r.get("random_p") else None
+        kl = r.get("kl")
+        ratio = r["output_score"] / kl if kl else None
+        ci = r.get("output_ci") or [None, None]
+        pts.append({"latent": f"L{r['hook'].split('.')[1]} #{r['latent']}", "output_score": r["output_score"],
+                    "score_per_kl": ratio, "kl": kl, "dla_max": r.get("dla_max"),
+                    "lo_random": vs_r["lo"] if vs_r else None, "pass_random": bool(vs_r and vs_r["lo_pass"]),
+                    "lo_unsteered": vs_u["lo"], "pass_unsteered": bool(vs_u["lo_pass"])})
+        x = pts[-1]
+        lines.append(f"| {x['latent']} | {(r.get('topic') or '')[:32]} | {r.get('strength')} | {_f(x['output_score'])} "
+                     f"{_ci_s(ci)} | {_f(kl)} | {_f(ratio)} | {_f(x['dla_max'], 1)} | "
+                     f"{' '.join(repr(t) for t in (r.get('promoted') or [])[:4])} | "
+                     f"{_f(x['lo_random'])}{' PASS' if x['pass_random'] else ''} | "
+                     f"{_f(x['lo_unsteered'])}{' PASS' if x['pass_unsteered'] else ''} |")
+    print("\n".join(lines))
+    out = {"latents": pts, "relations": []}
+    for feat in ("output_score", "score_per_kl", "kl", "dla_max"):
+        for eff, verdict in (("lo_random", "pass_random"), ("lo_unsteered", "pass_unsteered")):
+            xs = [(p[feat], p[eff], p[verdict]) for p in pts if p[feat] is not None and p[eff] is not None]
+            if len(xs) < 3:
+                continue
+            rho = _spearman([a for a, _, _ in xs], [b for _, b, _ in xs])
+            auc = _auc([a for a, _, v in xs if v], [a for a, _, v in xs if not v])
+            out["relations"].append({"feature": feat, "effect": eff, "spearman": rho, "auc": auc, "n": len(xs)})
+            print(f"{feat} vs {eff}: Spearman {rho:+.2f}; AUC for {verdict} "
+                  f"{'-' if auc is None else f'{auc:.2f}'} ({sum(v for *_, v in xs)} of {len(xs)} pass)")
+    return out
+
+
 def _lse(lp: dict, names) -> float:
     import math
 
@@ -212,6 +271,8 @@ def main(argv=None) -> int:
                                                        "first, or k<j> (mean of the first j)")
     ap.add_argument("--examples", action="store_true", help="print each latent's example steered answers")
     ap.add_argument("--read", nargs="*", default=[], help="print every answer of these latents (<layer>_<index>)")
+    ap.add_argument("--output-table", action="store_true", help="per latent: its output effect beside its sufficiency "
+                                                                "verdicts, and how well the one predicts the other")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     rows = per_latent(Path(args.run), args.control)
@@ -220,6 +281,11 @@ def main(argv=None) -> int:
         return 1
     if args.read:
         read(Path(args.run), rows, args.read)
+        return 0
+    if args.output_table:
+        res = output_table(rows, args.n_boot)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1))
         return 0
     res = report(rows, args.first, args.n_boot)
     if args.examples:
