@@ -12,6 +12,8 @@ Parts (--parts):
   the recorded ones: sign agreement, Spearman and the verdicts (interval above 0). CPU per computed judge
   token for each engine on the same first ``--timed`` requests (one engine after the other).
 - ``batch``: CPU per computed judge token at engine batch sizes ``--batches`` (requests of one topic).
+- ``pool``: the run's judge requests through the client with the engine's normalisers one head call per request
+  vs pooled in shared head calls (session 6): CPU, and whether every p(yes) is the same to the bit.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_judge_engine.py --parts pairs rejudge \\
         --run /tmp/final4v/runs/demo --engines bf16 int8 --out /tmp/judge_engine.json
@@ -229,19 +231,60 @@ def batch_part(args) -> dict:
     return {"topic": topic, "engine": args.engines[-1], "rows": rows}
 
 
+def pool_part(args) -> dict:
+    """The run's first `--timed` judge requests (topic by topic, as a wave asks them) through the judge client
+    at engine batch `--batches[0]` (the demo's `verify.judge_batch_size` 16), the engine's softmax normalisers
+    one head call per request (`pool_normalisers` off, before session 6) and pooled in shared calls (on),
+    alternated over `--rounds`: CPU per request and whether every p(yes) is the same to the bit."""
+    from safesail.verify.judge import judge_many
+
+    reqs = sorted(_cached_requests(Path(args.run)), key=lambda r: r[0])[:args.timed]
+    items = [(t, x) for t, x, _ in reqs]
+    client = _client(args, "bf16")
+    local = getattr(client, "inner", client)
+    local.batch_size = args.batches[0]
+    eng = local.engine
+    loop = asyncio.new_event_loop()
+    rows, got = [], {}
+    for rnd in range(args.rounds):
+        for pool in ((False, True) if rnd % 2 == 0 else (True, False)):
+            eng.cache.clear()
+            eng.pool_normalisers = pool
+            k0, c0 = eng.stats.computed_tokens, time.process_time()
+            p = judge_many(loop, client, items)
+            cpu = time.process_time() - c0
+            got.setdefault(pool, p)
+            rows.append({"round": rnd, "pooled": pool, "requests": len(items), "cpu_s": round(cpu, 2),
+                         "cpu_ms_per_request": round(1000 * cpu / len(items), 1),
+                         "computed_tokens": eng.stats.computed_tokens - k0, "load": os.getloadavg()[0]})
+            print(json.dumps(rows[-1]), flush=True)
+    loop.run_until_complete(client.aclose())
+    loop.close()
+    same = sum(a == b for a, b in zip(got[False], got[True]))
+    cached = max(abs(a - c) for a, (_, _, c) in zip(got[True], reqs))
+    out = {"batch": args.batches[0], "rows": rows, "identical_p_yes": f"{same}/{len(items)}",
+           "max_abs_diff_vs_cached_p_yes": cached, "pool_exact_probe": eng._pool_exact}
+    for pool in (False, True):
+        cpu = [r["cpu_s"] for r in rows if r["pooled"] == pool]
+        out[f"cpu_s_{'pooled' if pool else 'per_request'}"] = cpu
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", nargs="+", default=["pairs"], choices=["pairs", "rejudge", "batch"])
+    ap.add_argument("--parts", nargs="+", default=["pairs"], choices=["pairs", "rejudge", "batch", "pool"])
     ap.add_argument("--batches", nargs="+", type=int, default=[4, 16, 32], help="--parts batch: engine batch sizes")
     ap.add_argument("--engines", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8"])
     ap.add_argument("--run", help="a finished run directory (verify/ and its llm_cache.sqlite) for --parts rejudge")
     ap.add_argument("--timed", type=int, default=96, help="requests timed for each engine")
     ap.add_argument("--set", nargs="*", default=["llm=qwen-coder-1.5b", "llm.threads=1"])
+    ap.add_argument("--rounds", type=int, default=2, help="--parts pool: alternated rounds")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     fig = {"machine": f"{os.cpu_count()} CPUs", "load": os.getloadavg()}
     for part in args.parts:
-        fig[part] = {"pairs": pairs_part, "rejudge": rejudge_part, "batch": batch_part}[part](args)
+        fig[part] = {"pairs": pairs_part, "rejudge": rejudge_part, "batch": batch_part, "pool": pool_part}[part](args)
     fig["load_after"] = os.getloadavg()
     print(json.dumps({k: v for k, v in fig.items() if k != "rejudge"} | (
         {"rejudge": {k: v for k, v in fig["rejudge"].items() if k != "units"}} if "rejudge" in fig else {}),

@@ -36,13 +36,13 @@ from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify import residual_direction
 from safesail.verify.checks import QuerySet, Verifier
 from safesail.verify.directions import diff_in_means
+from safesail.verify.generation import residual_norms
 from safesail.verify.interventions import SteerableSAE, steering_norm
 from safesail.verify.judge_engine import quantize_judge
 from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
 from safesail.verify.queries import _round_robin, query_sets  # noqa: F401  (re-exported: benchmarks import them here)
 from safesail.verify.records import Effect, EffectWriter, effects_path
 from safesail.verify.settings import VerifySettings, check_residual_layers
-from safesail.verify.steering import residual_norm
 from safesail.verify.wave import (  # noqa: F401
     DOMAIN_TOPICS,
     latent_unit,
@@ -270,7 +270,7 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
         twins = sets if s.sufficiency_prompts == "twins" else query_sets(
             pairs, dataclasses.replace(s, sufficiency_prompts="twins"), lm.tokenizer, cfg.model.get("system_prompt"))[0]
         neutral = [q for d in sorted(twins) for q in twins[d].neutral]
-        resid = {h: residual_norm(lm, saes[h].hook, neutral) for h in sorted({p["hook"] for p in plan})}
+        resid = residual_norms(lm, [saes[h].hook for h in sorted({p["hook"] for p in plan})], neutral)
         log.info("verify: residual-stream norms %s", {h: round(r, 2) for h, r in resid.items()})
 
     def ref_norm(h: str, latent: int) -> float:
