@@ -5,13 +5,15 @@
 
 Each entry is an SAE config for `train_saes` (arch topk unless given, width = the atom count
 unless `n` is set) plus bench keys: `batch` (rows per step, default --batch), `samples`
-(training rows, default --samples), `opt` (TrainOptions fields), `seeds` (a list: also the
+(training rows, default --samples), `epochs` (passes over those same rows: more compute, not more
+data; report apart), `opt` (TrainOptions fields), `seeds` (a list: also the
 decoder MMCS between the first two seeds' decoders), `init: oracle` (start the decoder and
 encoder at the true atoms: is the dictionary a resting point of the objective at all?), and
 trial-only knobs (`k_start`/`k_until`: k annealed down to k; `freeze`: parameters kept at their
 init; `sgd`: plain SGD; `resample_scale`: encoder norm of resampled latents; `redundant`: a cosine at which
 resampling also restarts the less recently fired of two decoder rows, with `opt.resample_every`).
-`"arch": "pursuit"` (safesail/saes/archs/pursuit.py) chooses the k latents in greedy rounds. `dec_init` is the
+`"recipe": k` expands to `planted.planted_recipe(k)` (its SAE keys and TrainOptions; other keys of the
+entry override them). `"arch": "pursuit"` (safesail/saes/archs/pursuit.py) chooses the k latents in greedy rounds. `dec_init` is the
 SAE config key (`data`, the default, or `random`).
 Printed per entry, one JSON line: MMCS to the true atoms, `recovered` (share of atoms with a
 decoder row at cosine >= 0.9), MMCS of the frequent / middle / rare thirds of the atoms,
@@ -33,7 +35,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from safesail.train.planted import PlantedData, VARIANTS, mmcs
+from safesail.train.planted import PlantedData, VARIANTS, mmcs, planted_recipe
 from safesail.train.signals import decoder_mmcs
 from safesail.train.trainer import TrainOptions, train_saes
 
@@ -149,6 +151,9 @@ def _train(init: str, train, cfg: dict, opt: dict, pdata: PlantedData, seed: int
 
 def run_entry(g: dict, args, data_cache: dict) -> dict:
     g = dict(g)
+    if "recipe" in g:   # planted.planted_recipe(k): its SAE keys and TrainOptions, entry keys on top
+        sae, opts = planted_recipe(int(g.pop("recipe")), g.pop("dec_init", "data"))
+        g = {**sae, **g, "opt": {**opts, **g.get("opt", {})}}
     batch, samples = int(g.pop("batch", args.batch)), int(g.pop("samples", args.samples))
     seeds = g.pop("seeds", [g.pop("seed", 0)])
     init = g.pop("init", "random")
@@ -163,6 +168,8 @@ def run_entry(g: dict, args, data_cache: dict) -> dict:
         pdata = PlantedData(args.pvariant, seed=args.data_seed)
         data_cache[key] = (pdata, pdata.batches(batch, samples), pdata.sample(4096))
     pdata, train, held = data_cache[key]
+    epochs = int(g.pop("epochs", 1))       # passes over the same `samples` rows (reported apart: compute grows, data does not)
+    train = train * epochs
     width = int(g.pop("n", pdata.v.n_atoms))
     out, decs = {}, []
     for seed in seeds:
@@ -191,8 +198,9 @@ def run_entry(g: dict, args, data_cache: dict) -> dict:
                 z = t.sae.encode(held)
                 fvu = float((held - t.sae.decode(z)).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
                 dead = float(((z > 0).sum(0) == 0).float().mean())
+                l0 = float((z > 0).sum(1).float().mean())
             m = t.metrics
-            out = {**diagnose(t.sae.W_dec, pdata), "fvu": round(fvu, 4), "dead": round(dead, 4),
+            out = {**diagnose(t.sae.W_dec, pdata), "fvu": round(fvu, 4), "l0": round(l0, 2), "dead": round(dead, 4),
                    "train_dead": round(m.get("train_dead_fraction", float("nan")), 4),
                    "init_cos": round(m["decoder_init_cos"], 3), "enc_dec": round(m["enc_dec_cos"], 3),
                    "plateau": round(m.get("fvu_plateau", float("nan")), 3), "lr": round(m["lr"], 5),

@@ -10,13 +10,21 @@ cosine with any decoder row (1.0: every atom found). Variants (`VARIANTS`):
 | easy | 64 | 256 | 5 | 0.2 | 0.5 |
 | hard | 64 | 512 | 8 | 0.5 | 1.0 |
 | hard2 | 96 | 1024 | 10 | 0.6 | 1.2 (held out: the recipe sweep never tuned on it) |
+
+`planted_recipe(k)` is the recipe measured on them (docs/training.md, session 6): OMP (pursuit
+`refit: ls`, `select: decoder`) with exactly `k` latents a token and the duplicate split for the
+first 30% of the run (`TrainOptions.warm_k`), then up to `2k` latents a token, a token stopping once
+its residual is at most 6% of it (pursuit `stop: 0.06`); Adam, batch 256.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from safesail.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,14 @@ def mmcs(w_dec: torch.Tensor, atoms: torch.Tensor) -> float:
     w = torch.nn.functional.normalize(w_dec.detach().float(), dim=1)
     a = torch.nn.functional.normalize(atoms.float(), dim=1)
     return float((a @ w.T).max(dim=1).values.mean())
+
+
+def planted_recipe(k: int, dec_init: str = "data") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(SAE config keys, TrainOptions fields) of the planted recipe for `k` latents a token (about the mean
+    number of atoms a row holds); add d_in, n_latents and seed to the first, and batches of 256 rows."""
+    if not isinstance(k, int) or k < 1:
+        raise UserError(f"the planted recipe needs k, an integer >= 1 (got {k!r}).")
+    sae = {"arch": "pursuit", "k": 2 * k, "stop": 0.06, "refit": "ls", "select": "decoder", "optimizer": "adam",
+           "dec_init": dec_init}
+    opts = {"warm_k": k, "warm_until": 0.3, "split_every": 10, "split_cos": 0.8, "resample_until": 0.9}
+    return sae, opts

@@ -94,6 +94,9 @@ class TrainOptions:
     mix_split_above: float = 0.3          # ... latents whose mixture score (split.mixture_scores) is above this are split
     coherence_coef: float = 0.0           # weight of split.coherence_penalty in the loss (0: off)
     coherence_cos: float = 0.8            # ... which penalises decoder cosines above this
+    warm_k: int = 0                       # > 0: for the first warm_until of the run a pursuit SAE takes exactly warm_k
+                                          # latents a token (its stop off), then its own k and stop (planted recipe)
+    warm_until: float = 0.3
 
 
 @dataclass
@@ -130,6 +133,15 @@ class SAETrainState:
         self.step_seconds = 0.0
         self.resampled = 0
         self.split = 0
+        self._final_sparsity = None
+        if opts.warm_k:
+            if cfg.arch != "pursuit":
+                raise UserError(f"warm_k needs a pursuit SAE (got {cfg.arch}); set warm_k: 0.")
+            if not (isinstance(opts.warm_k, int) and 1 <= opts.warm_k <= cfg.k and 0.0 < float(opts.warm_until) <= 1.0):
+                raise UserError(f"warm_k must be an integer from 1 to k={cfg.k} and warm_until in (0, 1] "
+                                f"(got {opts.warm_k!r}, {opts.warm_until!r}).")
+            p = self.sae.cfg.params
+            self._final_sparsity = {"k": p["k"], "rounds": p["rounds"], "stop": p.get("stop", 0.0)}
 
     def lr_at(self, step: int) -> float:
         base = self.base_lr
@@ -152,6 +164,8 @@ class SAETrainState:
         if self.dead_tokens is None:
             self.dead_tokens = auto_dead_tokens(self.opts.dead_tokens, self.opts.total_steps, n_global)
         dead = self.stale >= self.dead_tokens
+        if self._final_sparsity is not None:
+            self._set_sparsity()
         self.opt.zero_grad(set_to_none=True)
         with autocast_ctx():
             out = self.sae.forward_with_loss(x, dead_mask=dead, total_var=total_var, n_tokens=n_global)
@@ -197,6 +211,17 @@ class SAETrainState:
         return {"loss": loss, "fvu": fvu, "auxk": aux, "l0": l0sum / n_global, "lr": self.lr_at(self.step - 1),
                 "dead_fraction": float((self.stale >= self.dead_tokens).float().mean())}
 
+    def _set_sparsity(self) -> None:
+        """warm_k: the pursuit's k, rounds and stop for this step (warm phase: exactly warm_k, one a round if the
+        SAE picks one a round; after it, the SAE's own)."""
+        final, p = self._final_sparsity, self.sae.cfg.params
+        total = self.opts.total_steps
+        if total is not None and self.step >= self.opts.warm_until * total:
+            p.update(final)
+            return
+        k = int(self.opts.warm_k)
+        p.update(k=k, rounds=k if final["rounds"] == final["k"] else min(k, final["rounds"]), stop=0.0)
+
     def _resample_now(self, ctx: DistContext, every: int | None = None) -> bool:
         every = self.opts.resample_every if every is None else every
         total = self.opts.total_steps
@@ -229,6 +254,8 @@ class SAETrainState:
         """The trained SAE in raw units on CPU; `release`: drop the training copy and optimiser state
         (memory: the end of training then holds one copy of each SAE, not three); `first_rows`: the
         normalised first batch, from which a `dec_init: data` decoder's start is rebuilt (drift signal)."""
+        if self._final_sparsity is not None:   # a run stopped inside the warm phase still yields the configured SAE
+            self.sae.cfg.params.update(self._final_sparsity)
         with self.opt.eval_params():  # schedule-free: the averaged weights
             sae = copy.deepcopy(self.sae).to("cpu").float()
         if release:
@@ -287,6 +314,8 @@ def job_fingerprint(configs: list[SAEConfig], opts: TrainOptions, world: tuple[i
         keep.update(split_every=opts.split_every, split_cos=opts.split_cos)
     if opts.mix_split_every:
         keep.update(mix_split_every=opts.mix_split_every, mix_split_above=opts.mix_split_above, split_cos=opts.split_cos)
+    if opts.warm_k:
+        keep.update(warm_k=opts.warm_k, warm_until=opts.warm_until)
     if opts.coherence_coef:
         keep.update(coherence_coef=opts.coherence_coef, coherence_cos=opts.coherence_cos)
     return make_fingerprint({"saes": [c.to_dict() for c in configs], "opts": keep, "world": list(world)})

@@ -20,7 +20,11 @@ far by least squares on their decoder rows after every round (orthogonal matchin
 next round reads the residual orthogonal to them, codes clamped at 0), `select: decoder` picks
 each round's latents by `W_dec r` (tied selection, as OMP; the encoder then only trains through
 AuxK), `refine: N` runs N projected-gradient (ISTA) steps on the chosen codes after the last
-round. Gradients flow through the solves and the steps.
+round. Gradients flow through the solves and the steps. `stop: s` (session 6) lets a token take
+fewer than k latents: once its residual's squared norm is at most `s` times that of `x - b_dec`, the
+later rounds' picks get code 0 (with `refit: ls` their decoder rows leave the solve). With exactly k
+a token, rows holding more features than k pull the decoder off them (planted `hard`); the planted
+recipe trains with exactly k first and with the stop after (TrainOptions.warm_k, docs/training.md).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class PursuitParams(KParams):
     refit: str = "none"         # none | ls: least-squares codes of all chosen latents after every round (OMP)
     select: str = "encoder"     # encoder: a round's latents are the top of W_enc r + b_enc | decoder: of W_dec r
     refine: int = 0             # projected-gradient steps on the chosen codes after the last round
+    stop: float = 0.0           # a token takes no more latents once its residual's squared norm is at most this
+                                # share of its own (k is then the most it takes; 0: always k)
 
 
 REFITS, SELECTS = ("none", "ls"), ("encoder", "decoder")
@@ -59,7 +65,8 @@ class PursuitSAE(KSparseSAE):
             name += f"-{cfg.refit}"
         if cfg.select != "encoder":
             name += f"-sel{cfg.select}"
-        return name + (f"-i{cfg.refine}" if cfg.refine else "")
+        name += f"-i{cfg.refine}" if cfg.refine else ""
+        return name + (f"-stop{cfg.stop:g}" if cfg.stop else "")
 
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
@@ -83,6 +90,13 @@ class PursuitSAE(KSparseSAE):
         if refine < 0:
             raise UserError(f"pursuit refine must be an integer >= 0 (got {cfg.refine!r}).")
         cfg.params["refine"] = refine
+        try:
+            stop = float(cfg.stop)
+        except (TypeError, ValueError):
+            stop = -1.0
+        if not 0.0 <= stop < 1.0:
+            raise UserError(f"pursuit stop must be a number from 0 to below 1 (got {cfg.stop!r}).")
+        cfg.params["stop"] = stop
 
     def _schedule(self) -> list[int]:
         """Latents picked in each round (k split as evenly as it goes, larger rounds first)."""
@@ -100,7 +114,11 @@ class PursuitSAE(KSparseSAE):
         taken = torch.zeros(b, self.cfg.n_latents, dtype=torch.bool, device=x_c.device)
         x0 = x_c if grad else x_c.detach()
         r = x0
-        vals, idxs, first = [], [], None
+        stop = float(self.cfg.stop)
+        if stop:
+            alive = torch.ones(b, dtype=torch.bool, device=x_c.device)
+            floor = stop * x0.detach().float().pow(2).sum(1)
+        vals, idxs, keeps, first = [], [], [], None
         for m in self._schedule():
             with torch.no_grad():
                 pre = self._select_pre(r.detach())
@@ -109,21 +127,32 @@ class PursuitSAE(KSparseSAE):
                 pre = pre.masked_fill(taken, float("-inf"))
                 j = pre.topk(m, dim=1, sorted=False).indices          # [b, m]
                 taken.scatter_(1, j, True)
+            keep = alive[:, None].expand(-1, m) if stop else None   # tokens still taking latents
             if self.cfg.refit == "ls":
                 j = torch.cat(idxs + [j], 1)
                 d_rows = self.W_dec[j]                                  # [b, m_all, d]
+                if stop:
+                    keep = torch.cat(keeps + [keep], 1)
+                    d_rows = d_rows * keep[..., None].to(d_rows.dtype)   # a skipped pick: a zero row, code 0
                 v = _least_squares(d_rows, x0)
                 r = x0 - torch.einsum("bm,bmd->bd", v, d_rows)
-                vals, idxs = [v], [j]
-                continue
-            w_e = self.W_enc[j]                                        # [b, m, d]
-            v = (torch.einsum("bmd,bd->bm", w_e, r) + self.b_enc[j]).relu()
-            r = r - torch.einsum("bm,bmd->bd", v, self.W_dec[j])
-            vals.append(v)
-            idxs.append(j)
+                vals, idxs, keeps = [v], [j], [keep] if stop else []
+            else:
+                w_e = self.W_enc[j]                                        # [b, m, d]
+                v = (torch.einsum("bmd,bd->bm", w_e, r) + self.b_enc[j]).relu()
+                if stop:
+                    v = v * keep.to(v.dtype)
+                    keeps.append(keep)
+                r = r - torch.einsum("bm,bmd->bd", v, self.W_dec[j])
+                vals.append(v)
+                idxs.append(j)
+            if stop:
+                alive = alive & (r.detach().float().pow(2).sum(1) > floor)
         v, j = torch.cat(vals, 1), torch.cat(idxs, 1)
         if self.cfg.refine:
             d_rows = self.W_dec[j]
+            if stop:
+                d_rows = d_rows * torch.cat(keeps, 1)[..., None].to(d_rows.dtype)
             v = _projected_gradient(v, d_rows, x0, int(self.cfg.refine))
             r = x0 - torch.einsum("bm,bmd->bd", v, d_rows)
         self._residual = r.detach() if grad else None
