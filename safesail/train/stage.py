@@ -45,16 +45,19 @@ _TRAIN_KEYS = ("batch_size", "epochs", "max_tokens", "lr_warmup_steps", "lr_deca
                "adam_eps", "dead_tokens", "autocast", "decoder_impl", "shuffle_seed")
 _EVAL_KEYS = ("tokens", "ce_tokens", "ce_batch_size", "batch_size")
 # recipe keys fingerprinted only away from these defaults, so runs made before the keys existed stay valid
-_RECIPE_DEFAULTS = {"resample_every": 0, "split_every": 0, "split_cos": 0.9, "resample_until": 0.5}
+_RECIPE_DEFAULTS = {"resample_every": 0, "split_every": 0, "split_cos": 0.9, "resample_until": 0.5,
+                    "warm_k": 0, "warm_until": 0.3}
 
 
 def _recipe(tc) -> dict:
-    """The resampling / duplicate-split keys of `train` (checked), for TrainOptions."""
+    """The resampling / duplicate-split / warm-phase keys of `train` (checked), for TrainOptions."""
     r = {k: type(d)(tc.get(k, d)) for k, d in _RECIPE_DEFAULTS.items()}
+    if r["warm_k"] < 0:
+        raise UserError(f"train.warm_k is {r['warm_k']}; set it to 0 (off) or the latents a token takes while warm.")
     for k in ("resample_every", "split_every"):
         if r[k] < 0:
             raise UserError(f"train.{k} is {r[k]}; set it to 0 (never) or a positive number of steps.")
-    for k in ("split_cos", "resample_until"):
+    for k in ("split_cos", "resample_until", "warm_until"):
         if not 0 < r[k] <= 1:
             raise UserError(f"train.{k} is {r[k]}; use a value in (0, 1].")
     return r

@@ -124,6 +124,28 @@ def test_split_recipe_keys_reach_the_trainer_and_the_fingerprint(run_cfg, tmp_pa
             run_train_stage(run_cfg(*one, bad, name="split3"), [])
 
 
+def test_warm_k_keys_reach_the_trainer_and_the_fingerprint(run_cfg, tmp_path):
+    """train.warm_k / warm_until (the planted recipe's warm phase): off by default, fingerprinted only when on,
+    and a bad value is one sentence before anything trains."""
+    from safesail.saes import list_saes, read_cfg
+    from safesail.train.stage import run_train_stage
+
+    one = ["sae.saes=[{arch:pursuit,k:4,refit:ls,select:decoder,stop:0.06}]", "sae.hooks=[layers.0.mlp_out]",
+           "train.batch_size=64", "train.eval.ce_tokens=0"]
+    run_train_stage(run_cfg(*one, name="warm"), [])
+    run_train_stage(run_cfg(*one, "train.warm_k=0", "train.warm_until=0.3", name="warm"), [])   # the defaults
+    with pytest.raises(UserError, match="trained with other settings"):
+        run_train_stage(run_cfg(*one, "train.warm_k=2", name="warm"), [])
+    run_train_stage(run_cfg(*one, "train.warm_k=2", "train.warm_until=0.5", name="warm2"), [])
+    [folder] = list_saes(tmp_path / "warm2" / "saes")
+    cfg = read_cfg(folder)
+    assert (cfg.k, cfg.stop) == (4, 0.06)   # the saved SAE keeps its own k and stop after the warm phase
+    for bad, words in (("train.warm_k=-1", "train.warm_k"), ("train.warm_until=0", "train.warm_until"),
+                       ("train.warm_k=9", "warm_k must be")):
+        with pytest.raises(UserError, match=words):
+            run_train_stage(run_cfg(*one, bad, name="warm3"), [])
+
+
 def _stage_cmd(tmp_path, cache_dir, name):
     return [sys.executable, "-m", "safesail", "train", *_kill_overrides(tmp_path, cache_dir, name)]
 
