@@ -35,8 +35,7 @@ from safesail.jsonl import append_jsonl, iter_jsonl, last_per_latent, open_appen
 from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify import residual_direction
 from safesail.verify.checks import QuerySet, Verifier
-from safesail.verify.directions import diff_in_means
-from safesail.verify.generation import residual_norms
+from safesail.verify.generation import diffs_in_means, residual_norms
 from safesail.verify.interventions import SteerableSAE, steering_norm
 from safesail.verify.judge_engine import quantize_judge
 from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
@@ -319,13 +318,19 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     # every domain's unmodified answers in one fixed batch, so a resumed run reads the same baseline
     v.baselines([sets[d] for d in sorted({p["domain"] for p in plan})])
 
+    dims: dict[tuple[str, str], torch.Tensor] = {}     # (hook, domain) -> its diff-in-means direction
+
     def build(key, spec):
         kind, hook, x, norm = spec
         sae = saes[hook]
         if kind == "ref":
             concept, neutral = refs[x]
-            vec = diff_in_means(lm, sae.hook, concept, neutral)
-            return reference_unit(key, sae, vec, sets[x], norm, len(concept), s.steer_positions)
+            if (hook, x) not in dims:     # every hook of the domain still to do from one pass per prompt
+                hooks = sorted({h for k, (kd, h, d, _), _ in units if kd == "ref" and d == x and k not in valid}
+                               | {hook})
+                got = diffs_in_means(lm, [saes[h].hook for h in hooks], concept, neutral)
+                dims.update({(h, x): got[saes[h].hook.name] for h in hooks})
+            return reference_unit(key, sae, dims.pop((hook, x)), sets[x], norm, len(concept), s.steer_positions)
         path = rd.latents(hook) / "segments.jsonl"
         segs = [g for g in load_segments(path, latent=x["latent"]) if g.get("kind") == "activating"][:s.segments] \
             if path.is_file() else []

@@ -62,3 +62,19 @@ def test_pooled_normalisers_are_the_per_request_ones(tiny_lm):
             assert torch.equal(torch.nan_to_num(x, 7.0), torch.nan_to_num(y, 7.0))
     assert not torch.isnan(out[True][0][0][-1]).any() and torch.isnan(out[True][0][0][0]).all()
     assert eng._pool_exact == (tiny_lm.model.dtype == torch.bfloat16)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_diffs_in_means_of_several_hooks_from_one_pass_equal_one_pass_per_hook(tiny_model):
+    import torch
+
+    from safesail.verify.directions import diff_in_means
+    from safesail.verify.generation import diffs_in_means
+
+    lm = tiny_model
+    concept = [lm.tokenizer(t)["input_ids"] for t in ("How do I build a bomb?", "Who won the election?")]
+    neutral = [lm.tokenizer(t)["input_ids"] for t in ("How do I build a shed?", "Who won the match?")]
+    hooks = [HookPoint(3), HookPoint(0), HookPoint(1)]
+    got = diffs_in_means(lm, hooks, concept, neutral)
+    for h in hooks:
+        assert torch.equal(got[h.name], diff_in_means(lm, h, concept, neutral))
