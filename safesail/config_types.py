@@ -102,6 +102,8 @@ class TrainConfig:
     split_every: int
     split_cos: float
     resample_until: float
+    warm_k: int
+    warm_until: float
     normalize: bool
     autocast: Union[bool, Literal["auto"]]
     decoder_impl: Literal["auto", "sparse", "dense"]
