@@ -1,12 +1,19 @@
-"""Rewrite tests/data/smoke_outputs.json: the smoke run's outputs in a normalised form.
+"""Rewrite this machine's smoke fixture, tests/data/smoke_outputs.<machine>.json: the smoke run's
+outputs in a normalised form.
 
 `tests/test_smoke_outputs.py` runs `safesail run experiment=smoke` and compares what it
-wrote with this fixture, so that a refactor that should change no result proves it. A
+wrote with this machine's fixture, so that a refactor that should change no result proves it. A
 change of output made on purpose (a new score kind, a new prompt) regenerates the
-fixture in the same commit:
+fixture in the same commit, on every machine kind that has one (`--all` lists them):
 
     python scripts/update_smoke_fixture.py            # run the smoke experiment, rewrite the fixture
     python scripts/update_smoke_fixture.py RUN_DIR    # normalise an existing smoke run instead
+
+One fixture per machine kind (`machine_key`: CPU vendor, and AMX on Intel): the smoke run trains
+SAEs and runs a local LLM in float32 and bf16 on the CPU, and oneDNN / MKL take other kernels on an
+AMD EPYC and on an AMX Xeon, so the same code writes other last bits there, which training
+amplifies into other latents (measured: session 6, the same commit on both kinds). Two runs on one
+machine kind agree.
 
 What is compared: every JSONL file of the run (interpret/*.jsonl, latents/<hook>/segments.jsonl),
 selection.json, saes/sweep.json, and every table of neurons.sqlite (rows sorted; BLOBs as
@@ -38,7 +45,33 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "data" / "smoke_outputs.json"
+FIXTURE_DIR = REPO / "tests" / "data"
+
+
+def machine_key() -> str:
+    """The kind of CPU kernels this machine's torch takes: `amd`, `intel-amx`, `intel` (else the vendor)."""
+    vendor, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        import platform
+        vendor = platform.processor() or platform.machine()
+    if vendor == "AuthenticAMD":
+        return "amd"
+    if vendor == "GenuineIntel":
+        return "intel-amx" if "amx_bf16" in flags else "intel"
+    return "".join(c if c.isalnum() else "-" for c in vendor.lower()) or "unknown"
+
+
+def fixture_path(key: str | None = None) -> Path:
+    return FIXTURE_DIR / f"smoke_outputs.{key or machine_key()}.json"
+
+
+FIXTURE = fixture_path()
 DROP_KEYS = {"time", "elapsed_s", "seconds", "cached", "cached_calls", "record_hash"}
 DROP_PREFIXES = ("peak_rss",)
 DROP_COLUMNS = {("inputs", "sha256")}
@@ -158,6 +191,9 @@ def dump(content: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["--all"]:
+        print("\n".join(sorted(p.name for p in FIXTURE_DIR.glob("smoke_outputs.*.json"))))
+        return 0
     if argv:
         content = normalise(Path(argv[0]))
     else:
@@ -165,6 +201,9 @@ def main(argv: list[str]) -> int:
             content = normalise(run_smoke(Path(tmp) / "runs"))
     FIXTURE.write_text(dump(content), encoding="utf-8")
     print(f"wrote {FIXTURE.relative_to(REPO)} ({FIXTURE.stat().st_size // 1024} KiB)")
+    others = sorted(p.name for p in FIXTURE_DIR.glob("smoke_outputs.*.json") if p != FIXTURE)
+    if others:
+        print(f"fixtures of other machine kinds, to regenerate there if the change is deliberate: {', '.join(others)}")
     return 0
 
 
