@@ -158,6 +158,16 @@ class SAETrainState:
 
     def train_step(self, x: torch.Tensor, stats: tuple[torch.Tensor, int], ctx: DistContext,
                    autocast_ctx: Callable[[], Any]) -> dict[str, float]:
+        if self._final_sparsity is None:
+            return self._train_step(x, stats, ctx, autocast_ctx)
+        try:
+            return self._train_step(x, stats, ctx, autocast_ctx)
+        finally:   # warm_k: the warm sparsity lives only inside a step, so that between steps the SAE's config,
+            # folder name and checkpoint key are its own (a checkpoint written in the warm phase resumes)
+            self.sae.cfg.params.update(self._final_sparsity)
+
+    def _train_step(self, x: torch.Tensor, stats: tuple[torch.Tensor, int], ctx: DistContext,
+                    autocast_ctx: Callable[[], Any]) -> dict[str, float]:
         total_var, n_global = stats
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
