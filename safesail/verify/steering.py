@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from safesail.hooks import HookPoint, capture_activations, special_token_mask
+from safesail.hooks import HookPoint
 
 UNITS = ("quantile", "residual")
 
@@ -22,18 +22,9 @@ UNITS = ("quantile", "residual")
 @torch.no_grad()
 def residual_norm(lm, hp: HookPoint, prompts: list[list[int]]) -> float:
     """Median per-token norm of the residual stream after block `hp.layer` over `prompts`."""
-    resid = HookPoint(hp.layer, "resid")
-    norms = []
-    for p in prompts:
-        ids = torch.tensor([p], device=lm.device)
-        x = capture_activations(lm.model, ids, None, [resid])[resid.name][0].float()
-        keep = ~special_token_mask(lm.tokenizer, ids)[0]
-        keep[0] = False
-        if bool(keep.any()):
-            norms.append(x[keep].norm(dim=-1).cpu())
-    if not norms:
-        return 0.0
-    return float(torch.cat(norms).median())
+    from safesail.verify.generation import residual_norms   # one loop for one hook and for several
+
+    return residual_norms(lm, [hp], prompts)[hp.name]
 
 
 def quantile_strength(scale: float, direction_norm: float, strength: float, resid: float) -> float:
