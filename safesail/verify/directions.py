@@ -13,18 +13,35 @@ from safesail.hooks import HookPoint, capture_activations, special_token_mask
 
 
 @torch.no_grad()
-def mean_activation(lm, prompts: list[list[int]], hp: HookPoint) -> torch.Tensor:
-    total, count = None, 0
+def mean_activations(lm, prompts: list[list[int]], hooks: list[HookPoint]) -> dict[str, torch.Tensor]:
+    """{hook name: [d] mean activation over the non-special tokens of `prompts`} for several hooks
+    from ONE pass per prompt (to the deepest hook); each prompt runs alone, unpadded."""
+    points = sorted(set(hooks), key=lambda p: p.layer)
+    total: dict[str, torch.Tensor | None] = {p.name: None for p in points}
+    count = 0
     for p in prompts:
         ids = torch.tensor([p], device=lm.device)
-        x = capture_activations(lm.model, ids, None, [hp])[hp.name][0].float()
+        acts = capture_activations(lm.model, ids, None, points)
         keep = ~special_token_mask(lm.tokenizer, ids)[0]
-        s = x[keep].sum(0).cpu()
-        total = s if total is None else total + s
+        for pt in points:
+            s = acts[pt.name][0].float()[keep].sum(0).cpu()
+            total[pt.name] = s if total[pt.name] is None else total[pt.name] + s
         count += int(keep.sum())
-    return total / max(count, 1)
+    return {k: v / max(count, 1) for k, v in total.items()}
+
+
+def mean_activation(lm, prompts: list[list[int]], hp: HookPoint) -> torch.Tensor:
+    return mean_activations(lm, prompts, [hp])[hp.name]
+
+
+def diffs_in_means(lm, hooks: list[HookPoint], concept: list[list[int]],
+                   neutral: list[list[int]]) -> dict[str, torch.Tensor]:
+    """{hook name: [d] mean activation on concept prompts minus on neutral prompts} for several
+    hooks of one domain (the verify stage's reference directions), one pass per prompt."""
+    c, n = mean_activations(lm, concept, hooks), mean_activations(lm, neutral, hooks)
+    return {hp.name: c[hp.name] - n[hp.name] for hp in hooks}
 
 
 def diff_in_means(lm, hp: HookPoint, concept: list[list[int]], neutral: list[list[int]]) -> torch.Tensor:
     """[d]: mean activation at `hp` on concept prompts minus on neutral prompts."""
-    return mean_activation(lm, concept, hp) - mean_activation(lm, neutral, hp)
+    return diffs_in_means(lm, [hp], concept, neutral)[hp.name]

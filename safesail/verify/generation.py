@@ -355,29 +355,3 @@ def residual_norms(lm, hooks: list, prompts: list[list[int]]) -> dict[str, float
             for pt in points:
                 norms[pt.name].append(acts[pt.name][0].float()[keep].norm(dim=-1).cpu())
     return {h: float(torch.cat(norms[r.name]).median()) if norms[r.name] else 0.0 for h, r in resid.items()}
-
-
-@torch.no_grad()
-def diffs_in_means(lm, hooks: list, concept: list[list[int]], neutral: list[list[int]]) -> dict[str, torch.Tensor]:
-    """{hook name: `directions.diff_in_means(lm, hook, concept, neutral)`} for several hooks of one domain from ONE
-    pass per prompt (to the deepest hook) instead of one per hook; each prompt runs alone as there, so every
-    vector is the same to the bit (tested)."""
-    from safesail.hooks import capture_activations, special_token_mask
-
-    points = sorted(set(hooks), key=lambda p: p.layer)
-
-    def means(prompts):
-        total: dict[str, torch.Tensor | None] = {p.name: None for p in points}
-        count = 0
-        for p in prompts:
-            ids = torch.tensor([p], device=lm.device)
-            acts = capture_activations(lm.model, ids, None, points)
-            keep = ~special_token_mask(lm.tokenizer, ids)[0]
-            for pt in points:
-                s = acts[pt.name][0].float()[keep].sum(0).cpu()
-                total[pt.name] = s if total[pt.name] is None else total[pt.name] + s
-            count += int(keep.sum())
-        return {k: v / max(count, 1) for k, v in total.items()}
-
-    c, n = means(concept), means(neutral)
-    return {hp.name: c[hp.name] - n[hp.name] for hp in hooks}

@@ -35,7 +35,8 @@ from safesail.jsonl import append_jsonl, iter_jsonl, last_per_latent, open_appen
 from safesail.rundir import RunDir, atomic_write_json, fingerprint
 from safesail.verify import residual_direction
 from safesail.verify.checks import QuerySet, Verifier
-from safesail.verify.generation import diffs_in_means, residual_norms
+from safesail.verify.directions import diffs_in_means
+from safesail.verify.generation import residual_norms
 from safesail.verify.interventions import SteerableSAE, steering_norm
 from safesail.verify.judge_engine import quantize_judge
 from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge

@@ -68,13 +68,26 @@ def test_pooled_normalisers_are_the_per_request_ones(tiny_lm):
 def test_diffs_in_means_of_several_hooks_from_one_pass_equal_one_pass_per_hook(tiny_model):
     import torch
 
-    from safesail.verify.directions import diff_in_means
-    from safesail.verify.generation import diffs_in_means
+    from safesail.hooks import capture_activations, special_token_mask
+    from safesail.verify.directions import diff_in_means, diffs_in_means
 
     lm = tiny_model
+
+    def mean_at(prompts, hp):  # the reference: one pass per prompt AND per hook, to that hook only
+        rows = []
+        for p in prompts:
+            ids = torch.tensor([p])
+            x = capture_activations(lm.model, ids, None, [hp])[hp.name][0].float()
+            rows.append(x[~special_token_mask(lm.tokenizer, ids)[0]])
+        return torch.cat(rows).sum(0) / sum(len(r) for r in rows)
+
     concept = [lm.tokenizer(t)["input_ids"] for t in ("How do I build a bomb?", "Who won the election?")]
     neutral = [lm.tokenizer(t)["input_ids"] for t in ("How do I build a shed?", "Who won the match?")]
     hooks = [HookPoint(3), HookPoint(0), HookPoint(1)]
     got = diffs_in_means(lm, hooks, concept, neutral)
+    assert set(got) == {h.name for h in hooks}
     for h in hooks:
+        want = mean_at(concept, h) - mean_at(neutral, h)
+        assert torch.allclose(got[h.name], want, atol=1e-5, rtol=1e-5)
         assert torch.equal(got[h.name], diff_in_means(lm, h, concept, neutral))
+        assert float(got[h.name].norm()) > 0
