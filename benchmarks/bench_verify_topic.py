@@ -28,14 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from safesail.interpret.scoring.metrics import bootstrap_interval
+from bench_verify_control import _ci   # the same mean and seeded bootstrap interval as the control script
+
 from safesail.jsonl import iter_jsonl
 from safesail.verify.stats import logodds_diffs
-
-
-def _ci(vals: list[float], n_boot: int = 200) -> tuple[float, float, float]:
-    lo, hi = bootstrap_interval(lambda idx: sum(vals[i] for i in idx) / len(idx), len(vals), n_boot, seed=0)
-    return sum(vals) / len(vals), lo, hi
 
 
 def _sufficiency_records(run: Path) -> dict[str, dict]:
@@ -69,6 +65,10 @@ def main(argv=None) -> int:
     cfg = compose([f"run.root={root.parent}", f"run.name={root.name}", *args.set])
     s = VerifySettings.from_cfg(cfg)
     rd = RunDir.from_cfg(cfg)
+    if not (root / "verify" / "effects.jsonl").is_file():
+        print(f"{root} has no verify/effects.jsonl: give --run a run directory that `safesail verify` has run in",
+              file=sys.stderr)
+        return 1
     recs = _sufficiency_records(root)
     if args.latents:
         recs = {k: v for k, v in recs.items() if k in set(args.latents)}
