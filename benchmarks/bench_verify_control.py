@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from safesail.interpret.scoring.metrics import bootstrap_interval
 from safesail.jsonl import iter_jsonl
@@ -49,6 +50,41 @@ def _records(run: Path, names: list[str]) -> dict[str, dict]:
     return out
 
 
+def rebuild_units(root: Path, overrides: list[str], recs: dict[str, dict], n_random: int = 1) -> SimpleNamespace:
+    """A finished run's source model, SAEs, query sets, judge client (on the run's cache) and Verifier, and for each
+    latent's sufficiency record (`recs`, in their order) its unit steered at the strength the run kept, with
+    `n_random` random control latents: `units` = [(name, unit, record)]."""
+    from safesail.config import compose
+    from safesail.interpret.clients import make_client
+    from safesail.models import load_model
+    from safesail.rundir import RunDir
+    from safesail.train.pairs import load_pairs
+    from safesail.train.selection import chosen_sae_dirs
+    from safesail.verify.checks import Verifier
+    from safesail.verify.stage import VerifySettings, load_steerable, plan_latents, query_sets
+    from safesail.verify.wave import latent_unit, set_strength
+
+    cfg = compose([f"run.root={root.parent}", f"run.name={root.name}", *overrides])
+    s = VerifySettings.from_cfg(cfg)
+    rd = RunDir.from_cfg(cfg)
+    sae_dirs = chosen_sae_dirs(cfg, rd.root)
+    plan, exclude = plan_latents(rd, dataclasses.replace(s, max_latents=10_000), sorted(sae_dirs))
+    items = {f"{p['hook'].split('.')[1]}_{p['latent']}": p for p in plan}
+    lm = load_model(cfg.model, "cpu", cache_dir=cfg.get("cache_dir"))
+    saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
+    sets, _ = query_sets(load_pairs(cfg.select.get("pairs")), s, lm.tokenizer, cfg.model.get("system_prompt"))
+    client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"), device="cpu")
+    units = []
+    for name, r in recs.items():
+        p, det = items[name], r["details"]
+        u = latent_unit(name, saes[p["hook"]], p, sets[p["domain"]], det["strength"], exclude[p["hook"]], s.seed, [],
+                        det.get("resid_norm"), det.get("positions", "all"), n_random)
+        set_strength(u, det["strength"])
+        units.append((name, u, r))
+    return SimpleNamespace(sets=sets, loop=asyncio.new_event_loop(), client=client,
+                           verifier=Verifier(lm, s.checks(), None), units=units)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True)
@@ -58,42 +94,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from safesail.config import compose
-    from safesail.interpret.clients import make_client
-    from safesail.models import load_model
-    from safesail.rundir import RunDir
-    from safesail.train.pairs import load_pairs
-    from safesail.train.selection import chosen_sae_dirs
-    from safesail.verify.checks import Verifier
     from safesail.verify.judge import judge_many
-    from safesail.verify.stage import VerifySettings, load_steerable, plan_latents, query_sets
-    from safesail.verify.wave import latent_unit, set_strength
 
     root = Path(args.run)
-    cfg = compose([f"run.root={root.parent}", f"run.name={root.name}", *args.set])
-    s = VerifySettings.from_cfg(cfg)
-    rd = RunDir.from_cfg(cfg)
     recs = _records(root, args.latents)
     if not recs:
         print("none of these latents has sufficiency records in the run", file=sys.stderr)
         return 1
-    sae_dirs = chosen_sae_dirs(cfg, rd.root)
-    plan, exclude = plan_latents(rd, dataclasses.replace(s, max_latents=10_000), sorted(sae_dirs))
-    items = {f"{p['hook'].split('.')[1]}_{p['latent']}": p for p in plan}
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, "cpu", cache_dir=cfg.get("cache_dir"))
-    saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
-    sets, _ = query_sets(load_pairs(cfg.select.get("pairs")), s, lm.tokenizer, cfg.model.get("system_prompt"))
-    loop = asyncio.new_event_loop()
-    client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"), device="cpu")
-    v = Verifier(lm, s.checks(), None)
-    units = []
-    for name, r in recs.items():
-        p, det = items[name], r["details"]
-        u = latent_unit(name, saes[p["hook"]], p, sets[p["domain"]], det["strength"], exclude[p["hook"]], s.seed, [],
-                        det.get("resid_norm"), det.get("positions", "all"), args.k)
-        set_strength(u, det["strength"])
-        units.append((name, u, r))
+    run = rebuild_units(root, args.set, recs, args.k)
+    v, loop, client, units = run.verifier, run.loop, run.client, run.units
     reqs = [(u.qs.neutral, u.qs.nlangs, iv) for _, u, _ in units for iv in [u.control, *u.more_controls]]
     answers = v.answers_many(reqs)
     out, k = {}, 0

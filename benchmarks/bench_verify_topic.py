@@ -21,14 +21,12 @@ of a run (the judge's cache is written).
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from bench_verify_control import _ci   # the same mean and seeded bootstrap interval as the control script
+from bench_verify_control import _ci, rebuild_units   # the control script's interval and run loading
 
 from safesail.jsonl import iter_jsonl
 from safesail.verify.stats import logodds_diffs
@@ -50,21 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from safesail.config import compose
-    from safesail.interpret.clients import make_client
-    from safesail.models import load_model
-    from safesail.rundir import RunDir
-    from safesail.train.pairs import load_pairs
-    from safesail.train.selection import chosen_sae_dirs
-    from safesail.verify.checks import Verifier
     from safesail.verify.judge import judge_many
-    from safesail.verify.stage import VerifySettings, load_steerable, plan_latents, query_sets
-    from safesail.verify.wave import DOMAIN_TOPICS, latent_unit, set_strength
+    from safesail.verify.wave import DOMAIN_TOPICS
 
     root = Path(args.run)
-    cfg = compose([f"run.root={root.parent}", f"run.name={root.name}", *args.set])
-    s = VerifySettings.from_cfg(cfg)
-    rd = RunDir.from_cfg(cfg)
     if not (root / "verify" / "effects.jsonl").is_file():
         print(f"{root} has no verify/effects.jsonl: give --run a run directory that `safesail verify` has run in",
               file=sys.stderr)
@@ -75,23 +62,9 @@ def main(argv=None) -> int:
     if not recs:
         print("the run has no sufficiency records of these latents: run `safesail verify` on it first", file=sys.stderr)
         return 1
-    sae_dirs = chosen_sae_dirs(cfg, rd.root)
-    plan, exclude = plan_latents(rd, dataclasses.replace(s, max_latents=10_000), sorted(sae_dirs))
-    items = {f"{p['hook'].split('.')[1]}_{p['latent']}": p for p in plan}
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, "cpu", cache_dir=cfg.get("cache_dir"))
-    saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
-    sets, _ = query_sets(load_pairs(cfg.select.get("pairs")), s, lm.tokenizer, cfg.model.get("system_prompt"))
-    loop = asyncio.new_event_loop()
-    client = make_client(cfg.llm, rd.interpret / "llm_cache.sqlite", cache_dir=cfg.get("cache_dir"), device="cpu")
-    v = Verifier(lm, s.checks(), None)
-    units = []
-    for name, r in sorted(recs.items()):
-        p, det = items[name], r["details"]
-        u = latent_unit(name, saes[p["hook"]], p, sets[p["domain"]], det["strength"], exclude[p["hook"]], s.seed, [],
-                        det.get("resid_norm"), det.get("positions", "all"), 1)
-        set_strength(u, det["strength"])
-        units.append((name, u, r))
+    run = rebuild_units(root, args.set, dict(sorted(recs.items())))
+    v, loop, client, units, sets = run.verifier, run.loop, run.client, run.units, run.sets
     domains = sorted({u.qs.domain for _, u, _ in units})
     reqs = [(u.qs.neutral, u.qs.nlangs, iv) for _, u, _ in units for iv in (u.steer, u.control)]
     reqs += [(sets[d].neutral, sets[d].nlangs, None) for d in domains]
