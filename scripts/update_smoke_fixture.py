@@ -49,7 +49,9 @@ FIXTURE_DIR = REPO / "tests" / "data"
 
 
 def machine_key() -> str:
-    """The kind of CPU kernels this machine's torch takes: `amd`, `intel-amx`, `intel` (else the vendor)."""
+    """The kind of CPU kernels this machine's torch takes: `amd`, `intel-amx`, `intel` (else the vendor), with
+    `-avx2` added on a CPU without AVX-512 (no oneDNN bf16 kernels: the configs pick float32 there,
+    safesail/cpu_kernels.py), e.g. `amd-avx2`."""
     vendor, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -60,10 +62,11 @@ def machine_key() -> str:
     except OSError:
         import platform
         vendor = platform.processor() or platform.machine()
+    avx2_only = bool(flags) and "avx512bw" not in flags
     if vendor == "AuthenticAMD":
-        return "amd"
+        return "amd-avx2" if avx2_only else "amd"
     if vendor == "GenuineIntel":
-        return "intel-amx" if "amx_bf16" in flags else "intel"
+        return "intel-amx" if "amx_bf16" in flags else ("intel-avx2" if avx2_only else "intel")
     return "".join(c if c.isalnum() else "-" for c in vendor.lower()) or "unknown"
 
 
