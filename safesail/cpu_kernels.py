@@ -23,8 +23,8 @@ _OVERRIDE_ENV = "SAFESAIL_BF16_FAST"     # 1 / 0: force the answer (tests, or a 
 def _detected() -> bool:
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return True
+    if torch.cuda.is_available():    # not is_bf16_supported(): that creates a CUDA context before any fork;
+        return True                  # the trainer checks bf16 support itself when it sets up autocast
     check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else False
@@ -33,8 +33,9 @@ def _detected() -> bool:
 
 
 def bf16_is_fast() -> bool:
-    """True where bf16 matmuls run on native kernels: a CUDA GPU with bf16, or a CPU with oneDNN's bf16
-    path (AVX-512 or AMX). $SAFESAIL_BF16_FAST=1/0 overrides the check."""
+    """True where bf16 matmuls run on native kernels: a machine with a CUDA GPU, or a CPU with oneDNN's bf16
+    path (AVX-512 or AMX). $SAFESAIL_BF16_FAST=1/0 overrides the check (e.g. `device=cpu` on a GPU machine
+    whose CPU lacks AVX-512: SAFESAIL_BF16_FAST=0)."""
     forced = os.environ.get(_OVERRIDE_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
