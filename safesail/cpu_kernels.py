@@ -6,7 +6,7 @@ a generic kernel that is ~5x *slower* than float32 (measured on a 2-core AMD EPY
 8 vs 49 GFLOPS for a 2048x1536x8960 product at one thread; Qwen2.5-Coder-1.5B prefill 4.9 vs 25.6
 tokens/s; BENCHMARKS.md, "Session 8"). So the YAML files that chose bf16 for CPU speed say
 `${if_bf16_fast:bfloat16,float32}` (dtypes) or `${if_bf16_fast:true,false}` (autocast): the first value
-where bf16 is fast (a CUDA GPU with bf16, or a CPU with oneDNN's bf16 path), the second elsewhere. The
+where bf16 is fast (a machine with a CUDA GPU, or a CPU with oneDNN's bf16 path), the second elsewhere. The
 run directory's config.yaml records the resolved value, and fingerprints see it too, so a run made on
 one kind of machine is never mistaken for one made on another.
 """
