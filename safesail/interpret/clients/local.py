@@ -4,7 +4,10 @@ Requests arriving together are batched: a worker collects up to `batch_size`
 requests (waiting at most `batch_wait_ms` for more) and hands them to the process's
 shared `LocalEngine` (`local_engine.py`), which reuses the keys/values of any prompt
 prefix it has already computed (system prompt, worked examples, explanation), computes
-a batch's common prefix once and the rest of each prompt in one padded batch.
+a batch's common prefix once and the rest of each prompt in one padded batch. That moves
+a result's last bits with whatever else was in flight; `deterministic: true` computes every
+prompt alone and from scratch instead (slower where prompts share prefixes), so that a run
+gives the same bits on a loaded machine as on an idle one (with `threads` pinned).
 `prompt_logprobs` returns exact log-probabilities of every candidate at every position
 (candidates must be single tokens of the model's vocabulary; others are left out, as
 an API leaves out candidates outside its top-N).
@@ -102,13 +105,14 @@ class LocalClient(LLMClient):
 
     def __init__(self, model, tokenizer, model_name: str, context_window: int = 2048, batch_size: int = 4,
                  batch_wait_ms: float = 20, identity: dict | None = None, engine: LocalEngine | None = None,
-                 prefix_cache_mb: float = 512):
+                 prefix_cache_mb: float = 512, deterministic: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.context_window = int(context_window)
         self.batch_size = max(1, int(batch_size))
         self.batch_wait_s = float(batch_wait_ms) / 1000
+        self.deterministic = bool(deterministic)   # each prompt alone, from scratch (module docstring)
         self._identity = identity or {}
         self.engine = engine or LocalEngine(model, tokenizer, int(float(prefix_cache_mb) * (1 << 20)))
         self._queue: asyncio.Queue | None = None
@@ -127,6 +131,7 @@ class LocalClient(LLMClient):
         batch_wait_ms: float
         threads: Union[None, int, str]
         prefix_cache_mb: float
+        deterministic: bool
 
     @classmethod
     def from_cfg(cls, cfg, cache_dir: str | Path | None = None, device: str = "cpu") -> "LocalClient":
@@ -156,7 +161,7 @@ class LocalClient(LLMClient):
         name = s.name or loaded.name
         ident = {"backend": "local", "model": name, "path": Path(loaded.path).name, "dtype": str(loaded.dtype)}
         return cls(loaded.model, loaded.tokenizer, name, context_window=s.context_window, batch_size=s.batch_size,
-                   batch_wait_ms=s.batch_wait_ms, identity=ident, engine=engine)
+                   batch_wait_ms=s.batch_wait_ms, identity=ident, engine=engine, deterministic=s.deterministic)
 
     def cache_identity(self) -> dict[str, Any]:
         return {"backend": "local", "model": self.model_name, **self._identity}
@@ -265,11 +270,13 @@ class LocalClient(LLMClient):
 
     def _compute(self, live: list[_Pending]) -> list:
         if live[0].kind == "logprobs":
-            return self.engine.logprobs([p.ids for p in live], list(live[0].cand_ids), [p.wanted for p in live])
+            return self.engine.logprobs([p.ids for p in live], list(live[0].cand_ids), [p.wanted for p in live],
+                                        fresh=self.deterministic)
         req = live[0].req
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         gen = self.engine.generate([p.ids for p in live], int(req.max_tokens), float(req.temperature or 0.0),
-                                   stop=list(req.stop or []), eos_ids=self._stop_ids, pad=pad)
+                                   stop=list(req.stop or []), eos_ids=self._stop_ids, pad=pad,
+                                   fresh=self.deterministic)
         return [(self.tokenizer.decode(g, skip_special_tokens=True), len(g)) for g in gen]
 
     async def aclose(self) -> None:

@@ -12,6 +12,12 @@ prefix's keys/values. Results equal the uncached forward pass (tested to 1e-4).
 * `generate(prompts, ...)`: greedy or sampled continuations, batched, with stop
   strings and end-of-sequence ids; pads between a prompt and its reply are masked
   and positions are given explicitly, so each row computes as if alone.
+
+Batched and prefix-cached results equal the uncached ones only to rounding (a padded
+batch and a split prompt take other kernels), so which requests happened to arrive
+together moves the last bits, and a near-tie of two scores can fall either way.
+`fresh=True` (the client's `llm.deterministic`) computes each prompt alone, from its
+first token, and stores nothing: the same prompt gives the same bits whatever ran before.
 """
 
 from __future__ import annotations
@@ -113,11 +119,13 @@ class LocalEngine:
         return PrefixEntry(ids=ids, kv=[], hidden=torch.zeros((0, h), dtype=self.head.weight.dtype),
                            lse=torch.zeros(0))
 
-    def _prefix(self, ids: torch.Tensor) -> PrefixEntry:
-        """The entry for exactly `ids` (1-d), reusing the longest cached prefix; stored when new."""
+    def _prefix(self, ids: torch.Tensor, fresh: bool = False) -> PrefixEntry:
+        """The entry for exactly `ids` (1-d), reusing the longest cached prefix; stored when new.
+        `fresh`: computed from the first token, and not stored."""
         if ids.numel() == 0:
             return self._empty(ids)
-        entry, n = self.cache.lookup(ids) if self.reuse_prefixes else (None, 0)
+        reuse = self.reuse_prefixes and not fresh
+        entry, n = self.cache.lookup(ids) if reuse else (None, 0)
         n = min(n, ids.numel())
         self.cache.reused_tokens += n
         if entry is not None and n == ids.numel():  # all cached: the entry itself or a slice of it (views)
@@ -132,7 +140,7 @@ class LocalEngine:
         new = PrefixEntry(ids=ids.clone(), kv=[(layer.keys, layer.values) for layer in cache.layers],
                           hidden=torch.cat([old.hidden[:n].to(hidden.device), hidden]),
                           lse=torch.cat([old.lse[:n], torch.full((ids.numel() - n,), float("nan"))]))
-        if self.reuse_prefixes:
+        if reuse:
             self.cache.store(new)
         return new
 
@@ -224,22 +232,23 @@ class LocalEngine:
     # ---- prompt log-probabilities ----------------------------------------------------
     @torch.no_grad()
     def logprobs(self, prompts: list[list[int]], candidate_ids: list[int],
-                 wanted: list[list[bool] | None] | None = None) -> list[torch.Tensor]:
+                 wanted: list[list[bool] | None] | None = None, fresh: bool = False) -> list[torch.Tensor]:
         """(len(prompt_i), len(candidate_ids)) float32 log-probabilities for each prompt.
 
         `wanted[i]`, when given, marks the positions of prompt i whose next-token
         log-probabilities are needed; the others come back as NaN rows and cost nothing
-        (the full-vocabulary normaliser is the price of a position)."""
+        (the full-vocabulary normaliser is the price of a position). `fresh`: each prompt
+        alone and from scratch (module docstring)."""
         with self.lock:
             ps = [torch.tensor(p, dtype=torch.long) for p in prompts]
             wants = [None if w is None else torch.tensor(w, dtype=torch.bool) for w in (wanted or [None] * len(ps))]
             cand = torch.tensor(candidate_ids, dtype=torch.long)
             self.stats.prompt_tokens += sum(p.numel() for p in ps)
             results: list[torch.Tensor | None] = [None] * len(ps)
-            for group in group_prompts(ps):
+            for group in ([[i] for i in range(len(ps))] if fresh else group_prompts(ps)):
                 if len(group) == 1:
                     i = group[0]
-                    e = self._prefix(ps[i])
+                    e = self._prefix(ps[i], fresh)
                     results[i] = self._candidate_rows(e.hidden, e.lse, wants[i], cand)
                     continue
                 c = self._split(ps, group)
@@ -262,16 +271,17 @@ class LocalEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  stop: list[str] | None = None, eos_ids: set[int] | None = None,
-                 pad: int = 0) -> list[list[int]]:
+                 pad: int = 0, fresh: bool = False) -> list[list[int]]:
         """The generated ids of each prompt (end-of-sequence and anything after a stop string excluded
-        from generation; the caller cuts the text at the stop string)."""
+        from generation; the caller cuts the text at the stop string). `fresh`: each prompt alone and
+        from scratch (module docstring)."""
         with self.lock:
             ps = [torch.tensor(p, dtype=torch.long) for p in prompts]
             self.stats.prompt_tokens += sum(p.numel() for p in ps)
             out: list[list[int] | None] = [None] * len(ps)
-            for group in group_prompts(ps):
+            for group in ([[i] for i in range(len(ps))] if fresh else group_prompts(ps)):
                 c = self._split(ps, group)
-                prefix = self._prefix(ps[group[0]][:c])
+                prefix = self._prefix(ps[group[0]][:c], fresh)
                 for i, ids in zip(group, self._generate_group(ps, group, c, prefix, max_new_tokens, temperature,
                                                               stop or [], eos_ids or set(), pad)):
                     out[i] = ids
