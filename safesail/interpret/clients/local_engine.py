@@ -212,6 +212,11 @@ class LocalEngine:
         return self._pool_exact
 
     @staticmethod
+    def _groups(prompts: list[torch.Tensor], fresh: bool) -> list[list[int]]:
+        """The groups a call computes together: by shared prefix (`group_prompts`), or one prompt each when `fresh`."""
+        return [[i] for i in range(len(prompts))] if fresh else group_prompts(prompts)
+
+    @staticmethod
     def _split(prompts: list[torch.Tensor], group: list[int]) -> int:
         """Length of the group's common prefix, leaving each member at least one token to compute."""
         c = min(prompts[i].numel() for i in group) - 1
@@ -245,7 +250,7 @@ class LocalEngine:
             cand = torch.tensor(candidate_ids, dtype=torch.long)
             self.stats.prompt_tokens += sum(p.numel() for p in ps)
             results: list[torch.Tensor | None] = [None] * len(ps)
-            for group in ([[i] for i in range(len(ps))] if fresh else group_prompts(ps)):
+            for group in self._groups(ps, fresh):
                 if len(group) == 1:
                     i = group[0]
                     e = self._prefix(ps[i], fresh)
@@ -279,7 +284,7 @@ class LocalEngine:
             ps = [torch.tensor(p, dtype=torch.long) for p in prompts]
             self.stats.prompt_tokens += sum(p.numel() for p in ps)
             out: list[list[int] | None] = [None] * len(ps)
-            for group in ([[i] for i in range(len(ps))] if fresh else group_prompts(ps)):
+            for group in self._groups(ps, fresh):
                 c = self._split(ps, group)
                 prefix = self._prefix(ps[group[0]][:c], fresh)
                 for i, ids in zip(group, self._generate_group(ps, group, c, prefix, max_new_tokens, temperature,

@@ -135,7 +135,7 @@ def test_prefix_cached_batched_generation_equals_generate(tiny):
 def test_deterministic_results_have_the_same_bits_whatever_else_ran(tiny):
     """llm.deterministic: a prompt's log-probabilities and reply are bitwise the same asked alone on a fresh engine,
     in a batch with others, and after its prefixes were cached by earlier requests."""
-    names, _ = _candidates(tiny)
+    names, cand = _candidates(tiny)
     req = ChatRequest([{"role": "user", "content": PROMPTS[1]}], max_tokens=6)
 
     def client():
@@ -146,26 +146,24 @@ def test_deterministic_results_have_the_same_bits_whatever_else_ran(tiny):
         c = client()
         out = await c.prompt_logprobs(PROMPTS[1], names), await c.chat(req)
         await c.aclose()
-        return out, c
+        return out
 
     async def crowded():
         c = client()
-        for p in PROMPTS[:1]:  # what a non-deterministic engine would reuse: the shared intro, cached
-            await c.prompt_logprobs(p, names)
+        await c.prompt_logprobs(PROMPTS[0], names)  # its prefix (the shared intro) a batching engine would reuse
         many = await asyncio.gather(*(c.prompt_logprobs(p, names) for p in PROMPTS),
                                     *(c.chat(ChatRequest([{"role": "user", "content": p}], max_tokens=6))
                                       for p in PROMPTS))
         await c.aclose()
         return (many[1], many[len(PROMPTS) + 1]), c
 
-    (lp_a, chat_a), c_alone = asyncio.run(alone())
+    lp_a, chat_a = asyncio.run(alone())
     (lp_b, chat_b), c_crowd = asyncio.run(crowded())
     assert max(c_crowd.batches) > 1                      # the requests did arrive together
     assert len(c_crowd.engine.cache) == 0 and c_crowd.engine.stats.computed_tokens == c_crowd.engine.stats.prompt_tokens
     assert lp_a.next_logprobs == lp_b.next_logprobs     # exact equality of every float, not a tolerance
     assert chat_a.text == chat_b.text and chat_a.completion_tokens == chat_b.completion_tokens
-    ref = _reference_logprobs(tiny, PROMPTS[1], [tiny.tokenizer(n, add_special_tokens=False)["input_ids"][0]
-                                                 for n in names])
+    ref = _reference_logprobs(tiny, PROMPTS[1], cand)
     got = torch.tensor([[row[c] for c in names] for row in lp_a.next_logprobs])
     assert torch.allclose(got, ref, atol=1e-4)
 
