@@ -227,7 +227,7 @@ class ScoreConfig:
 
 @dataclass
 class VerifyConfig:
-    latents: Literal["tagged", "candidates"]
+    latents: Union[Literal["tagged", "candidates"], list[str]]
     max_latents: int
     strength_unit: Literal["quantile", "residual"]
     steer_positions: Literal["all", "answer"]

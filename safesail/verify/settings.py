@@ -4,11 +4,13 @@ unit's fingerprint holds (`unit_settings`)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, fields
 
 from omegaconf import DictConfig, OmegaConf
 
 from safesail.config_types import VerifyConfig, load_group
+from safesail.domains import DOMAINS
 from safesail.errors import UserError
 from safesail.verify.checks import CheckSettings
 from safesail.verify.interventions import POSITIONS
@@ -16,6 +18,7 @@ from safesail.verify.prompts import SOURCES as PROMPT_SOURCES
 from safesail.verify.steering import UNITS
 
 JUDGE_MODES = ("paired", "absolute")
+_LATENT_ID = re.compile(r"^\d+_\d+$")
 
 
 @dataclass
@@ -28,8 +31,7 @@ class VerifySettings(VerifyConfig):
         unknown = sorted(set(node.keys()) - {f.name for f in fields(cls)})
         if unknown:
             raise UserError(f"verify.{unknown[0]} is not a verify setting; see configs/verify/default.yaml.")
-        if node.get("latents") not in (None, "tagged", "candidates"):
-            raise UserError(f"verify.latents is {node.get('latents')!r}; use tagged or candidates.")
+        check_latent_list(node.get("latents"))
         if node.get("steer_positions") not in (None, *POSITIONS):
             raise UserError(f"verify.steer_positions is {node.get('steer_positions')!r}; use {' or '.join(POSITIONS)}.")
         if node.get("sufficiency_prompts") not in (None, *PROMPT_SOURCES):
@@ -81,6 +83,24 @@ class VerifySettings(VerifyConfig):
                 for k in (key, *also):
                     d.pop(k)
         return d
+
+
+def check_latent_list(value) -> None:
+    """`verify.latents` is tagged, candidates, or a list of `<layer>_<index>` ids, each optionally
+    `:<domain>` (the domain its steered answers are judged against when it has no explanation)."""
+    if value in (None, "tagged", "candidates"):
+        return
+    if not (isinstance(value, (list, tuple)) or OmegaConf.is_list(value)) or not len(value):
+        raise UserError(f"verify.latents is {value!r}; use tagged, candidates, or a list of latent ids such as "
+                        "[7_850, 29_4252:pornography].")
+    for item in value:
+        if isinstance(item, int):
+            raise UserError(f"verify.latents has the number {item}: Hydra reads an unquoted 7_850 as 7850; quote the "
+                            "ids, e.g. 'verify.latents=[\"7_850\",\"29_4252:pornography\"]'.")
+        ident, _, domain = str(item).partition(":")
+        if not _LATENT_ID.match(ident) or (domain and domain not in DOMAINS):
+            raise UserError(f"verify.latents has {item!r}; write <layer>_<index> or <layer>_<index>:<domain> with "
+                            f"a domain of {', '.join(DOMAINS)} (e.g. 7_850:terror).")
 
 
 def check_residual_layers(s: VerifySettings, n_blocks: int) -> None:

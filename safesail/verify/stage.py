@@ -146,20 +146,56 @@ def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> tuple[list[
                         "`safesail explain`, `safesail tag`) first.")
     keys = sorted(keys)
     tagged = [k for k in keys if (tags.get(k) or {}).get("tags")]
-    chosen = tagged if s.latents == "tagged" and tagged else keys
+    named = _named_latents(s.latents, hooks) if not isinstance(s.latents, str) else None
+    chosen = list(named) if named is not None else tagged if s.latents == "tagged" and tagged else keys
     if s.latents == "tagged" and not tagged:
         log.warning("verify: no latent is tagged with a safety domain; checking the candidate latents instead")
-    exclude = {h: {i for hh, i in chosen if hh == h} for h in hooks}
+    # a random control is never a checked latent, nor (for a named list) a tagged one
+    exclude = {h: {i for hh, i in chosen + (tagged if named is not None else []) if hh == h} for h in hooks}
     items, by_pairs = [], {h: _select_domains(rd, h) for h in hooks}
     for hook, latent in chosen:
         t = tags.get((hook, latent)) or {}
         doms = [d for d in t.get("tags") or [] if d in DOMAINS]
         e = expls.get((hook, latent)) or {}
         items.append({"hook": hook, "latent": int(latent), "tagged": bool(doms),
-                      "domain": (doms[0] if doms else _pair_domain(t) or by_pairs[hook].get(int(latent))
-                                 or DOMAINS[int(latent) % len(DOMAINS)]),
+                      "domain": ((named or {}).get((hook, latent))
+                                 or (doms[0] if doms else _pair_domain(t) or by_pairs[hook].get(int(latent))
+                                     or DOMAINS[int(latent) % len(DOMAINS)])),
                       "explanation": e.get("explanation") if e.get("status", "ok") == "ok" else None})
+    if named is not None:         # the researcher's list, in its order, whole
+        return items, exclude
     return informative_order(items, _scores(rd))[:s.max_latents], exclude
+
+
+def _named_latents(ids: list[str], hooks: list[str]) -> dict[tuple[str, int], str | None]:
+    """`verify.latents: [7_850, 29_4252:pornography]` -> {(hook, latent): domain or None}, in the list's order;
+    a layer without a trained SAE in this run is one sentence."""
+    by_layer = {HookPoint.parse(h).layer: h for h in hooks}
+    out: dict[tuple[str, int], str | None] = {}
+    for item in ids:
+        ident, _, domain = str(item).partition(":")
+        layer, latent = (int(x) for x in ident.split("_"))
+        if layer not in by_layer:
+            raise UserError(f"verify.latents has {item!r}, but this run has SAEs at layers "
+                            f"{', '.join(str(x) for x in sorted(by_layer))} only; pick a latent of one of them.")
+        out[(by_layer[layer], latent)] = domain or None
+    return out
+
+
+def _scale_uncollected(plan: list[dict], saes: dict[str, SteerableSAE], unit: str) -> None:
+    """A named latent that collect did not cover has no 0.999 quantile: in residual units it needs none (its
+    steering norm is strength x R), so it gets the scale 1; in quantile units it is one sentence."""
+    missing = [p for p in plan if p["latent"] not in saes[p["hook"]].scales]
+    if missing and unit != "residual":
+        p = missing[0]
+        raise UserError(f"verify.latents has {HookPoint.parse(p['hook']).layer}_{p['latent']}, which collect did not "
+                        "cover (no 0.999 quantile to scale its strength by); set verify.strength_unit=residual, or "
+                        "collect it first (collect.latents).")
+    for p in missing:
+        saes[p["hook"]].scales[p["latent"]] = 1.0
+        p["uncollected"] = True
+    if missing:
+        log.info("verify: %d named latents were not collected; steered in residual units (scale 1)", len(missing))
 
 
 def load_steerable(rd: RunDir, hook: str, folder, device) -> SteerableSAE:
@@ -259,6 +295,8 @@ def run_verify_stage(cfg: DictConfig, args: list[str]) -> None:
     cpu_start = (time.thread_time(), time.process_time())   # the main thread's CPU (SmolLM2) and all threads' (+ the judge)
     lm = load_model(cfg.model, cfg.get("device", "auto"), cache_dir=cfg.get("cache_dir"))
     saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
+    if not isinstance(s.latents, str):
+        _scale_uncollected(plan, saes, s.strength_unit)
     if s.residual_direction:
         check_residual_layers(s, len(decoder_layers(lm.model)))
     sets, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))

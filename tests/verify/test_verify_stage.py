@@ -96,6 +96,8 @@ def test_verify_writes_records_and_resumes_after_sigkill(tagged_run, tmp_path, c
 @pytest.mark.parametrize("override, words", [
     ("verify.strength=1000", "verify.strength"),
     ("verify.latents=some", "verify.latents"),
+    ("verify.latents=[7_850]", "quote the ids"),
+    ("verify.latents=[\"7_850:sports\"]", "with a domain of"),
     ("+verify.bogus=1", "not a verify setting"),
     ("verify.strength_unit=meters", "verify.strength_unit"),
     ("verify.judge_modes=[vibes]", "verify.judge_modes"),
@@ -138,6 +140,39 @@ def test_raising_max_latents_extends_the_run_instead_of_restarting(tagged_run, t
     assert len({(r["hook"], r["latent"], r["target"], r["check"], r["metric"], r["domain"], r["lang"])
                 for r in after}) == len(after)
     assert len({u for u in map(lambda r: r["unit"], lines)}) == len(set(first) | set(second))
+
+
+@pytest.mark.slow
+def test_named_latents_are_checked_in_their_order_against_their_domain(tagged_run, tmp_path, cache_dir):
+    """`verify.latents: [<layer>_<index>[:domain], ...]`: those latents, in that order, whole; one collect did not
+    cover is steered in residual units; a layer without an SAE is one sentence."""
+    from safesail.interpret.records import read_latent_stats
+
+    env = _env(cache_dir)
+    root = _copy(tagged_run, tmp_path / "named")
+    hook_dir = sorted((root / "smoke" / "latents").iterdir())[0]
+    hook = hook_dir.name
+    layer = int(hook.split(".")[1])
+    collected = read_latent_stats(hook_dir, hook).latent_ids.tolist()
+    uncollected = next(i for i in range(10_000) if i not in collected)
+    ids = [f"{layer}_{uncollected}:terror", f"{layer}_{collected[0]}"]
+    bad = subprocess.run(_cmd(root, "verify", f"verify.latents=[\"{layer + 90}_1\"]"), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and f"has SAEs at layers {layer}" in bad.stderr
+    quantile = subprocess.run(_cmd(root, "verify", f"verify.latents=[\"{ids[0]}\"]", "verify.strength_unit=quantile"),
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert quantile.returncode != 0 and "collect did not cover" in quantile.stderr
+    arg = "verify.latents=[" + ",".join(f'"{x}"' for x in ids) + "]"
+    proc = subprocess.run(_cmd(root, "verify", arg, "verify.reference=false", "verify.strength_unit=residual",
+                               "verify.strength=0.3", "verify.strength_scan=[]"),
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    units = [json.loads(x)["unit"] for x in (root / "smoke" / "verify" / "done.jsonl").read_text().splitlines()]
+    assert units == [f"latent:{hook}:{uncollected}", f"latent:{hook}:{collected[0]}"]
+    recs = _records(root)
+    suff = {r["latent"]: r for r in recs if r["target"] == "latent" and r["check"] == "sufficiency"}
+    assert set(suff) == {uncollected, collected[0]}
+    assert {r["domain"] for r in recs if r["latent"] == uncollected and r["target"] == "latent"} == {"terror"}
 
 
 def test_new_settings_at_their_defaults_leave_unit_fingerprints_as_before(smoke_cfg):
