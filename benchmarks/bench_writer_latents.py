@@ -8,10 +8,15 @@ Mueller & Belinkov 2025: input vs output features) is that a latent steers when 
 which a latent that fires on the concept need not do. This script screens EVERY latent of each chosen SAE by
 what its decoder row writes, two ways, per (hook, domain):
 
-- `lexicon`: the direct logit effect of the decoder row (through the final norm's gain and the unembedding),
-  z-scored over the vocabulary, averaged over the domain's lexicon tokens: the first token of each English word
+- `lexicon`: the direct logit effect of the decoder row (through the final norm's gain and the unembedding):
+  how many of the domain's lexicon tokens are among its `--rank` most promoted tokens (ties: their mean z-score
+  over the vocabulary). The lexicon: the single-token forms (' word', ' Word') of each English word
   of the `concept` names of the domain's bundled pairs that are NOT verify's test pairs (so no word of a judged
   query picks a latent), lower-case with a leading space, words of 4+ letters that no neutral twin contains;
+- `measured`: the mean change (nats) of the next token's probability mass on the lexicon when the latent's unit
+  decoder row x `--strength` R is added at every position of reference pairs' neutral queries (through the rest
+  of the model, as verify steers), for a pool of each (hook, domain): the top `--pool` of the lexicon screen at
+  rank 1000 and of the dim screen (the direct logit path alone says little before the last layers);
 - `dim`: the cosine of the decoder row with the domain's diff-in-means direction at that hook (the reference
   direction `safesail verify` steers with, from its held-out reference pairs).
 
@@ -50,12 +55,14 @@ def lexicon(pairs, test_ids: set[str], domain: str) -> list[str]:
 
 
 def lexicon_tokens(tok, words: list[str]) -> list[int]:
-    """The first token of ' word' for each word (SmolLM2's BPE: a whole word or its head)."""
+    """The token of ' word' and of ' Word' where it is ONE token (a word split into pieces would put generic heads
+    such as ' counter' or ' only' into the lexicon)."""
     ids = []
     for w in words:
-        t = tok(" " + w, add_special_tokens=False)["input_ids"]
-        if t and t[0] not in ids:
-            ids.append(int(t[0]))
+        for form in (w, w.capitalize()):
+            t = tok(" " + form, add_special_tokens=False)["input_ids"]
+            if len(t) == 1 and t[0] not in ids:
+                ids.append(int(t[0]))
     return ids
 
 
@@ -73,12 +80,53 @@ def direct_logits(model, W_dec: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _steerable(rd, hook: str, folder):
+    """The hook's SAE with its collected quantiles, or without them before `safesail collect` has run."""
+    from safesail.errors import UserError
+    from safesail.hooks import HookPoint
+    from safesail.saes import load_sae
+    from safesail.verify.interventions import SteerableSAE
+    from safesail.verify.stage import load_steerable
+
+    try:
+        return load_steerable(rd, hook, folder, "cpu")
+    except UserError:
+        return SteerableSAE(HookPoint.parse(hook), load_sae(folder).eval().requires_grad_(False), {})
+
+
+def lexicon_hits(z: torch.Tensor, lex: list[int], rank: int) -> torch.Tensor:
+    """[n_latents]: how many lexicon tokens are among each row's `rank` most promoted tokens (by chance:
+    len(lex) x rank / vocab, ~0.2 for 48 tokens in the top 200 of 49k), ties broken by their mean z-score."""
+    top = z.topk(rank, dim=1).indices
+    hits = torch.isin(top, torch.tensor(lex)).sum(1).float()
+    return hits + 0.01 * z[:, lex].mean(1).clamp(-50, 50)
+
+
+def measured_lexicon_gain(v, sae, latents: list[int], prompts: list[list[int]], lex: list[int], norm: float,
+                          base: torch.Tensor) -> torch.Tensor:
+    """[len(latents)]: the mean change (nats) of the next token's probability mass on the lexicon when each
+    latent's unit decoder row x `norm` is added at every position of `prompts` (through the whole rest of the
+    model: what verify's steering does to the first answer token)."""
+    from safesail.verify.interventions import DirectionEdit, Intervention, scaled
+
+    mass = lambda lp: torch.logsumexp(lp[:, lex], dim=1)
+    ivs = [Intervention([sae], direction_edits=[DirectionEdit(sae.hook.layer, scaled(sae.direction(i).float(), norm))])
+           for i in latents]
+    got = v.next_logprobs_many([(prompts, iv) for iv in ivs])
+    return torch.stack([(mass(lp) - mass(base)).mean() for lp in got])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a run directory with trained, selected SAEs")
     ap.add_argument("--set", nargs="*", default=["experiment=demo"], help="config overrides the run was made with")
     ap.add_argument("--top", type=int, default=2, help="latents per (hook, domain) and screen")
-    ap.add_argument("--screens", nargs="+", default=["lexicon", "dim"], choices=["lexicon", "dim"])
+    ap.add_argument("--rank", type=int, default=200, help="lexicon screen: promoted tokens counted per latent")
+    ap.add_argument("--screens", nargs="+", default=["lexicon", "dim"], choices=["lexicon", "dim", "measured"])
+    ap.add_argument("--pool", type=int, default=40, help="measured: the top of the lexicon (at rank 1000) and dim "
+                                                          "screens each give this many latents per (hook, domain)")
+    ap.add_argument("--strength", type=float, default=0.35, help="measured: added norm, x the residual norm R")
+    ap.add_argument("--prompts", type=int, default=8, help="measured: reference pairs' neutral queries steered")
     ap.add_argument("--out", default=None, help="JSON: the ids (verify.latents) and each screen's table")
     args = ap.parse_args(argv)
 
@@ -90,7 +138,7 @@ def main(argv=None) -> int:
     from safesail.train.selection import chosen_sae_dirs
     from safesail.verify.directions import diffs_in_means
     from safesail.verify.queries import _round_robin
-    from safesail.verify.stage import VerifySettings, load_steerable, query_sets
+    from safesail.verify.stage import VerifySettings, query_sets
 
     root = Path(args.run)
     cfg = compose([f"run.root={root.parent}", f"run.name={root.name}", *args.set])
@@ -103,7 +151,7 @@ def main(argv=None) -> int:
         return 1
     t0 = time.perf_counter()
     lm = load_model(cfg.model, "cpu", cache_dir=cfg.get("cache_dir"))
-    saes = {h: load_steerable(rd, h, f, lm.device) for h, f in sae_dirs.items()}
+    saes = {h: _steerable(rd, h, f) for h, f in sae_dirs.items()}
     pairs = load_pairs(cfg.select.get("pairs"))
     _, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))
     n_test = max(s.queries_per_domain, int(s.sufficiency_queries or s.queries_per_domain))
@@ -115,20 +163,37 @@ def main(argv=None) -> int:
     lex_ids = {d: lexicon_tokens(lm.tokenizer, w) for d, w in lex.items()}
     tok = lm.tokenizer
     points = [saes[h].hook for h in saes]
-    dims = {d: diffs_in_means(lm, points, refs[d][0], refs[d][1]) for d in DOMAINS} if "dim" in args.screens else {}
+    dims = ({d: diffs_in_means(lm, points, refs[d][0], refs[d][1]) for d in DOMAINS}
+            if {"dim", "measured"} & set(args.screens) else {})
+    if "measured" in args.screens:
+        from safesail.verify.checks import Verifier
+        from safesail.verify.generation import residual_norms
+
+        v = Verifier(lm, s.checks(), None)
+        mprompts = {d: refs[d][1][:args.prompts] for d in DOMAINS}
+        mbase = {d: v.next_logprobs(mprompts[d]) for d in DOMAINS}
+        R = residual_norms(lm, points, [q for d in DOMAINS for q in mprompts[d]])
     ids, table = [], []
     for hook in sorted(saes, key=lambda h: saes[h].hook.layer):
         st = saes[hook]
         W = st.sae.W_dec.detach().float()
         unit = W / W.norm(dim=1, keepdim=True).clamp_min(1e-8)
-        z = direct_logits(lm.model, W) if "lexicon" in args.screens else None
+        z = direct_logits(lm.model, W) if {"lexicon", "measured"} & set(args.screens) else None
         for d in DOMAINS:
             scores = {}
-            if z is not None:
-                scores["lexicon"] = z[:, lex_ids[d]].mean(1)
-            if "dim" in args.screens:
-                v = dims[d][st.hook.name].float()
-                scores["dim"] = unit @ (v / v.norm().clamp_min(1e-8))
+            if "lexicon" in args.screens:
+                scores["lexicon"] = lexicon_hits(z, lex_ids[d], args.rank)
+            if {"dim", "measured"} & set(args.screens):
+                dv = dims[d][st.hook.name].float()
+                cos = unit @ (dv / dv.norm().clamp_min(1e-8))
+                if "dim" in args.screens:
+                    scores["dim"] = cos
+            if "measured" in args.screens:
+                pool = list(dict.fromkeys(lexicon_hits(z, lex_ids[d], 1000).topk(args.pool).indices.tolist()
+                                          + cos.topk(args.pool).indices.tolist()))
+                gain = measured_lexicon_gain(v, st, pool, mprompts[d], lex_ids[d], args.strength * R[hook],
+                                             mbase[d])
+                scores["measured"] = torch.full((W.shape[0],), -1e9).index_put_((torch.tensor(pool),), gain)
             for screen, sc in scores.items():
                 for i in sc.topk(args.top).indices.tolist():
                     lid = f"{st.hook.layer}_{i}:{d}"

@@ -135,7 +135,8 @@ def plan_latents(rd: RunDir, s: VerifySettings, hooks: list[str]) -> tuple[list[
     hook the latents a random control may not be (every eligible one, however many are planned).
 
     Tagged latents first choice; without any (or with latents=candidates), every collected latent,
-    its domain from the tag stage's pair evidence when there is some.
+    its domain from the tag stage's pair evidence when there is some. A list of ids (`verify.latents:
+    ["7_850", "29_4252:pornography"]`) is taken whole and in its order, its `:domain` first.
     """
     tags = last_per_latent(rd.interpret / "tags.jsonl")
     expls = last_per_latent(rd.interpret / "explanations.jsonl")
