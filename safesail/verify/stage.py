@@ -37,7 +37,7 @@ from safesail.verify import residual_direction
 from safesail.verify.checks import QuerySet, Verifier
 from safesail.verify.directions import diffs_in_means
 from safesail.verify.generation import residual_norms
-from safesail.verify.interventions import SteerableSAE, steering_norm
+from safesail.verify.interventions import SteerableSAE, parse_neuron_id, steering_norm
 from safesail.verify.judge_engine import quantize_judge
 from safesail.verify.overlap import judge_batches, judge_engine_counter, overlap_judge
 from safesail.verify.queries import _round_robin, query_sets  # noqa: F401  (re-exported: benchmarks import them here)
@@ -175,7 +175,7 @@ def _named_latents(ids: list[str], hooks: list[str]) -> dict[tuple[str, int], st
     out: dict[tuple[str, int], str | None] = {}
     for item in ids:
         ident, _, domain = str(item).partition(":")
-        layer, latent = (int(x) for x in ident.split("_"))
+        layer, latent = parse_neuron_id(ident)
         if layer not in by_layer:
             raise UserError(f"verify.latents has {item!r}, but this run has SAEs at layers "
                             f"{', '.join(str(x) for x in sorted(by_layer))} only; pick a latent of one of them.")
