@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     from safesail.train.pairs import load_pairs
     from safesail.train.selection import chosen_sae_dirs
     from safesail.verify.directions import diffs_in_means
-    from safesail.verify.queries import _round_robin
+    from safesail.verify.queries import test_pairs
     from safesail.verify.stage import VerifySettings, query_sets
 
     root = Path(args.run)
@@ -154,11 +154,7 @@ def main(argv=None) -> int:
     saes = {h: _steerable(rd, h, f) for h, f in sae_dirs.items()}
     pairs = load_pairs(cfg.select.get("pairs"))
     _, refs = query_sets(pairs, s, lm.tokenizer, cfg.model.get("system_prompt"))
-    n_test = max(s.queries_per_domain, int(s.sufficiency_queries or s.queries_per_domain))
-    test_ids = set()
-    for d in DOMAINS:
-        by_lang = {lang: [p for p in pairs if p.domain == d and p.lang == lang] for lang in s.langs}
-        test_ids |= {p.id for p in _round_robin(by_lang, list(s.langs), n_test)}
+    test_ids = {p.id for d in DOMAINS for p in test_pairs(pairs, s, d)}
     lex = {d: lexicon(pairs, test_ids, d) for d in DOMAINS}
     lex_ids = {d: lexicon_tokens(lm.tokenizer, w) for d, w in lex.items()}
     tok = lm.tokenizer

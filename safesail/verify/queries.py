@@ -22,6 +22,14 @@ def _round_robin(by_lang: dict[str, list], langs: list[str], n: int) -> list:
     return out
 
 
+def test_pairs(pairs, s: VerifyConfig, domain: str) -> list:
+    """The domain's test pairs (their concept queries are necessity's, their neutral twins sufficiency's): the first
+    max(queries_per_domain, sufficiency_queries) of its pairs, round robin over `s.langs`."""
+    by_lang = {lang: [p for p in pairs if p.domain == domain and p.lang == lang] for lang in s.langs}
+    n_test = max(s.queries_per_domain, int(s.sufficiency_queries or s.queries_per_domain))
+    return _round_robin(by_lang, list(s.langs), n_test)
+
+
 def query_sets(pairs, s: VerifyConfig, tok, system_prompt) -> tuple[dict[str, QuerySet], dict[str, tuple]]:
     """Per domain: the test queries (round robin over languages), the held-out reference pairs and, with a
     strength scan, `scan_queries` neutral queries of further pairs for it (round robin over languages).
@@ -46,13 +54,12 @@ def query_sets(pairs, s: VerifyConfig, tok, system_prompt) -> tuple[dict[str, Qu
                             "give at least 2 (verify.langs picks the languages).")
         opened = ([x.prompt for x in ev], [x.lang for x in ev], [x.prompt for x in sc], [x.lang for x in sc])
     n_neutral = int(s.sufficiency_queries or s.queries_per_domain)
-    n_test = max(s.queries_per_domain, n_neutral)
     enc = lambda q: encode_chat(tok, q, system_prompt)
     for dom in sorted({p.domain for p in pairs}):
         by_lang = {lang: [p for p in pairs if p.domain == dom and p.lang == lang] for lang in s.langs}
-        test = _round_robin(by_lang, list(s.langs), n_test)
+        test = test_pairs(pairs, s, dom)
         held = [p for p in pairs if p.domain == dom and p not in test][:s.reference_pairs]
-        rest = {lang: [p for p in ps if p not in held] for lang, ps in by_lang.items()}
+        rest = {lang: [p for p in ps if p not in held and p not in test] for lang, ps in by_lang.items()}
         scan = _round_robin(rest, list(s.langs), s.scan_queries) if s.strength_scan else []
         concept, neutral = test[:s.queries_per_domain], test[:n_neutral]
         nq, nl = [p.neutral_query for p in neutral], [p.lang for p in neutral]
